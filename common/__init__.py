@@ -1,0 +1,1 @@
+"""Shared core: token layout and kept-token contract, backbone adapters, FLOPs, timing, provenance."""

@@ -1,0 +1,76 @@
+"""A small timing harness: warm-up, repeated runs, median, ratio to a baseline.
+
+On CUDA it times with CUDA events around each call (so asynchronous launches are counted); on CPU it
+uses ``time.perf_counter``. Every number a benchmark prints comes from :func:`benchmark`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock times of repeated calls, in seconds."""
+
+    times_s: tuple[float, ...] = field(repr=False)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.times_s)
+
+    @property
+    def iqr_s(self) -> float:
+        """Inter-quartile range: how noisy the measurement was."""
+        if len(self.times_s) < 4:
+            return max(self.times_s) - min(self.times_s)
+        q = statistics.quantiles(self.times_s, n=4)
+        return q[2] - q[0]
+
+    def speedup_over(self, baseline: Timing) -> float:
+        """``baseline.median / self.median``: above 1 means faster than the baseline."""
+        return baseline.median_s / self.median_s
+
+    def __str__(self) -> str:
+        return f"{self.median_s * 1e3:.3f} ms (median of {len(self.times_s)}, IQR {self.iqr_s * 1e3:.3f} ms)"
+
+
+def benchmark(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10, device: str | None = None) -> Timing:
+    """Time ``fn()``.
+
+    Args:
+        fn: the work to time, with its inputs bound (``functools.partial`` or a lambda).
+        warmup: untimed calls first (allocator, caches, Triton compilation).
+        repeat: timed calls.
+        device: ``"cuda"`` to time with CUDA events; default: CUDA if available.
+    """
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"warmup must be >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if use_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return Timing(tuple(times))

@@ -1,0 +1,1 @@
+"""One sub-package per paper: the paper's idea and its adapters, nothing else."""

@@ -1,0 +1,1 @@
+"""Tiny CPU reproduction of Zero-TPrune (zero-shot token pruning) on a Fashion-MNIST ViT."""

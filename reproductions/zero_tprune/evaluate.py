@@ -1,0 +1,73 @@
+"""Evaluation shared by the tiny and full presets: top-1, throughput and GFLOPs of a pruned ViT."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from prunelab.common.flops import ViTDims, vit_gflops
+from prunelab.common.timing import benchmark
+from prunelab.methods.zero_tprune import RandomDrop, ZeroTPrune
+from tqdm.auto import tqdm
+
+import prunelab
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a name and a method factory for a FLOPs target (``None``: dense)."""
+
+    name: str
+    build: object  # callable(gflops) -> method, or None for the dense model
+
+    def method(self, gflops: float):
+        return None if self.build is None else self.build(gflops)
+
+
+VARIANTS = {
+    "dense": Variant("dense", None),
+    "zero_tprune": Variant("Zero-TPrune", lambda g: ZeroTPrune(gflops=g)),
+    "random_drop": Variant("random drop", lambda g: RandomDrop(gflops=g)),
+    # Ablation: WPR with one iteration everywhere, i.e. attention received from the CLS-weighted start.
+    "one_iteration": Variant("Zero-TPrune, 1 iteration", lambda g: ZeroTPrune(gflops=g, iterations=(1, 1, 1))),
+}
+
+
+def applied(model, method):
+    return contextlib.nullcontext() if method is None else prunelab.apply(model, method)
+
+
+def model_gflops(model, method) -> float:
+    """Analytic GFLOPs (MAC convention) of one image through ``model`` with ``method`` applied."""
+    dims = ViTDims.from_timm(model)
+    if method is None:
+        return vit_gflops(dims)
+    with prunelab.apply(model, method) as handle:
+        return vit_gflops(dims, handle.plan.tokens_per_block)
+
+
+@torch.inference_mode()
+def top1(model, method, batches, *, desc: str = "eval", progress: bool = True) -> tuple[int, int]:
+    """(correct, total) over ``batches`` of ``(images, labels)``."""
+    correct = total = 0
+    with applied(model, method):
+        for images, labels in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            pred = model(images).argmax(dim=-1)
+            correct += int((pred == labels.to(pred.device)).sum())
+            total += labels.numel()
+    return correct, total
+
+
+def throughput(model, method, images: torch.Tensor, *, repeat: int = 5) -> float:
+    """Images per second on ``images`` (one batch), median of ``repeat`` timed runs after warm-up."""
+    with applied(model, method):
+        timing = benchmark(lambda: model(images), warmup=2, repeat=repeat)
+    return images.shape[0] / timing.median_s
+
+
+def standard_error(correct: int, total: int) -> float:
+    """Binomial standard error of a top-1 accuracy, in percentage points."""
+    p = correct / total
+    return 100 * math.sqrt(p * (1 - p) / total)

@@ -1,0 +1,91 @@
+"""Figures for the Zero-TPrune reproduction: the budget curve, WPR scores and kept tokens on an image."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)  # headless by default; notebooks keep their inline backend
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout  # noqa: E402
+from prunelab.methods.zero_tprune import aggregate_heads, initial_distribution, wpr_scores  # noqa: E402
+
+import prunelab  # noqa: E402
+
+STYLE = {"Zero-TPrune": ("tab:blue", "o"), "random drop": ("tab:gray", "s"),
+         "Zero-TPrune, 1 iteration": ("tab:orange", "^"), "dense": ("black", "*")}
+
+
+def budget_curve(rows: list[dict], title: str = "Top-1 against GFLOPs"):
+    """Top-1 (with binomial standard-error bars) against analytic GFLOPs, one line per method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == name), key=lambda r: r["gflops"])
+        color, marker = STYLE.get(name, (None, "o"))
+        ax.errorbar([r["gflops"] for r in pts], [r["top1"] for r in pts], yerr=[r["top1_se"] for r in pts],
+                    label=name, color=color, marker=marker, ms=7 if name == "dense" else 5, capsize=2)
+    ax.set_xlabel("GFLOPs per image (analytic, MACs)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+@torch.inference_mode()
+def wpr_map(model, image: torch.Tensor, block: int, iters: int = 50, vhf_band=(0.01, 0.7)) -> torch.Tensor:
+    """Zero-TPrune's aggregated WPR importance of each patch at ``block`` of the dense model -> [rows, cols]."""
+    layout = vit_layout(model)
+    seen = {}
+
+    class Recorder:  # keeps every token and records the attention probabilities at one block
+        def vit_plan(self, dims, lay):
+            def select(b, x, stats):
+                seen["probs"] = stats.probs
+                return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+
+            return ViTPlan({block: AttnRequest(probs=True)}, select)
+
+    with prunelab.apply(model, Recorder()):
+        model(image[None])
+    probs = seen["probs"]
+    s0 = initial_distribution(probs.shape[-1], layout.class_positions, 1, device=probs.device)
+    score = aggregate_heads(wpr_scores(probs, s0, iters), vhf_band)[0, layout.num_prefix:]
+    return score.reshape(layout.grid).cpu()
+
+
+def kept_masks(kept: list[tuple[int, torch.Tensor]], layout, sample: int = 0) -> list[tuple[int, torch.Tensor]]:
+    """For each pruning block, a [rows, cols] bool mask of the patches still present after it."""
+    masks = []
+    for block, ids in kept:
+        patches = ids[sample][ids[sample] >= layout.num_prefix] - layout.num_prefix
+        mask = torch.zeros(layout.num_patches, dtype=torch.bool)
+        mask[patches.cpu()] = True
+        masks.append((block, mask.reshape(layout.grid)))
+    return masks
+
+
+def show_pruning(image: torch.Tensor, score: torch.Tensor, masks, title: str = ""):
+    """The image, its WPR scores, and the patches kept after each pruning block (pruned ones greyed)."""
+    img = image.float().cpu()
+    img = img.permute(1, 2, 0) if img.dim() == 3 else img
+    img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+    cmap = "gray" if img.dim() == 2 or img.shape[-1] == 1 else None
+    img = img.squeeze(-1) if img.dim() == 3 and img.shape[-1] == 1 else img
+    fig, axes = plt.subplots(1, 2 + len(masks), figsize=(2.6 * (2 + len(masks)), 2.8))
+    axes[0].imshow(img, cmap=cmap)
+    axes[0].set_title("input")
+    axes[1].imshow(score, cmap="viridis")
+    axes[1].set_title("WPR score")
+    h, w = img.shape[:2]
+    for ax, (block, mask) in zip(axes[2:], masks):
+        ax.imshow(img, cmap=cmap)
+        veil = torch.nn.functional.interpolate((~mask).float()[None, None], size=(h, w), mode="nearest")[0, 0]
+        ax.imshow(veil, cmap="Greys", alpha=0.75 * veil.numpy(), vmin=0, vmax=1)
+        ax.set_title(f"after block {block + 1}: {int(mask.sum())} kept")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
