@@ -216,3 +216,27 @@ def test_nan_activations_raise_naming_x():
     with torch.no_grad(), prunelab.apply(m, ZeroTPrune(keep_ratio=0.5)):
         with pytest.raises(ValueError, match="x: the activations"):
             m(x)
+
+
+@pytest.mark.parametrize("name", [
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "deit_small_distilled_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k",
+])
+def test_every_supported_family_prunes_and_restores(name):
+    m, x = model(name, 64), torch.randn(2, 3, 64, 64)  # 16 patches: the real layout, small compute
+    with torch.no_grad():
+        dense = m(x)
+        with prunelab.apply(m, ZeroTPrune(keep_ratio=0.75)) as handle:
+            pruned = m(x)
+        assert handle.state.tokens_per_block == [m.num_prefix_tokens + n for n in (12, 9, 7)]
+        assert torch.isfinite(pruned).all() and not torch.allclose(pruned, dense)
+        assert torch.equal(m(x), dense)
+
+
+def test_row_scale_equals_iterating_on_the_renormalized_subgraph():
+    a = random_attention(2, 3, 12)
+    keep = torch.tensor([[0, 1, 4, 5, 9, 11], [0, 2, 3, 6, 7, 8]])
+    raw = restrict_attention(a, keep, renormalize=False)
+    s0 = initial_distribution(6, (0,), 2, dtype=torch.float64)
+    expected = wpr_scores(restrict_attention(a, keep), s0, 7)
+    torch.testing.assert_close(wpr_scores(raw, s0, 7, raw.sum(-1).reciprocal()), expected)

@@ -73,7 +73,7 @@ class ZeroTPrune:
     gflops: float | None = None
     blocks: tuple[int, ...] | None = None
     similarity_share: float = 0.5
-    iterations: tuple[int, int, int] = (50, 10, 1)
+    iterations: tuple[int, int, int] = (30, 5, 1)
     cls_boost: bool = True
     vhf_band: tuple[float, float] | None = (0.01, 0.7)
     renormalize: bool = True
@@ -117,20 +117,22 @@ class ZeroTPrune:
         b, n, _ = x.shape
         if r_s == r_i == 0:
             return torch.arange(n, device=x.device).expand(b, -1)
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()):  # one reduction: NaN or Inf anywhere makes the sum non-finite
             raise ValueError(f"x: the activations entering Zero-TPrune at block {block} contain NaN or Inf")
         p = layout.num_prefix
         keep = torch.arange(n, device=x.device).expand(b, -1)
-        attn = stats.probs
+        attn, row_scale = stats.probs, None
         if r_s:  # I' then S
             s0 = initial_distribution(n, layout.class_positions, b, cls_boost=self.cls_boost, device=x.device)
             importance = aggregate_heads(wpr_scores(attn, s0, 1), self.vhf_band)
             keep = similarity_prune(stats.keys, importance, r_s, p)
-            attn = restrict_attention(attn, keep, self.renormalize)
+            attn = restrict_attention(attn, keep, renormalize=False)
+            row_scale = attn.sum(dim=-1).reciprocal() if self.renormalize else None
         if r_i:  # I
             m = keep.shape[1]
             s0 = initial_distribution(m, layout.class_positions, b, cls_boost=self.cls_boost, device=x.device)
-            score = aggregate_heads(wpr_scores(attn, s0, self.iterations_at(block, depth)), self.vhf_band)
+            iters = self.iterations_at(block, depth)
+            score = aggregate_heads(wpr_scores(attn, s0, iters, row_scale), self.vhf_band)
             kept_patches = topk_sorted(score[:, p:], m - p - r_i) + p
             prefix = torch.arange(p, device=x.device).expand(b, -1)
             keep = torch.gather(keep, 1, torch.cat([prefix, kept_patches], dim=1))

@@ -25,7 +25,8 @@ def initial_distribution(n: int, class_positions: tuple[int, ...], batch: int, *
     return s0 / s0.sum(dim=-1, keepdim=True)
 
 
-def wpr_scores(attn: torch.Tensor, s0: torch.Tensor, iters: int) -> torch.Tensor:
+def wpr_scores(attn: torch.Tensor, s0: torch.Tensor, iters: int,
+               row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted PageRank on each head's attention graph: ``iters`` steps of s <- A^T s (Algorithm 1).
 
     Token j gives weight A[j, i] to token i, so s_i <- sum_j A[j, i] s_j. No damping: A is
@@ -35,6 +36,9 @@ def wpr_scores(attn: torch.Tensor, s0: torch.Tensor, iters: int) -> torch.Tensor
         attn: [B, H, N, N] attention probabilities, rows summing to 1.
         s0: [B, N] (shared by all heads) or [B, H, N] start distribution.
         iters: number of power iterations (>= 1).
+        row_scale: [B, H, N] factors applied to the rows of ``attn`` (``1 / row sums`` re-normalises a
+            restricted graph): iterating with ``s * row_scale`` equals iterating on the scaled matrix
+            without materialising it.
 
     Returns:
         [B, H, N] importance distribution per head (sums to 1 over N).
@@ -43,8 +47,9 @@ def wpr_scores(attn: torch.Tensor, s0: torch.Tensor, iters: int) -> torch.Tensor
         raise ValueError(f"iters must be >= 1, got {iters}")
     s = (s0 if s0.dim() == 3 else s0[:, None, :].expand(-1, attn.shape[1], -1)).to(attn.dtype)
     s = s.unsqueeze(-2)  # [B, H, 1, N]: a row vector, so s @ A = (A^T s)^T
+    scale = None if row_scale is None else row_scale.unsqueeze(-2).to(attn.dtype)
     for _ in range(iters):
-        s = s @ attn
+        s = (s if scale is None else s * scale) @ attn
     return s.squeeze(-2)
 
 
@@ -83,12 +88,13 @@ def restrict_attention(attn: torch.Tensor, keep: torch.Tensor, renormalize: bool
     """The attention graph among the kept tokens: A[keep][:, keep] -> [B, H, K, K].
 
     Rows are renormalised to sum to 1 so WPR on the subgraph stays a Markov chain (an open point of the
-    paper; ``renormalize=False`` keeps the raw sub-matrix).
+    paper; ``renormalize=False`` keeps the raw sub-matrix). The method itself passes ``1 / row sums`` to
+    :func:`wpr_scores` as ``row_scale`` instead, which is the same graph without a pass over the matrix.
     """
     b, h, n, _ = attn.shape
     k = keep.shape[1]
-    rows = torch.gather(attn, 2, keep[:, None, :, None].expand(b, h, k, n))
-    sub = torch.gather(rows, 3, keep[:, None, None, :].expand(b, h, k, k))
+    flat = (keep[:, :, None] * n + keep[:, None, :]).reshape(b, 1, k * k)  # one gather of the K x K block
+    sub = torch.gather(attn.reshape(b, h, n * n), 2, flat.expand(b, h, -1)).reshape(b, h, k, k)
     return sub / sub.sum(dim=-1, keepdim=True) if renormalize else sub
 
 

@@ -122,15 +122,16 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
-    """Turns uint8 images ``[N, 28, 28]`` into normalised float ``[N, 1, 56, 56]``.
+def preprocess(images_uint8: torch.Tensor, size: int = IMG_SIZE) -> torch.Tensor:
+    """Turns uint8 images ``[N, 28, 28]`` into normalised float ``[N, 1, size, size]`` (default 56).
 
     Bilinear upsampling to 56 px makes a 4 x 4 patch grid 14 x 14, i.e. DeiT's 196 patch tokens.
     """
     x = images_uint8.to(torch.float32).div_(255.0)
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    x = F.interpolate(x, size=(IMG_SIZE, IMG_SIZE), mode="bilinear", align_corners=False)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - MEAN) / STD
 
 
@@ -139,6 +140,7 @@ def batches(
     labels: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
+    size: int = IMG_SIZE,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields preprocessed ``(x, y)`` batches; shuffled when a generator is given.
 
@@ -148,4 +150,4 @@ def batches(
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        yield preprocess(images[idx]), labels[idx]
+        yield preprocess(images[idx], size), labels[idx]

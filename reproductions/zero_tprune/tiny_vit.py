@@ -9,12 +9,14 @@ Run ``python -m prunelab.reproductions.zero_tprune.tiny_vit [--retrain] [--data 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import timm
 import torch
@@ -24,8 +26,10 @@ from prunelab.reproductions.zero_tprune.data import (
     batches,
     file_sha256,
     load_fashion_mnist,
+    preprocess,
     split_paths,
 )
+from timm.layers import Format
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
@@ -45,13 +49,15 @@ class TinyViTConfig:
     embed_dim: int = 64
     depth: int = 8
     num_heads: int = 2
-    mlp_ratio: float = 4.0
-    epochs: int = 1
-    batch_size: int = 64
+    mlp_ratio: float = 2.0
+    # Resolution curriculum: (input px, images seen) per phase, in one seeded random order over the 60k
+    # training images (more than 60k means more than an epoch). 28 px gives 7 x 7 = 49 tokens, about 5x
+    # cheaper per image than 56 px; the last phase runs at img_size, on the real 197-token sequence.
+    phases: tuple[tuple[int, int], ...] = ((28, 60000), (56, 15000))
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
-    train_images: int = 30000  # size of the fixed random training subset; 0 means all 60k
     augment: bool = False  # random flip + shift; pays off only with several epochs
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
@@ -81,22 +87,22 @@ def build_tiny_vit(cfg: TinyViTConfig) -> VisionTransformer:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, size: int = 56
 ) -> float:
-    """Returns the top-1 accuracy (in %) of ``model`` on uint8 ``images`` [N, 28, 28]."""
+    """Returns the top-1 accuracy (in %) of ``model`` on uint8 ``images`` [N, 28, 28] resized to ``size``."""
     model.eval()
     correct = 0
-    for x, y in batches(images, labels, batch_size):
+    for x, y in batches(images, labels, batch_size, size=size):
         correct += (model(x).argmax(-1) == y).sum().item()
     return 100.0 * correct / len(labels)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a shift of up to 4 px (2 px of the 28 px original), per image."""
+    """Random horizontal flip and a shift of up to 2 px of the 28 px original, per image."""
     n = x.shape[0]
     flip = torch.rand(n, generator=gen) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    pad = 4
+    pad = x.shape[-1] // 14
     # Pad with the normalised background value so shifted-in borders look like the real background.
     padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
     dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
@@ -104,13 +110,33 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, dy[i] : dy[i] + size, dx[i] : dx[i] + size] for i in range(n)])
 
 
-def _lr_at(step: int, total: int, cfg: TinyViTConfig) -> float:
-    """Linear warmup then cosine decay to zero."""
-    warmup = max(1, int(cfg.warmup_frac * total))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+def _index_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Yields index batches over endless seeded permutations of ``range(n)`` (epoch after epoch)."""
+    while True:
+        yield from torch.randperm(n, generator=gen).split(batch_size)
+
+
+@contextlib.contextmanager
+def _low_res(model: VisionTransformer) -> Iterator[None]:
+    """Lets ``model`` take smaller inputs, resampling its 14 x 14 position embedding on the fly.
+
+    It switches on timm's own ``dynamic_img_size`` path for the duration, so the model keeps its
+    DeiT-like structure (and one optimiser state) across the low- and full-resolution phases.
+    """
+    pe = model.patch_embed
+    saved = (model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt)
+    model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = True, False, False, Format.NHWC
+    try:
+        yield
+    finally:
+        model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = saved
+
+
+def _lr_at(progress: float, cfg: TinyViTConfig) -> float:
+    """Linear warmup then cosine decay to zero; ``progress`` runs from 0 to 1 over the training compute."""
+    if progress < cfg.warmup_frac:
+        return cfg.lr * max(progress, 1e-3) / cfg.warmup_frac
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (progress - cfg.warmup_frac) / (1.0 - cfg.warmup_frac)))
 
 
 def train_tiny_vit(
@@ -126,52 +152,61 @@ def train_tiny_vit(
     Returns:
         ``(model, info)`` with the model in eval mode and ``info`` describing the run.
     """
+    if not cfg.phases or cfg.phases[-1][0] != cfg.img_size:
+        raise ValueError(f"the last of phases={cfg.phases} must run at img_size={cfg.img_size}")
     torch.manual_seed(cfg.seed)
     images, labels = load_fashion_mnist("train", data_root)
     gen = torch.Generator().manual_seed(cfg.seed)
-    if 0 < cfg.train_images < len(images):
-        # A fixed random subset rather than the first N keeps the classes balanced.
-        subset = torch.randperm(len(images), generator=gen)[: cfg.train_images]
-        images, labels = images[subset], labels[subset]
+    stream = _index_stream(len(images), cfg.batch_size, gen)
+    total = sum(n for _, n in cfg.phases)
+    # The schedule advances with compute (tokens processed), not images: a 56 px image costs ~4x a 28 px one,
+    # so the 197-token phase gets its share of the learning rate instead of only the cosine's tail.
+    tokens = {size: (size // cfg.patch_size) ** 2 + 1 for size, _ in cfg.phases}
+    total_cost, cost = sum(n * tokens[size] for size, n in cfg.phases), 0
     model = build_tiny_vit(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
 
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, desc="train tiny ViT", disable=not progress, dynamic_ncols=True)
-    step = 0
-    for _ in range(cfg.epochs):
-        for x, y in batches(images, labels, cfg.batch_size, generator=gen):
-            if cfg.augment:
-                x = _augment(x, gen)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar = tqdm(total=total, desc="train tiny ViT", unit="img", disable=not progress, dynamic_ncols=True)
+    seen, steps, phase_seconds = 0, 0, []
+    for size, n_images in cfg.phases:
+        phase_start, phase_end = time.perf_counter(), seen + n_images
+        with _low_res(model) if size != cfg.img_size else contextlib.nullcontext():
+            while seen < phase_end:
+                idx = next(stream)[: phase_end - seen]
+                x, y = preprocess(images[idx], size), labels[idx]
+                if cfg.augment:
+                    x = _augment(x, gen)
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(cost / total_cost, cfg)
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                seen, steps, cost = seen + len(idx), steps + 1, cost + len(idx) * tokens[size]
+                bar.update(len(idx))
+                bar.set_postfix(px=size, loss=f"{loss.item():.3f}")
+        phase_seconds.append(round(time.perf_counter() - phase_start, 1))
     bar.close()
     train_seconds = time.perf_counter() - start
 
     test_images, test_labels = load_fashion_mnist("test", data_root)
     start = time.perf_counter()
-    top1 = evaluate(model, test_images, test_labels)
+    top1 = evaluate(model, test_images, test_labels, size=cfg.img_size)
     eval_seconds = time.perf_counter() - start
     info = {
         "config": dataclasses.asdict(cfg),
         "config_key": cfg.key(),
         "test_top1": top1,
         "train_seconds": round(train_seconds, 1),
+        "phase_seconds": phase_seconds,
         "eval_seconds": round(eval_seconds, 1),
         "train_images": len(images),
-        "steps": total,
+        "images_seen": total,
+        "steps": steps,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "train_images_sha256": file_sha256(split_paths("train", data_root)[0]),

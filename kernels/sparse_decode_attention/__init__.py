@@ -1,0 +1,131 @@
+"""Decode attention over a per-head subset of the KV cache (indexed flash-decoding).
+
+*FASA: Frequency-aware Sparse Attention* (Wang et al., ICLR 2026, arXiv 2602.03152) replaces decode-time
+attention in layers >= 1 by two steps: :func:`prunelab.kernels.fasa_score_topk.fasa_score_topk` picks the
+top-N cached positions per query head from partial-dim scores, and this op, the "focused attention", runs
+exact attention (full head dim, softmax with ``1 / sqrt(d)``) of the decode query over just those keys and
+values. It reads ``2 * N * d`` elements per query head instead of ``2 * T * d`` per kv head, which is where
+FASA's decode speed-up comes from. With every position selected (a budget ``>= T`` and all dims) it equals
+dense decode attention. Any selection works (FASA, Quest, oracle top-k, a sink + window), as long as each
+row names at least one position.
+
+Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``; each query head has its own
+index list.
+
+The Triton path gathers K/V rows by index inside the kernel with an online softmax, so the gathered
+``[B, Hq, N, d]`` K/V are never written to memory. Use :func:`sparse_decode_attention` (dispatch) rather
+than the implementations directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .reference import sparse_decode_attention_ref
+
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_ref"]
+
+_IMPLS = ("auto", "torch", "triton")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _validate(q, k_cache, v_cache, indices, scale, impl) -> None:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    for name, t, ndim in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name}: expected shape {'[B, Hq, d]' if ndim == 3 else '[B, Hkv, T, d]'}, got "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype must be one of float32/float16/bfloat16, got {t.dtype}")
+        if 0 in t.shape:
+            raise ValueError(f"{name}: all sizes must be >= 1, got shape {tuple(t.shape)}")
+    B, hq, d = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache: B and d must match q {(B, d)}, got shape {tuple(k_cache.shape)}")
+    if hq % k_cache.shape[1]:
+        raise ValueError(f"k_cache: its Hkv={k_cache.shape[1]} heads must divide q's Hq={hq} heads (GQA)")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape must match k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name}: dtype/device must match q ({q.dtype}, {q.device}), got ({t.dtype}, "
+                             f"{t.device})")
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        raise ValueError(f"indices: expected an int64 torch.Tensor, got "
+                         f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (B, hq) or indices.shape[2] == 0:
+        raise ValueError(f"indices: expected shape [B, Hq, N] with (B, Hq)={(B, hq)} and N >= 1, got "
+                         f"{tuple(indices.shape)}")
+    if indices.device != q.device:
+        raise ValueError(f"indices: device must match q ({q.device}), got {indices.device}")
+    T = k_cache.shape[2]
+    if indices.min().item() < -1 or indices.max().item() >= T:
+        raise ValueError(f"indices: entries must be -1 (padding) or positions in [0, T-1] = [0, {T - 1}], got "
+                         f"range [{indices.min().item()}, {indices.max().item()}]")
+    empty = ~(indices >= 0).any(dim=-1)
+    if empty.any().item():
+        b, h = empty.nonzero()[0].tolist()
+        raise ValueError(f"indices: every (batch, head) row needs at least one valid position (softmax over "
+                         f"nothing), but {int(empty.sum())} rows have none, e.g. [b={b}, h={h}]; check lengths")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale: expected a float or None, got {scale!r}")
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention of each decode query head over its own selected cached positions.
+
+    ``out[b, h] = softmax_i(q[b, h] . K[idx_i] * scale) @ V[idx_i]`` over the entries
+    ``idx_i = indices[b, h, i] >= 0``, with ``K, V = k_cache[b, h // group], v_cache[b, h // group]`` and
+    ``group = Hq // Hkv``. A repeated index is counted as often as it appears.
+
+    Args:
+        q: Decode queries (one per sequence), shape ``[B, Hq, d]``, float32/float16/bfloat16.
+        k_cache: Cached keys, shape ``[B, Hkv, T, d]`` with ``Hkv`` dividing ``Hq``, same dtype and device.
+        v_cache: Cached values, same shape, dtype and device as ``k_cache``.
+        indices: Positions per query head, int64 ``[B, Hq, N]`` in ``[0, T-1]``, ``-1`` for padding (for
+            example the output of ``fasa_score_topk``). Every row needs at least one valid entry.
+        scale: Logit multiplier; ``None`` means ``1 / sqrt(d)`` (as in SDPA).
+        impl: ``"torch"`` (float32 reference), ``"triton"`` (fused gather + online softmax; CPU tensors
+            need ``TRITON_INTERPRET=1``), or ``"auto"`` (Triton on CUDA when available, else torch).
+
+    Returns:
+        ``[B, Hq, d]`` in ``q.dtype`` (fp32 accumulation).
+
+    Raises:
+        ValueError: bad ``impl``, shapes, dtypes, devices, ``scale``, out-of-range indices or a row without
+            a valid index (the message names the parameter).
+        RuntimeError: ``impl="triton"`` but Triton is missing or cannot run on these tensors.
+    """
+    _validate(q, k_cache, v_cache, indices, scale, impl)
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and _triton_available() else "torch"
+    if impl == "torch":
+        return sparse_decode_attention_ref(q, k_cache, v_cache, indices, scale=scale)
+
+    if not _triton_available():
+        raise RuntimeError("impl='triton': triton is not importable; install prunelab[triton] or use "
+                           "impl='torch'")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(f"impl='triton': tensors are on {q.device} but TRITON_INTERPRET is not set; set "
+                           "TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
+    from .triton import sparse_decode_attention_triton
+
+    return sparse_decode_attention_triton(q, k_cache, v_cache, indices, scale=scale)

@@ -1,0 +1,113 @@
+"""The tiny Fashion-MNIST ViT of the Zero-TPrune reproduction: IDX parsing, preprocessing, 197 tokens, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+from prunelab.reproductions.zero_tprune import data
+from prunelab.reproductions.zero_tprune.tiny_vit import TinyViTConfig, build_tiny_vit, load_or_train_tiny_vit
+
+# Small enough to train a few steps in about a second; still the 56 px / 4 px layout with 197 tokens.
+TINY = TinyViTConfig(embed_dim=16, depth=2, num_heads=1, phases=((28, 128), (56, 128)), batch_size=64)
+
+
+def write_idx(path, array: np.ndarray, magic: int) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_split(root, split: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    img_name, lbl_name = data.FILES[split]
+    write_idx(os.path.join(root, img_name), images, data.IMAGES_MAGIC)
+    write_idx(os.path.join(root, lbl_name), labels, data.LABELS_MAGIC)
+    return images, labels
+
+
+def test_idx_parsing_round_trip(tmp_path):
+    images, labels = write_split(tmp_path, "test", 7)
+    x, y = data.load_fashion_mnist("test", str(tmp_path))
+    assert x.shape == (7, 28, 28) and x.dtype == torch.uint8
+    assert y.shape == (7,) and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(images)) and torch.equal(y, torch.from_numpy(labels).long())
+
+
+def test_idx_bad_magic(tmp_path):
+    path = tmp_path / "bad.gz"
+    write_idx(path, np.zeros((3, 28, 28)), data.LABELS_MAGIC)  # images under the labels' magic number
+    with pytest.raises(ValueError, match="magic"):
+        data.read_idx(str(path), data.IMAGES_MAGIC)
+
+
+def test_missing_root_message(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as err:
+        data.load_fashion_mnist("train", str(missing))
+    msg = str(err.value)
+    assert str(missing / "train-images-idx3-ubyte.gz") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--data DIR" in msg
+
+
+def test_bad_split():
+    with pytest.raises(ValueError, match="split"):
+        data.load_fashion_mnist("validation")
+
+
+def test_preprocess_shape_and_scale():
+    x = data.preprocess(torch.full((3, 28, 28), 255, dtype=torch.uint8))
+    assert x.shape == (3, 1, 56, 56) and x.dtype == torch.float32
+    torch.testing.assert_close(x, torch.full_like(x, (1.0 - data.MEAN) / data.STD))
+
+
+def test_deit_like_token_grid():
+    model = build_tiny_vit(TINY).eval()
+    assert model.patch_embed.num_patches == 196 and model.num_prefix_tokens == 1
+    with torch.no_grad():
+        tokens = model.forward_features(torch.zeros(2, 1, 56, 56))
+    assert tokens.shape == (2, 197, TINY.embed_dim)
+
+
+def test_config_key_tracks_fields():
+    assert TINY.key() == dataclasses.replace(TINY).key()
+    assert TINY.key() != dataclasses.replace(TINY, seed=1).key()
+    assert TinyViTConfig().depth >= 6
+
+
+def test_cache_round_trip(tmp_path, capsys):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    write_split(root, "train", 256, seed=1)
+    write_split(root, "test", 64, seed=2)
+    model, info = load_or_train_tiny_vit(TINY, cache_dir=str(cache), data_root=str(root), progress=False)
+    assert info["source"] == "trained" and info["images_seen"] == 256 and info["steps"] == 4
+    assert "trained" in capsys.readouterr().out
+    assert sorted(os.listdir(cache)) == [f"tiny_vit-{TINY.key()}.json", f"tiny_vit-{TINY.key()}.pt"]
+    # The low-resolution phase must leave the standard 197-token forward path in place.
+    assert not model.dynamic_img_size and model.patch_embed.strict_img_size
+
+    again, info2 = load_or_train_tiny_vit(TINY, cache_dir=str(cache), data_root=str(root), progress=False)
+    assert info2["source"] == "cache" and info2["test_top1"] == info["test_top1"]
+    assert "loaded from cache" in capsys.readouterr().out
+    assert not again.training
+    x = data.preprocess(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again(x))
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(data.DEFAULT_ROOT),
+    reason=f"Fashion-MNIST not installed at {data.DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist_test_split():
+    x, y = data.load_fashion_mnist("test")
+    assert x.shape == (10000, 28, 28) and y.shape == (10000,)
+    assert torch.equal(torch.bincount(y), torch.full((10,), 1000))
+    assert len(data.CLASSES) == 10
