@@ -16,6 +16,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+
 from prunelab.common.timing import benchmark
 from prunelab.kernels.attention_received import attention_received
 

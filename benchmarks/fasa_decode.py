@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from prunelab.common.timing import benchmark
 from prunelab.kernels.fasa_score_topk import fasa_score_topk_ref
 from prunelab.kernels.sparse_decode_attention import sparse_decode_attention_ref

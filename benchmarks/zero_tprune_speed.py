@@ -15,13 +15,13 @@ import time
 
 import timm
 import torch
+
+import prunelab
 from prunelab.common.flops import ViTDims, vit_gflops
 from prunelab.common.provenance import markdown_table, provenance
 from prunelab.common.timing import benchmark
 from prunelab.common.vit import ViTPlan
 from prunelab.methods.zero_tprune import RandomDrop, ZeroTPrune
-
-import prunelab
 
 
 class TimedSelection:

@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+
 from prunelab.common.apply import Handle, UnsupportedModelError
 from prunelab.common.flops import ViTDims
 from prunelab.common.tokens import TokenLayout, check_keep_indices, gather_tokens

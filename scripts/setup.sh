@@ -19,14 +19,15 @@ fi
 STAMP="$(stamp_of)"
 if [ "$(cat "$VENV/.prunelab-stamp" 2>/dev/null)" != "$STAMP" ]; then
   echo "[setup] installing prunelab and its pinned dependencies (first run: a few minutes)"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$ROOT[dev,notebooks,triton]"
+  LOG="$VENV/install.log"
+  { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e "$ROOT[dev,notebooks,triton]"; } \
+    >"$LOG" 2>&1 || { grep -v "is ignored" "$LOG" | tail -40; echo "[setup] install failed; full log: $LOG"; exit 1; }
   # torchvision's wheel is a CUDA build; next to CPU torch its import fails. The shim registers the
   # two op schemas its Python import needs (see scripts/torchvision_cpu_shim.py); a .pth loads it.
   SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   cp "$ROOT/scripts/torchvision_cpu_shim.py" "$SITE/_prunelab_torchvision_cpu_shim.py"
   echo "import _prunelab_torchvision_cpu_shim" > "$SITE/_prunelab_torchvision_cpu_shim.pth"
-  "$VENV/bin/python" -c "import torch, timm, transformers; assert torch.version.cuda is None or torch.cuda.is_available() or True"
+  "$VENV/bin/python" -c "import torch, timm, transformers, torchvision" || { echo "[setup] imports failed"; exit 1; }
   echo "$STAMP" > "$VENV/.prunelab-stamp"
 fi
 

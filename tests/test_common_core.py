@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+
+import prunelab
 from prunelab.common.flops import ViTDims, vit_gflops, vit_macs
 from prunelab.common.schedule import TokenSchedule, default_prune_blocks
 from prunelab.common.tokens import check_keep_indices, gather_tokens, keep_count, scatter_tokens, topk_sorted
 from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout
-
-import prunelab
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"]
 

@@ -43,9 +43,10 @@ def test_full_preset_pipeline_on_a_fake_imagenet(tmp_path):
 
     rng = np.random.default_rng(0)
     for c in range(3):
-        (tmp_path / "val" / f"n{c:08d}").mkdir(parents=True)
+        folder = tmp_path / "val" / f"n{c:08d}"
+        folder.mkdir(parents=True)
         for j in range(2):
-            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "val" / f"n{c:08d}" / f"{j}.png")
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{j}.png")
     out = tmp_path / "out"
     main(["reproduce", "zero_tprune", "--preset", "full", "--imagenet", str(tmp_path / "val"), "--out", str(out),
           "--model", "deit_tiny_patch16_224", "--no-pretrained", "--batch-size", "4", "--workers", "0",

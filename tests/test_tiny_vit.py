@@ -1,4 +1,4 @@
-"""The tiny Fashion-MNIST ViT of the Zero-TPrune reproduction: IDX parsing, preprocessing, 197 tokens, cache."""
+"""The tiny Fashion-MNIST ViT of the Zero-TPrune reproduction: IDX files, preprocessing, 197 tokens, cache."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from prunelab.reproductions.zero_tprune import data
-from prunelab.reproductions.zero_tprune.tiny_vit import TinyViTConfig, build_tiny_vit, load_or_train_tiny_vit
+from prunelab.reproductions.zero_tprune.tiny_vit import (
+    TinyViTConfig,
+    _augment,
+    build_tiny_vit,
+    load_or_train_tiny_vit,
+)
 
 # Small enough to train a few steps in about a second; still the 56 px / 4 px layout with 197 tokens.
 TINY = TinyViTConfig(embed_dim=16, depth=2, num_heads=1, phases=((28, 128), (56, 128)), batch_size=64)
@@ -75,6 +81,12 @@ def test_deit_like_token_grid():
     assert tokens.shape == (2, 197, TINY.embed_dim)
 
 
+def test_augment_keeps_shape_and_is_seeded():
+    x = data.preprocess(torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8))
+    a = _augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, _augment(x, torch.Generator().manual_seed(0)))
+
+
 def test_config_key_tracks_fields():
     assert TINY.key() == dataclasses.replace(TINY).key()
     assert TINY.key() != dataclasses.replace(TINY, seed=1).key()
@@ -100,6 +112,14 @@ def test_cache_round_trip(tmp_path, capsys):
     x = data.preprocess(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8))
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again(x))
+
+    # Training is deterministic: a forced retrain elsewhere reproduces the same weights.
+    fresh, info3 = load_or_train_tiny_vit(
+        TINY, cache_dir=str(tmp_path / "other"), data_root=str(root), progress=False, retrain=True
+    )
+    assert info3["source"] == "trained"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), again(x))
 
 
 @pytest.mark.skipif(

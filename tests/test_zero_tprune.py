@@ -7,6 +7,8 @@ import math
 import pytest
 import timm
 import torch
+
+import prunelab
 from prunelab.common.schedule import TokenSchedule
 from prunelab.methods.zero_tprune import (
     RandomDrop,
@@ -20,8 +22,6 @@ from prunelab.methods.zero_tprune import (
     variance_head_filter,
     wpr_scores,
 )
-
-import prunelab
 
 
 def random_attention(b, h, n, seed=0, temperature=1.0):

@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
 from prunelab.common.flops import ViTDims
 from prunelab.common.schedule import TokenSchedule, default_prune_blocks
 from prunelab.common.tokens import TokenLayout, topk_sorted

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prunelab.common.tokens import gather_tokens
+
 
 def initial_distribution(n: int, class_positions: tuple[int, ...], batch: int, *, cls_boost: bool = True,
                          device=None, dtype=torch.float32) -> torch.Tensor:
@@ -135,8 +137,7 @@ def similarity_prune(keys: torch.Tensor, importance: torch.Tensor, r_s: int, num
     if r_s > group_a.shape[1]:
         raise ValueError(f"r_s={r_s} exceeds the {group_a.shape[1]} tokens of group A")
     k = F.normalize(keys.transpose(1, 2).reshape(b, n, h * dh), dim=-1)
-    ka = torch.gather(k, 1, group_a[..., None].expand(-1, -1, h * dh))
-    kb = torch.gather(k, 1, group_b[..., None].expand(-1, -1, h * dh))
+    ka, kb = gather_tokens(k, group_a), gather_tokens(k, group_b)
     best = (ka @ kb.transpose(1, 2)).amax(dim=-1)  # [B, |A|]: m_a = max_b cos(k_a, k_b)
     drop = torch.gather(group_a, 1, torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r_s])
     keep_mask = torch.ones(b, n, dtype=torch.bool, device=keys.device)

@@ -7,12 +7,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from prunelab.common.flops import ViTDims, vit_gflops
-from prunelab.common.timing import benchmark
-from prunelab.methods.zero_tprune import RandomDrop, ZeroTPrune
 from tqdm.auto import tqdm
 
 import prunelab
+from prunelab.common.flops import ViTDims, vit_gflops
+from prunelab.common.timing import benchmark
+from prunelab.methods.zero_tprune import RandomDrop, ZeroTPrune
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.zero_tprune.method import PAPER_FLOPS_REDUCTION
 from prunelab.reproductions.zero_tprune.evaluate import VARIANTS, model_gflops, standard_error, throughput
@@ -54,8 +55,9 @@ def _loader(args, model, accelerator):
 
 @torch.inference_mode()
 def _top1(model, method, loader, accelerator, desc, progress):
-    from prunelab.reproductions.zero_tprune.evaluate import applied
     from tqdm.auto import tqdm
+
+    from prunelab.reproductions.zero_tprune.evaluate import applied
 
     correct = total = 0
     with applied(model, method):

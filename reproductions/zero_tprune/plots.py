@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep their inline backend
+import torch
 
-matplotlib.use("Agg", force=False)  # headless by default; notebooks keep their inline backend
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout  # noqa: E402
-from prunelab.methods.zero_tprune import aggregate_heads, initial_distribution, wpr_scores  # noqa: E402
-
-import prunelab  # noqa: E402
+import prunelab
+from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout
+from prunelab.methods.zero_tprune import aggregate_heads, initial_distribution, wpr_scores
 
 STYLE = {"Zero-TPrune": ("tab:blue", "o"), "random drop": ("tab:gray", "s"),
          "Zero-TPrune, 1 iteration": ("tab:orange", "^"), "dense": ("black", "*")}

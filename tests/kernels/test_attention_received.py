@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 
-import prunelab.kernels.attention_received as ar_mod
 import pytest
 import torch
 import torch.nn.functional as F
+
+import prunelab.kernels.attention_received as ar_mod
 from prunelab.kernels.attention_received import attention_received, attention_received_ref
 
 HAS_TRITON = ar_mod._triton_available()

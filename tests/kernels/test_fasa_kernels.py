@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 
-import prunelab.kernels.fasa_score_topk as st_mod
-import prunelab.kernels.sparse_decode_attention as sd_mod
 import pytest
 import torch
 import torch.nn.functional as F
+
+import prunelab.kernels.fasa_score_topk as st_mod
+import prunelab.kernels.sparse_decode_attention as sd_mod
 from prunelab.kernels.fasa_score_topk import fasa_score_topk, fasa_score_topk_ref, partial_scores_ref
 from prunelab.kernels.sparse_decode_attention import sparse_decode_attention, sparse_decode_attention_ref
 
