@@ -16,26 +16,20 @@ Use :func:`attention_received` (dispatch) rather than the implementations direct
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
+
+from prunelab.kernels.dispatch import check_impl, resolve_impl
 
 from .reference import attention_received_ref
 
 __all__ = ["attention_received", "attention_received_ref"]
 
-_IMPLS = ("auto", "torch", "triton")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
 
 def _validate(q, k, v, query_weights, impl) -> None:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    check_impl(impl)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -99,17 +93,8 @@ def attention_received(
         RuntimeError: ``impl="triton"`` but Triton is missing or cannot run on these tensors.
     """
     _validate(q, k, v, query_weights, impl)
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_available() else "torch"
-    if impl == "torch":
+    if resolve_impl(impl, q) == "torch":
         return attention_received_ref(q, k, v, scale=scale, query_weights=query_weights)
-
-    if not _triton_available():
-        raise RuntimeError("impl='triton': triton is not importable; install prunelab[triton] or use "
-                           "impl='torch'")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError(f"impl='triton': tensors are on {q.device} but TRITON_INTERPRET is not set; set "
-                           "TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
     from .triton import attention_received_triton
 
     w = None if query_weights is None else query_weights.to(torch.float32)

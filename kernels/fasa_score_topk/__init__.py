@@ -18,21 +18,16 @@ positions already sorted ascending; see :mod:`.triton` for the supported sizes. 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
+
+from prunelab.kernels.dispatch import check_impl, resolve_impl
 
 from .reference import fasa_score_topk_ref, partial_scores_ref
 
 __all__ = ["fasa_score_topk", "fasa_score_topk_ref", "partial_scores_ref"]
 
-_IMPLS = ("auto", "torch", "triton")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def _validate_qk(q, k_cache) -> None:
@@ -57,8 +52,7 @@ def _validate_qk(q, k_cache) -> None:
 
 
 def _validate(q, k_cache, dims, budget, lengths, impl) -> None:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    check_impl(impl)
     _validate_qk(q, k_cache)
     B, hq, d = q.shape
     T = k_cache.shape[2]
@@ -123,17 +117,8 @@ def fasa_score_topk(
         RuntimeError: ``impl="triton"`` but Triton is missing or cannot run on these tensors.
     """
     _validate(q, k_cache, dims, budget, lengths, impl)
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_available() else "torch"
-    if impl == "torch":
+    if resolve_impl(impl, q) == "torch":
         return fasa_score_topk_ref(q, k_cache, dims, budget, lengths=lengths)
-
-    if not _triton_available():
-        raise RuntimeError("impl='triton': triton is not importable; install prunelab[triton] or use "
-                           "impl='torch'")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError(f"impl='triton': tensors are on {q.device} but TRITON_INTERPRET is not set; set "
-                           "TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
     from .triton import fasa_score_topk_triton
 
     return fasa_score_topk_triton(q, k_cache, dims, budget, lengths=lengths)

@@ -19,26 +19,20 @@ than the implementations directly.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
+
+from prunelab.kernels.dispatch import check_impl, resolve_impl
 
 from .reference import sparse_decode_attention_ref
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_ref"]
 
-_IMPLS = ("auto", "torch", "triton")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
 
 def _validate(q, k_cache, v_cache, indices, scale, impl) -> None:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    check_impl(impl)
     for name, t, ndim in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -115,17 +109,8 @@ def sparse_decode_attention(
         RuntimeError: ``impl="triton"`` but Triton is missing or cannot run on these tensors.
     """
     _validate(q, k_cache, v_cache, indices, scale, impl)
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_available() else "torch"
-    if impl == "torch":
+    if resolve_impl(impl, q) == "torch":
         return sparse_decode_attention_ref(q, k_cache, v_cache, indices, scale=scale)
-
-    if not _triton_available():
-        raise RuntimeError("impl='triton': triton is not importable; install prunelab[triton] or use "
-                           "impl='torch'")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError(f"impl='triton': tensors are on {q.device} but TRITON_INTERPRET is not set; set "
-                           "TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
     from .triton import sparse_decode_attention_triton
 
     return sparse_decode_attention_triton(q, k_cache, v_cache, indices, scale=scale)

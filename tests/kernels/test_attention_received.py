@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import prunelab.kernels.attention_received as ar_mod
+from prunelab.kernels import dispatch
 from prunelab.kernels.attention_received import attention_received, attention_received_ref
 
-HAS_TRITON = ar_mod._triton_available()
+HAS_TRITON = dispatch.triton_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
 # (atol, rtol) for out and for received, per input dtype
@@ -188,7 +189,7 @@ def test_dispatch_auto_on_cpu_picks_torch(monkeypatch):
 
 
 def test_dispatch_triton_missing(monkeypatch):
-    monkeypatch.setattr(ar_mod, "_triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="triton"):
         attention_received(*_qkv(1, 1, 9, 9, 8), impl="triton")
 

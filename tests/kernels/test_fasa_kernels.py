@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 import prunelab.kernels.fasa_score_topk as st_mod
 import prunelab.kernels.sparse_decode_attention as sd_mod
+from prunelab.kernels import dispatch
 from prunelab.kernels.fasa_score_topk import fasa_score_topk, fasa_score_topk_ref, partial_scores_ref
 from prunelab.kernels.sparse_decode_attention import sparse_decode_attention, sparse_decode_attention_ref
 
-needs_triton = pytest.mark.skipif(not st_mod._triton_available(), reason="triton not installed")
+needs_triton = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 2e-2)}  # atol, rtol
 
 
@@ -240,9 +241,9 @@ def test_dispatch_triton_missing_or_no_interpreter(monkeypatch, mod):
     call = (lambda: fasa_score_topk(q, k, dims, 3, impl="triton")) if mod is st_mod else (
         lambda: sparse_decode_attention(q, k, v, torch.zeros(1, 2, 3, dtype=torch.int64), impl="triton"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET" if mod._triton_available() else "triton"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET" if dispatch.triton_available() else "triton"):
         call()
-    monkeypatch.setattr(mod, "_triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="triton"):
         call()
 
