@@ -1,4 +1,4 @@
-"""The ``impl="auto" | "torch" | "triton"`` choice shared by every kernel op."""
+"""What every kernel op shares: the ``impl="auto" | "torch" | "triton"`` choice and input checks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import torch
 
 IMPLS = ("auto", "torch", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_available() -> bool:
@@ -35,3 +36,24 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
             raise RuntimeError(f"impl='triton': tensors are on {x.device} but TRITON_INTERPRET is not set; set "
                                "TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
     return impl
+
+
+def check_decode_qk(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Shared checks for a decode query ``[B, Hq, d]`` against a key cache ``[B, Hkv, T, d]``."""
+    for name, t, shape in (("q", q, "[B, Hq, d]"), ("k_cache", k_cache, "[B, Hkv, T, d]")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != len(shape.split(",")):
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype must be one of float32/float16/bfloat16, got {t.dtype}")
+        if 0 in t.shape:
+            raise ValueError(f"{name}: all sizes must be >= 1, got shape {tuple(t.shape)}")
+    B, hq, d = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache: B and d must match q {(B, d)}, got shape {tuple(k_cache.shape)}")
+    if hq % k_cache.shape[1]:
+        raise ValueError(f"k_cache: its Hkv={k_cache.shape[1]} heads must divide q's Hq={hq} heads (GQA)")
+    if k_cache.dtype != q.dtype or k_cache.device != q.device:
+        raise ValueError(f"k_cache: dtype/device must match q ({q.dtype}, {q.device}), got ({k_cache.dtype}, "
+                         f"{k_cache.device})")

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.kernels.dispatch import check_impl, resolve_impl
+from prunelab.kernels.dispatch import DTYPES, check_impl, resolve_impl
 
 from .reference import attention_received_ref
 
 __all__ = ["attention_received", "attention_received_ref"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 
@@ -35,7 +34,7 @@ def _validate(q, k, v, query_weights, impl) -> None:
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name}: expected shape [B, H, N, D], got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in DTYPES:
             raise ValueError(f"{name}: dtype must be one of float32/float16/bfloat16, got {t.dtype}")
         if t.shape[2] == 0 or t.shape[3] == 0:
             raise ValueError(f"{name}: N and D must be >= 1, got shape {tuple(t.shape)}")

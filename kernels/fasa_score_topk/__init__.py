@@ -20,40 +20,18 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.kernels.dispatch import check_impl, resolve_impl
+from prunelab.kernels.dispatch import check_decode_qk, check_impl, resolve_impl
 
 from .reference import fasa_score_topk_ref, partial_scores_ref
 
 __all__ = ["fasa_score_topk", "fasa_score_topk_ref", "partial_scores_ref"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-
-def _validate_qk(q, k_cache) -> None:
-    """Shared checks for a decode query ``[B, Hq, d]`` against a key cache ``[B, Hkv, T, d]``."""
-    for name, t, shape in (("q", q, "[B, Hq, d]"), ("k_cache", k_cache, "[B, Hkv, T, d]")):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != len(shape.split(",")):
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: dtype must be one of float32/float16/bfloat16, got {t.dtype}")
-        if 0 in t.shape:
-            raise ValueError(f"{name}: all sizes must be >= 1, got shape {tuple(t.shape)}")
-    B, hq, d = q.shape
-    if k_cache.shape[0] != B or k_cache.shape[3] != d:
-        raise ValueError(f"k_cache: B and d must match q {(B, d)}, got shape {tuple(k_cache.shape)}")
-    if hq % k_cache.shape[1]:
-        raise ValueError(f"k_cache: its Hkv={k_cache.shape[1]} heads must divide q's Hq={hq} heads (GQA)")
-    if k_cache.dtype != q.dtype or k_cache.device != q.device:
-        raise ValueError(f"k_cache: dtype/device must match q ({q.dtype}, {q.device}), got ({k_cache.dtype}, "
-                         f"{k_cache.device})")
 
 
 def _validate(q, k_cache, dims, budget, lengths, impl) -> None:
     check_impl(impl)
-    _validate_qk(q, k_cache)
+    check_decode_qk(q, k_cache)
     B, hq, d = q.shape
     T = k_cache.shape[2]
     if not isinstance(dims, torch.Tensor) or dims.dtype != torch.int64:

@@ -21,39 +21,25 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.kernels.dispatch import check_impl, resolve_impl
+from prunelab.kernels.dispatch import check_decode_qk, check_impl, resolve_impl
 
 from .reference import sparse_decode_attention_ref
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_ref"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 
 def _validate(q, k_cache, v_cache, indices, scale, impl) -> None:
     check_impl(impl)
-    for name, t, ndim in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{name}: expected shape {'[B, Hq, d]' if ndim == 3 else '[B, Hkv, T, d]'}, got "
-                             f"{tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: dtype must be one of float32/float16/bfloat16, got {t.dtype}")
-        if 0 in t.shape:
-            raise ValueError(f"{name}: all sizes must be >= 1, got shape {tuple(t.shape)}")
-    B, hq, d = q.shape
-    if k_cache.shape[0] != B or k_cache.shape[3] != d:
-        raise ValueError(f"k_cache: B and d must match q {(B, d)}, got shape {tuple(k_cache.shape)}")
-    if hq % k_cache.shape[1]:
-        raise ValueError(f"k_cache: its Hkv={k_cache.shape[1]} heads must divide q's Hq={hq} heads (GQA)")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache: shape must match k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name}: dtype/device must match q ({q.dtype}, {q.device}), got ({t.dtype}, "
-                             f"{t.device})")
+    check_decode_qk(q, k_cache)
+    B, hq, _ = q.shape
+    if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: expected a tensor shaped like k_cache {tuple(k_cache.shape)}, got "
+                         f"{tuple(getattr(v_cache, 'shape', ())) or type(v_cache).__name__}")
+    if v_cache.dtype != q.dtype or v_cache.device != q.device:
+        raise ValueError(f"v_cache: dtype/device must match q ({q.dtype}, {q.device}), got ({v_cache.dtype}, "
+                         f"{v_cache.device})")
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
         raise ValueError(f"indices: expected an int64 torch.Tensor, got "
                          f"{getattr(indices, 'dtype', type(indices).__name__)}")
