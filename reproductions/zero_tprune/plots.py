@@ -64,25 +64,26 @@ def kept_masks(kept: list[tuple[int, torch.Tensor]], layout, sample: int = 0) ->
 
 
 def show_pruning(image: torch.Tensor, score: torch.Tensor, masks, title: str = ""):
-    """The image, its WPR scores, and the patches kept after each pruning block (pruned ones greyed)."""
+    """The image, its WPR scores, and the patches kept after each pruning block (pruned ones tinted red)."""
     img = image.float().cpu()
     img = img.permute(1, 2, 0) if img.dim() == 3 else img
     img = (img - img.min()) / (img.max() - img.min() + 1e-8)
     cmap = "gray" if img.dim() == 2 or img.shape[-1] == 1 else None
     img = img.squeeze(-1) if img.dim() == 3 and img.shape[-1] == 1 else img
-    fig, axes = plt.subplots(1, 2 + len(masks), figsize=(2.6 * (2 + len(masks)), 2.8))
+    fig, axes = plt.subplots(1, 2 + len(masks), figsize=(2.6 * (2 + len(masks)), 3.0))
     axes[0].imshow(img, cmap=cmap)
-    axes[0].set_title("input")
+    axes[0].set_title(f"{title}\ninput" if title else "input", fontsize=9)
     axes[1].imshow(score, cmap="viridis")
     axes[1].set_title("WPR score")
     h, w = img.shape[:2]
     for ax, (block, mask) in zip(axes[2:], masks):
         ax.imshow(img, cmap=cmap)
-        veil = torch.nn.functional.interpolate((~mask).float()[None, None], size=(h, w), mode="nearest")[0, 0]
-        ax.imshow(veil, cmap="Greys", alpha=0.75 * veil.numpy(), vmin=0, vmax=1)
+        pruned = torch.nn.functional.interpolate((~mask).float()[None, None], size=(h, w), mode="nearest")[0, 0]
+        tint = torch.zeros(h, w, 4)
+        tint[..., 0], tint[..., 3] = 1.0, 0.55 * pruned  # red, only where a patch was pruned
+        ax.imshow(tint.numpy())
         ax.set_title(f"after block {block + 1}: {int(mask.sum())} kept")
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(pad=1.5)
     return fig
