@@ -15,22 +15,10 @@ import torch
 
 import prunelab
 from prunelab.common.schedule import default_prune_blocks
-from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout
+from prunelab.common.vit import AttentionRecorder, vit_layout
 from prunelab.methods.zero_tprune import initial_distribution, wpr_scores
 from prunelab.reproductions.zero_tprune.data import load_fashion_mnist, preprocess
 from prunelab.reproductions.zero_tprune.tiny_vit import load_or_train_tiny_vit
-
-
-class Record:
-    def __init__(self, blocks):
-        self.blocks, self.probs = blocks, {}
-
-    def vit_plan(self, dims, layout):
-        def select(block, x, stats):
-            self.probs[block] = stats.probs.double()
-            return torch.arange(x.shape[1]).expand(x.shape[0], -1)
-
-        return ViTPlan({b: AttnRequest(probs=True) for b in self.blocks}, select)
 
 
 @torch.inference_mode()
@@ -41,14 +29,14 @@ def main() -> None:
     model, _ = load_or_train_tiny_vit(progress=False)
     images, _ = load_fashion_mnist("test")
     blocks = default_prune_blocks(len(model.blocks))
-    rec = Record(blocks)
-    with prunelab.apply(model.eval(), rec):
+    recorder = AttentionRecorder(blocks)
+    with prunelab.apply(model.eval(), recorder):
         model(preprocess(images[: a.images]))
     layout = vit_layout(model)
     print("| block | k=0 (start) | k=1 | k=5 | k=10 | k=30 | k=50 |")
     print("|---|---|---|---|---|---|---|")
     for block in blocks:
-        attn = rec.probs[block]
+        attn = recorder.stats[block].probs.double()
         s0 = initial_distribution(attn.shape[-1], layout.class_positions, attn.shape[0], dtype=attn.dtype)
         limit = wpr_scores(attn, s0, 1000)
         dist = [(s0[:, None] - limit).abs().sum(-1).mean().item()]

@@ -83,6 +83,24 @@ class ViTPruner(Protocol):
         ...
 
 
+class AttentionRecorder:
+    """A :class:`ViTPruner` that keeps every token and records ``request``'s statistics at ``blocks``.
+
+    For plots, analyses and tests: after a forward, ``stats[block]`` holds that block's :class:`AttnStats`.
+    """
+
+    def __init__(self, blocks, request: AttnRequest = AttnRequest(probs=True)):
+        self.blocks, self.request = tuple(blocks), request
+        self.stats: dict[int, AttnStats] = {}
+
+    def vit_plan(self, dims: ViTDims, layout: TokenLayout) -> ViTPlan:
+        def select(block: int, x: torch.Tensor, stats: AttnStats) -> torch.Tensor:
+            self.stats[block] = stats
+            return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+
+        return ViTPlan({b: self.request for b in self.blocks}, select)
+
+
 @dataclass
 class ViTPruneState:
     """Per-forward bookkeeping of an installed method (it lives on the handle, never on a module).

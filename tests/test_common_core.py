@@ -10,7 +10,7 @@ import prunelab
 from prunelab.common.flops import ViTDims, vit_gflops, vit_macs
 from prunelab.common.schedule import TokenSchedule, default_prune_blocks
 from prunelab.common.tokens import check_keep_indices, gather_tokens, keep_count, scatter_tokens, topk_sorted
-from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout
+from prunelab.common.vit import AttentionRecorder, AttnRequest, ViTPlan, vit_layout
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"]
 
@@ -21,19 +21,7 @@ def small(name: str, **kw):
     return timm.create_model(name, pretrained=False, img_size=96, **kw).eval()
 
 
-class KeepAll:
-    """A pruner that asks for every statistic and keeps every token: must leave outputs unchanged."""
-
-    def __init__(self, blocks=(1, 3)):
-        self.blocks, self.seen = blocks, {}
-
-    def vit_plan(self, dims, layout):
-        def select(block, x, stats):
-            self.seen[block] = stats
-            return torch.arange(x.shape[1]).expand(x.shape[0], -1)
-
-        req = AttnRequest(probs=True, keys=True, received=True)
-        return ViTPlan({b: req for b in self.blocks}, select)
+ALL_STATS = AttnRequest(probs=True, keys=True, received=True)
 
 
 class DropLast:
@@ -104,11 +92,11 @@ def test_stats_path_with_all_tokens_kept_equals_dense(name):
     model, x = small(name), torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         dense = model(x)
-        method = KeepAll()
+        method = AttentionRecorder((1, 3), ALL_STATS)
         with prunelab.apply(model, method):
             out = model(x)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
-    stats = method.seen[1]
+    stats = method.stats[1]
     n = 36 + model.num_prefix_tokens
     assert stats.probs.shape == (2, model.blocks[1].attn.num_heads, n, n)
     torch.testing.assert_close(stats.probs.sum(-1), torch.ones(stats.probs.shape[:-1]))
@@ -118,7 +106,7 @@ def test_stats_path_with_all_tokens_kept_equals_dense(name):
 
 def test_only_requesting_blocks_leave_the_fused_path():
     model = small("deit_tiny_patch16_224")
-    with prunelab.apply(model, KeepAll(blocks=(2,))):
+    with prunelab.apply(model, AttentionRecorder((2,), ALL_STATS)):
         overridden = [i for i, b in enumerate(model.blocks) if "forward" in vars(b.attn)]
     assert overridden == [2]
     assert all(b.attn.fused_attn == timm.layers.use_fused_attn() for b in model.blocks)
@@ -126,21 +114,14 @@ def test_only_requesting_blocks_leave_the_fused_path():
 
 def test_received_through_kernel_matches_explicit_softmax():
     model, x = small("deit_tiny_patch16_224"), torch.randn(2, 3, 96, 96)
-    both, only = KeepAll(blocks=(2,)), KeepAll(blocks=(2,))
+    both, only = AttentionRecorder((2,), ALL_STATS), AttentionRecorder((2,), AttnRequest(received=True))
     with torch.no_grad():
         with prunelab.apply(model, both):
             model(x)
-
-        class ReceivedOnly(KeepAll):
-            def vit_plan(self, dims, layout):
-                plan = super().vit_plan(dims, layout)
-                return ViTPlan({2: AttnRequest(received=True)}, plan.select)
-
-        only = ReceivedOnly(blocks=(2,))
         with prunelab.apply(model, only):
             model(x)
-    assert only.seen[2].probs is None
-    torch.testing.assert_close(only.seen[2].received, both.seen[2].received, atol=1e-5, rtol=1e-5)
+    assert only.stats[2].probs is None
+    torch.testing.assert_close(only.stats[2].received, both.stats[2].received, atol=1e-5, rtol=1e-5)
 
 
 def test_apply_twice_equals_once_and_remove_restores_bit_for_bit():

@@ -6,8 +6,8 @@ import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks
 import torch
 
 import prunelab
-from prunelab.common.vit import AttnRequest, ViTPlan, vit_layout
-from prunelab.methods.zero_tprune import aggregate_heads, initial_distribution, wpr_scores
+from prunelab.common.vit import AttentionRecorder, vit_layout
+from prunelab.methods.zero_tprune import ZeroTPrune, aggregate_heads, initial_distribution, wpr_scores
 
 STYLE = {"Zero-TPrune": ("tab:blue", "o"), "random drop": ("tab:gray", "s"),
          "Zero-TPrune, 1 iteration": ("tab:orange", "^"), "dense": ("black", "*")}
@@ -31,24 +31,21 @@ def budget_curve(rows: list[dict], title: str = "Top-1 against GFLOPs"):
 
 
 @torch.inference_mode()
-def wpr_map(model, image: torch.Tensor, block: int, iters: int = 50, vhf_band=(0.01, 0.7)) -> torch.Tensor:
-    """Zero-TPrune's aggregated WPR importance of each patch at ``block`` of the dense model -> [rows, cols]."""
+def wpr_map(model, image: torch.Tensor, block: int, method: ZeroTPrune | None = None) -> torch.Tensor:
+    """``method``'s aggregated WPR importance of each patch at ``block`` of the dense model -> [rows, cols].
+
+    Uses the method's (default: ``ZeroTPrune()``) iteration count for that block, start vector and VHF band.
+    """
+    method = method or ZeroTPrune()
     layout = vit_layout(model)
-    seen = {}
-
-    class Recorder:  # keeps every token and records the attention probabilities at one block
-        def vit_plan(self, dims, lay):
-            def select(b, x, stats):
-                seen["probs"] = stats.probs
-                return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-
-            return ViTPlan({block: AttnRequest(probs=True)}, select)
-
-    with prunelab.apply(model, Recorder()):
+    recorder = AttentionRecorder([block])
+    with prunelab.apply(model, recorder):
         model(image[None])
-    probs = seen["probs"]
-    s0 = initial_distribution(probs.shape[-1], layout.class_positions, 1, device=probs.device)
-    score = aggregate_heads(wpr_scores(probs, s0, iters), vhf_band)[0, layout.num_prefix:]
+    probs = recorder.stats[block].probs
+    s0 = initial_distribution(probs.shape[-1], layout.class_positions, 1, cls_boost=method.cls_boost,
+                              device=probs.device)
+    iters = method.iterations_at(block, len(model.blocks))
+    score = aggregate_heads(wpr_scores(probs, s0, iters), method.vhf_band)[0, layout.num_prefix:]
     return score.reshape(layout.grid).cpu()
 
 
