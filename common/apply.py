@@ -38,6 +38,7 @@ def apply(model: Any, method: Any) -> Handle:
 
     Applying again replaces the previous installation, so applying twice equals applying once.
     """
+    from prunelab.common.decoder import install_decoder, is_hf_decoder
     from prunelab.common.vit import install_vit, is_timm_vit
 
     previous = getattr(model, "_prunelab_handle", None)
@@ -45,10 +46,12 @@ def apply(model: Any, method: Any) -> Handle:
         previous.remove()
     if is_timm_vit(model):
         handle = install_vit(model, method)
+    elif is_hf_decoder(model):
+        handle = install_decoder(model, method)
     else:
         raise UnsupportedModelError(
             f"model: prunelab has no adapter for {type(model).__module__}.{type(model).__name__}; "
-            "supported: timm VisionTransformer (deit_*, vit_*)"
+            "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral decoders"
         )
     model._prunelab_handle = handle
     return handle

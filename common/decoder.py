@@ -1,0 +1,266 @@
+"""The decoder seam: KV-cache methods on unmodified transformers decoders (Llama, Qwen2, Qwen3, Mistral).
+
+One attention function, registered once under the new name ``"prunelab"`` in transformers' attention and mask
+interfaces (no existing entry is replaced), is switched on per model through that model's own
+``config._attn_implementation``; other models in the process keep theirs. The function runs transformers' own
+SDPA path unless the layer's :class:`AttentionCall` handler returns an output, so a method sees the post-RoPE
+query, the whole cache of its layer and the padding mask, and decides per layer and per step.
+
+``install_decoder`` also puts a :class:`~prunelab.common.kv_cache.PrunelabCache` in place of an empty default
+cache (a forward pre-hook on the model), so the cache appends in place and can keep derived key layouts. A cache
+the caller passes in that is not empty is left alone; handlers then see ``call.layer is None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from prunelab.common.apply import Handle, UnsupportedModelError
+from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
+
+__all__ = ["ATTN_NAME", "AttentionCall", "DecoderHandle", "DecoderSpec", "attend_selected", "decoder_spec",
+           "gather_rows", "install_decoder", "is_hf_decoder", "valid_lengths"]
+
+ATTN_NAME = "prunelab"
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a KV-cache method needs to know about a decoder, read from its config."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int  # query heads Hq
+    num_kv_heads: int  # key/value heads Hkv (grouped-query attention when smaller than Hq)
+    head_dim: int
+    rope_theta: float
+    name: str  # hub id (or the name a loader gave the weights); keys calibration files
+    revision: str  # commit hash or the loader's description of the weights; "" when unknown
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    return config.get_text_config(decoder=True)
+
+
+def is_hf_decoder(model: Any) -> bool:
+    """A transformers model (anything with a config); :func:`decoder_spec` then says whether it is supported."""
+    return isinstance(model, nn.Module) and _text_config(model) is not None
+
+
+def decoder_spec(model: Any) -> DecoderSpec:
+    """The :class:`DecoderSpec` of a supported transformers decoder; clear errors for anything else."""
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None)) if isinstance(rope, dict) else None
+    if theta is None:
+        raise UnsupportedModelError(f"model: {type(model).__name__} (model_type={model_type!r}) has no rotary "
+                                    "position embedding (RoPE); the decoder methods here need a RoPE decoder")
+    if model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(f"model: {type(model).__name__} (model_type={model_type!r}) is not a supported "
+                                    f"decoder; supported model types: {', '.join(SUPPORTED_TYPES)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return DecoderSpec(
+        model_type=model_type,
+        num_layers=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+        head_dim=int(head_dim),
+        rope_theta=float(theta),
+        name=str(getattr(config, "_name_or_path", "") or ""),
+        revision=str(getattr(config, "_commit_hash", "") or ""),
+    )
+
+
+@dataclass
+class AttentionCall:
+    """One call of attention in one layer, as a method's handler sees it.
+
+    ``query`` is ``[B, Hq, q_len, d]`` after RoPE; ``keys`` / ``values`` ``[B, Hkv, T, d]`` are the whole cache
+    of the layer including the current step; ``valid`` ``[B, T]`` marks non-padding cache positions (``None``: all
+    valid). ``layer`` is the :class:`GrowingLayer` when the cache is prunelab's, else ``None``.
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor | None
+    scaling: float
+    layer: GrowingLayer | None
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query.shape[2] == 1
+
+
+class DecoderMethod(Protocol):
+    def decoder_handler(self, spec: DecoderSpec) -> Callable[[AttentionCall], torch.Tensor | None]:
+        """A handler for every layer; it returns ``[B, Hq, q_len, d]`` or ``None`` for the dense path."""
+
+
+@dataclass
+class _DecoderState:
+    handler: Callable[[AttentionCall], torch.Tensor | None]
+    cache: Any = None  # the cache of the forward in flight, recorded by the pre-hook
+
+
+def _valid_from_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """Padding mask ``[B, T]`` of the last query row of transformers' 4-D SDPA mask (bool or additive)."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, :T]
+    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+def _prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state: _DecoderState | None = getattr(module, "_prunelab_decoder", None)
+    if state is not None and not module.training:
+        cache = state.cache
+        layer = None
+        if isinstance(cache, PrunelabCache) and module.layer_idx < len(cache.layers):
+            candidate = cache.layers[module.layer_idx]
+            layer = candidate if candidate.keys is key else None
+        call = AttentionCall(module.layer_idx, query, key, value, _valid_from_mask(attention_mask, key.shape[2]),
+                             module.scaling if scaling is None else scaling, layer)
+        out = state.handler(call)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _register_attention() -> None:
+    """Register ``"prunelab"`` once; registering a new name is the interface's documented extension point."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if AttentionInterface._global_mapping.get(ATTN_NAME) is not _prunelab_attention:
+        AttentionInterface.register(ATTN_NAME, _prunelab_attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+class DecoderHandle(Handle):
+    """A :class:`Handle` that also exposes the decoder's :class:`DecoderSpec`."""
+
+    def __init__(self, model, method, undo, *, spec: DecoderSpec):
+        super().__init__(model, method, undo)
+        self.spec = spec
+
+
+def _attention_modules(model, spec: DecoderSpec) -> list[nn.Module]:
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj") and hasattr(m, "k_proj")]
+    if len(found) != spec.num_layers:
+        raise UnsupportedModelError(f"model: found {len(found)} attention modules, expected {spec.num_layers}")
+    return found
+
+
+def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
+    """Switch ``model`` to the prunelab attention function with ``method``'s handler; undone by the handle."""
+    spec = decoder_spec(model)
+    if not hasattr(method, "decoder_handler"):
+        raise TypeError(f"method: {type(method).__name__} has no decoder adapter (it needs decoder_handler)")
+    _register_attention()
+    state = _DecoderState(handler=method.decoder_handler(spec))
+    modules = _attention_modules(model, spec)
+    configs = {id(c): c for c in (model.config, _text_config(model))}.values()
+    previous = [(c, c._attn_implementation) for c in configs]
+    for c in configs:
+        c._attn_implementation_internal = ATTN_NAME
+    for m in modules:
+        m._prunelab_decoder = state
+
+    def pre_hook(_module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        use_cache = model.config.use_cache if use_cache is None else use_cache
+        empty_default = cache is None or (type(cache).__name__ == "DynamicCache" and cache.get_seq_length() == 0)
+        if use_cache and empty_default and not model.training:
+            cache = PrunelabCache(spec.num_layers)
+            kwargs["past_key_values"] = cache
+        state.cache = cache
+        return args, kwargs
+
+    hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def undo() -> None:
+        hook.remove()
+        for m in modules:
+            del m._prunelab_decoder
+        for c, impl in previous:
+            c._attn_implementation_internal = impl
+
+    return DecoderHandle(model, method, undo, spec=spec)
+
+
+def valid_lengths(valid: torch.Tensor | None, batch: int, T: int, device) -> torch.Tensor:
+    """Number of non-padding cache positions per sequence, int64 ``[B]``."""
+    if valid is None:
+        return torch.full((batch,), T, dtype=torch.int64, device=device)
+    return valid.sum(dim=-1, dtype=torch.int64)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, index[b, h, i]]`` for ``x [B, H, T, d]`` and int64 ``index [B, H, M]``: ``[B, H, M, d]``.
+
+    One ``index_select`` over the rows of the underlying buffer when ``x`` is a row-contiguous view (the cache's
+    case); ``torch.gather`` with an expanded index is several times slower on CPU for the same bytes.
+    """
+    B, H, T, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    if s3 != 1 or s2 != d or s0 % d or s1 % d:
+        return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, d))
+    base = (torch.arange(B, device=x.device) * (s0 // d))[:, None, None] + \
+        (torch.arange(H, device=x.device) * (s1 // d))[None, :, None]
+    rows = x.as_strided(((B - 1) * (s0 // d) + (H - 1) * (s1 // d) + T, d), (d, 1))
+    return rows.index_select(0, (index + base).flatten()).view(B, H, index.shape[2], d)
+
+
+def attend_selected(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                    keep: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Exact softmax attention of a decode query over selected cache rows (the "focused attention" step).
+
+    Args:
+        query: ``[B, Hq, 1, d]``.
+        keys: ``[B, Hkv, T, d]``; values the same shape.
+        index: selected positions, int64, either ``[B, Hq, N]`` (one set per query head) or ``[B, Hkv, N]`` (one
+            set shared by the query heads of a key/value head, so each row is read once).
+        keep: bool, same shape as ``index``: which selected entries count (``None``: all). Rows need one.
+        scaling: softmax scale (``1/sqrt(d)`` for these models).
+
+    Returns:
+        ``[B, Hq, 1, d]`` in the query's dtype.
+    """
+    B, hq, _, d = query.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    n = index.shape[2]
+    per_query_head = index.shape[1] == hq and g > 1
+    flat = index.reshape(B, hkv, g * n) if per_query_head else index  # rows of each query head's kv head
+    k_sel, v_sel = gather_rows(keys, flat), gather_rows(values, flat)
+    if per_query_head:  # [B, Hkv, g, N, d]: query head h reads its own rows
+        q = query.view(B, hkv, g, 1, d)
+        k_sel, v_sel = k_sel.view(B, hkv, g, n, d), v_sel.view(B, hkv, g, n, d)
+    else:  # [B, Hkv, N, d] shared by the g query heads
+        q = query.view(B, hkv, g, d)
+    logits = torch.matmul(q, k_sel.transpose(-1, -2)).float() * scaling  # [B, Hkv, g, (1,) N]
+    if keep is not None:
+        mask = keep.view(B, hkv, g, 1, n) if per_query_head else keep.view(B, hkv, 1, n)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(torch.softmax(logits, dim=-1).to(values.dtype), v_sel)
+    return out.reshape(B, hq, 1, d)

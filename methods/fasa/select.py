@@ -1,0 +1,132 @@
+"""Decode-time KV selection in the decoder seam: score cached tokens, keep the top budget, attend exactly.
+
+FASA, the oracle top-k and the sink + recent window differ only in how they score cached tokens, so they share
+this class: the budget rule, the dense fallbacks, padding, grouped-query modes and the focused attention.
+
+Budget (FASA card §2, stage C): ``N = budget`` for an int, ``floor(budget * t)`` for a fraction, where ``t`` is
+the sequence's cache length without padding; then ``N = min(N, t)`` and at least 1. When every sequence keeps
+its whole cache the layer runs transformers' dense SDPA path unchanged, so a budget above the length is exactly
+dense. Prefill (more than one query) and the ``dense_layers`` are always dense.
+
+Grouped-query attention (``gqa_mode``): ``per_q_head`` (the paper) keeps a set per query head;
+``shared_sum`` / ``shared_max`` pool the scores of a key/value head's query heads and keep one set per key/value
+head, which reads each selected row once (a bytes saving under GQA, and a different method).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from prunelab.common.decoder import AttentionCall, DecoderSpec, attend_selected, valid_lengths
+
+__all__ = ["GQA_MODES", "KVSelection", "budget_counts"]
+
+GQA_MODES = ("per_q_head", "shared_sum", "shared_max")
+
+
+def budget_counts(budget: int | float, lengths: torch.Tensor) -> torch.Tensor:
+    """Tokens kept per sequence: int64 ``[B]`` in ``1..lengths`` (see the module docstring)."""
+    if isinstance(budget, float):
+        n = torch.floor(budget * lengths.double()).long()
+    else:
+        n = torch.full_like(lengths, budget)
+    return torch.minimum(n, lengths).clamp(min=1)
+
+
+def _check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget: expected a token count (int >= 1) or a fraction of the cache (float in (0, 1)), "
+                         f"got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget: a token count must be >= 1, got {budget}")
+    if isinstance(budget, float) and not (0.0 < budget < 1.0 and math.isfinite(budget)):
+        raise ValueError(f"budget: a fraction of the cache must lie in (0, 1), got {budget}; pass an int for a "
+                         "token count")
+
+
+@dataclass(frozen=True)
+class KVSelection:
+    """Shared fields and the decode-step algorithm; subclasses define :meth:`layer_scorer`."""
+
+    budget: int | float = 256
+    dense_layers: tuple[int, ...] = (0,)
+    gqa_mode: str = "per_q_head"
+
+    def __post_init__(self):
+        _check_budget(self.budget)
+        if not isinstance(self.dense_layers, tuple) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.dense_layers):
+            raise ValueError(f"dense_layers: expected a tuple of layer indices >= 0, got {self.dense_layers!r}")
+        if self.gqa_mode not in GQA_MODES:
+            raise ValueError(f"gqa_mode: expected one of {GQA_MODES}, got {self.gqa_mode!r}")
+
+    # -- to define in subclasses ------------------------------------------------------------------------------
+    def layer_scorer(self, spec: DecoderSpec, layer_idx: int):
+        """A function ``call -> scores [B, Hkv, g, T]`` (larger = keep) for one layer.
+
+        A scorer may also define ``fused(call, n) -> output | None``: a kernel path that selects and attends in
+        one go (used when it returns a tensor).
+        """
+        raise NotImplementedError
+
+    def scorers(self, spec: DecoderSpec) -> dict:
+        """The scorer of every layer that is not dense."""
+        return {i: self.layer_scorer(spec, i) for i in range(spec.num_layers) if i not in self.dense_layers}
+
+    # -- the shared algorithm ---------------------------------------------------------------------------------
+    def decoder_handler(self, spec: DecoderSpec):
+        bad = [i for i in self.dense_layers if i >= spec.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers: {bad} outside the model's {spec.num_layers} layers")
+        scorers = self.scorers(spec)
+
+        def handler(call: AttentionCall) -> torch.Tensor | None:
+            if not call.is_decode or call.layer_idx not in scorers:
+                return None
+            B, T = call.keys.shape[0], call.keys.shape[2]
+            if call.valid is None:  # no padding: plain ints, no tensor bookkeeping on the hot path
+                n = max(1, min(self.budget if isinstance(self.budget, int) else int(self.budget * T), T))
+                if n >= T:
+                    return None  # keeps every token: exactly the dense path
+            else:
+                lengths = valid_lengths(call.valid, B, T, call.keys.device)
+                n = budget_counts(self.budget, lengths)
+                if bool((n >= lengths).all()):
+                    return None
+            scorer = scorers[call.layer_idx]
+            fused = getattr(scorer, "fused", None)
+            out = fused(call, n) if fused is not None and self.gqa_mode == "per_q_head" else None
+            if out is not None:
+                return out
+            index, keep = self.select(scorer(call), call.valid, n)  # scores [B, Hkv, g, T]
+            return attend_selected(call.query, call.keys, call.values, index, keep, call.scaling)
+
+        return handler
+
+    def select(self, scores: torch.Tensor, valid: torch.Tensor | None, n: int | torch.Tensor):
+        """Top-``n[b]`` positions of ``scores [B, Hkv, g, T]`` per query head or per key/value head.
+
+        Returns ``(index, keep)``: int64 ``[B, Hq or Hkv, max(n)]`` (unsorted: attention does not depend on
+        order) and the bool mask of entries within each sequence's ``n[b]`` (``None`` when all are).
+        """
+        B, hkv, g, T = scores.shape
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        if self.gqa_mode == "shared_sum":
+            scores = scores.sum(dim=2)
+        elif self.gqa_mode == "shared_max":
+            scores = scores.amax(dim=2)
+        else:
+            scores = scores.reshape(B, hkv * g, T)
+        if isinstance(n, int):
+            return scores.topk(n, dim=-1, sorted=False).indices, None
+        n_max = int(n.max())
+        ragged = bool((n < n_max).any())
+        index = scores.topk(n_max, dim=-1, sorted=ragged).indices  # sorted: rank < n[b] is the top n[b]
+        keep = None
+        if ragged:
+            keep = (torch.arange(n_max, device=n.device)[None, :] < n[:, None])[:, None, :].expand_as(index)
+        return index, keep

@@ -1,0 +1,273 @@
+"""FASA: frequency chunks, calibration, selection and the decoder methods (card ../papers/fasa.md §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from decoder_models import padded_batch, tiny_decoder
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import prunelab
+from prunelab.common.decoder import decoder_spec
+from prunelab.methods.fasa import (
+    FASA,
+    Calibration,
+    DenseDecode,
+    OracleTopK,
+    SinkRecent,
+    budget_counts,
+    calibrate,
+    chunk_dims,
+    chunk_logits,
+    contextual_agreement,
+    dominant_chunks,
+    dominant_dims,
+)
+
+D = 16  # head dim of the tiny models: 8 chunks
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_decoder("llama")
+
+
+@pytest.fixture(scope="module")
+def cal(model):
+    windows = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    return calibrate(model, windows, ks=(4, 8, 16), n_queries=8, progress=False)
+
+
+def generate(model, method, ids, mask, n=6, scores=False):
+    with torch.no_grad(), prunelab.apply(model, method):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             output_logits=scores, return_dict_in_generate=True)
+    return (out.sequences, torch.stack(out.logits, 1)) if scores else out.sequences
+
+
+# -- frequency chunks ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["rope_pairs", "official_contiguous"])
+def test_chunk_logits_sum_to_the_full_logit(layout):
+    torch.manual_seed(0)
+    q, k = torch.randn(3, 5, D), torch.randn(3, 11, D)
+    parts = chunk_logits(q, k, layout)
+    assert parts.shape == (3, D // 2, 5, 11)
+    torch.testing.assert_close(parts.sum(1), q @ k.transpose(-1, -2), atol=1e-5, rtol=1e-5)
+    assert sorted(chunk_dims(D, layout).flatten().tolist()) == list(range(D))
+
+
+def _rope(x, positions, theta=1e4):
+    inv = theta ** (-torch.arange(0, D, 2).float() / D)
+    freqs = positions[:, None].float() * inv[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return apply_rotary_pos_emb(x, x, emb.cos()[None], emb.sin()[None])[0]
+
+
+def test_true_pairs_are_shift_invariant_and_contiguous_pairs_are_not():
+    """A chunk logit of transformers' rotate_half RoPE depends only on the offset when the chunk is a true pair."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, D), torch.randn(1, 1, D)
+    t, s = torch.tensor([37]), torch.tensor([5])
+    logits = {}
+    for shift in (0, 123):
+        qr, kr = _rope(q[None], t + shift)[0], _rope(k[None], s + shift)[0]
+        logits[shift] = {lay: chunk_logits(qr, kr, lay) for lay in ("rope_pairs", "official_contiguous")}
+    torch.testing.assert_close(logits[0]["rope_pairs"], logits[123]["rope_pairs"], atol=1e-4, rtol=1e-4)
+    assert (logits[0]["official_contiguous"] - logits[123]["official_contiguous"]).abs().max() > 1e-2
+
+
+def test_contextual_agreement_bounds_and_chance_level():
+    torch.manual_seed(0)
+    full = torch.randn(400, 64)
+    same = contextual_agreement(full, full[:, None], (4, 16))
+    assert torch.equal(same, torch.ones_like(same))
+    rand = contextual_agreement(full, torch.randn(400, 3, 64), (8, 16, 32))
+    assert ((rand >= 0) & (rand <= 1)).all()
+    for i, k in enumerate((8, 16, 32)):  # E[CA] = K/T for independent rankings
+        assert abs(rand[i].mean().item() - k / 64) < 0.03
+    with pytest.raises(ValueError, match="ks"):
+        contextual_agreement(full, full[:, None], (65,))
+
+
+def test_dominant_chunk_rules_on_synthetic_agreement():
+    ca = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2, 0.7, 0.3, 0.0]])
+    assert dominant_chunks(ca, 3).nonzero()[:, 1].tolist() == [1, 3, 5]  # ties go to the lower chunk
+    # quantile 0.95 keeps {0.9} (1 chunk) -> raised to min_fc=2; quantile 0.8 (= 0.7) keeps 3 of at most 4
+    assert dominant_chunks(ca, 4, "quantile", 0.95, min_fc=2).nonzero()[:, 1].tolist() == [1, 3]
+    assert dominant_chunks(ca, 4, "quantile", 0.8, min_fc=2).nonzero()[:, 1].tolist() == [1, 3, 5]
+    assert dominant_chunks(ca, 2, "quantile", 0.0, min_fc=1).sum() == 2  # everything passes, capped at 2
+    mask = dominant_dims(dominant_chunks(ca, 2))
+    assert mask.nonzero()[:, 1].tolist() == [1, 3, 9, 11]  # chunks 1 and 3 are dims (1, 9) and (3, 11)
+    with pytest.raises(ValueError, match="n_fc"):
+        dominant_chunks(ca, 9)
+
+
+def test_budget_rule():
+    lengths = torch.tensor([100, 7, 1])
+    assert budget_counts(0.189, lengths).tolist() == [18, 1, 1]  # floor(b * t), at least 1
+    assert budget_counts(50, lengths).tolist() == [50, 7, 1]
+
+
+# -- calibration --------------------------------------------------------------------------------------------------
+def test_calibration_file_round_trip_and_model_key(model, cal, tmp_path):
+    spec = decoder_spec(model)
+    assert cal.agreement.shape == (3, spec.num_layers, spec.num_heads, D // 2)
+    assert ((cal.agreement >= 0) & (cal.agreement <= 1)).all()
+    loaded = Calibration.load(cal.save(tmp_path / "c.json"))
+    torch.testing.assert_close(loaded.agreement, cal.agreement, atol=1e-5, rtol=0)
+    assert cal.for_budget(8)[1] == 8 and cal.for_budget(0.3)[1] == 16 and cal.for_budget(5)[1] == 16
+    other = dataclasses.replace(cal, model="someone/else")
+    with pytest.raises(ValueError, match="calibration"):
+        prunelab.apply(model, FASA(budget=8, calibration=other, n_fc=4))
+    with pytest.raises(ValueError, match="calibration"):
+        prunelab.apply(model, FASA(budget=8, calibration=cal, n_fc=4, fc_layout="official_contiguous"))
+    with pytest.raises(ValueError, match="calibration"):
+        prunelab.apply(model, FASA(budget=8, n_fc=4))
+    with pytest.raises(ValueError, match="windows"):
+        calibrate(model, torch.zeros(2, 10), ks=(4,), n_queries=2)
+    with pytest.raises(ValueError, match="ks"):
+        calibrate(model, torch.zeros(2, 10, dtype=torch.int64), ks=(16,), n_queries=2)
+
+
+def test_calibration_agreement_matches_a_direct_computation(model):
+    """One window, recomputed by hand from the layer's post-RoPE q and k captured by a hook."""
+    ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
+    cal = calibrate(model, ids, ks=(4,), n_queries=3, progress=False)
+    captured = {}
+    attn = model.model.layers[1].self_attn
+
+    def grab(module, args, kwargs, out):
+        h = kwargs["hidden_states"]
+        q = module.q_proj(h).view(1, 24, -1, D).transpose(1, 2)
+        k = module.k_proj(h).view(1, 24, -1, D).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        captured["q"], captured["k"] = apply_rotary_pos_emb(q, k, cos, sin)
+
+    hook = attn.register_forward_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    q, k = captured["q"][0], captured["k"][0].repeat_interleave(2, dim=0)
+    expect = torch.zeros(4, D // 2)
+    for h in range(4):
+        for t in (21, 22, 23):
+            full = q[h, t] @ k[h, : t + 1].T
+            top = set(full.topk(4).indices.tolist())
+            for j, (a, b) in enumerate(chunk_dims(D).tolist()):
+                part = q[h, t, [a, b]] @ k[h, : t + 1][:, [a, b]].T
+                expect[h, j] += len(top & set(part.topk(4).indices.tolist())) / 4 / 3
+    torch.testing.assert_close(cal.agreement[0, 1], expect, atol=1e-5, rtol=0)
+
+
+# -- the decoder methods ------------------------------------------------------------------------------------------
+def test_budget_above_the_length_is_dense(model, cal):
+    ids, mask = padded_batch()
+    ref = generate(model, DenseDecode(), ids, mask, scores=True)
+    for method in (FASA(budget=10_000, calibration=cal, n_fc=2), OracleTopK(budget=46), SinkRecent(budget=500)):
+        out = generate(model, method, ids, mask, scores=True)
+        assert torch.equal(out[0], ref[0])
+        torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=0)
+
+
+def test_every_chunk_dominant_is_the_oracle(model, cal):
+    ids, mask = padded_batch()
+    for budget in (6, 0.3):
+        fasa = generate(model, FASA(budget=budget, calibration=cal, n_fc=D // 2), ids, mask, scores=True)
+        oracle = generate(model, OracleTopK(budget=budget), ids, mask, scores=True)
+        assert torch.equal(fasa[0], oracle[0])
+        torch.testing.assert_close(fasa[1], oracle[1], atol=1e-5, rtol=0)
+        dense = generate(model, DenseDecode(), ids, mask, scores=True)
+        assert (fasa[1] - dense[1]).abs().max() > 1e-4  # the budget does change the model
+
+
+@pytest.mark.parametrize("method", [
+    FASA(budget=9, n_fc=2), FASA(budget=0.4, n_fc=3, gqa_mode="shared_sum"), OracleTopK(budget=7),
+    SinkRecent(budget=10, n_sink=2), OracleTopK(budget=0.25, gqa_mode="shared_max")])
+def test_batch_with_padding_equals_one_sequence_at_a_time(model, cal, method):
+    if isinstance(method, FASA):
+        method = dataclasses.replace(method, calibration=cal)
+    ids, mask = padded_batch((40, 23))
+    seqs, logits = generate(model, method, ids, mask, scores=True)
+    for b, n in enumerate((40, 23)):
+        one = generate(model, method, ids[b : b + 1, 40 - n :], mask[b : b + 1, 40 - n :], scores=True)
+        assert torch.equal(seqs[b, 40:], one[0][0, n:])
+        torch.testing.assert_close(logits[b], one[1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_per_query_head_on_repeated_kv_equals_grouped(model):
+    """GQA: a model whose k/v heads are repeated per query head computes the same function."""
+    spec = decoder_spec(model)
+    mha = tiny_decoder("llama", kv_heads=4)
+    state = model.state_dict()
+    for name, w in state.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            state[name] = w.view(spec.num_kv_heads, D, -1).repeat_interleave(spec.group, 0).reshape(-1, w.shape[1])
+    mha.load_state_dict(state)
+    ids, mask = padded_batch()
+    for method in (OracleTopK(budget=7), SinkRecent(budget=9, n_sink=3)):
+        grouped = generate(model, method, ids, mask, scores=True)
+        repeated = generate(mha, method, ids, mask, scores=True)
+        assert torch.equal(grouped[0], repeated[0])
+        torch.testing.assert_close(grouped[1], repeated[1], atol=1e-5, rtol=1e-5)
+
+
+def test_selection_shapes_and_exact_budgets():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 2, 3, 30)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :12] = False
+    n = torch.tensor([9, 5])
+    for mode, heads in (("per_q_head", 6), ("shared_sum", 2), ("shared_max", 2)):
+        index, keep = OracleTopK(budget=9, gqa_mode=mode).select(scores, valid, n)
+        assert index.shape == (2, heads, 9)
+        counts = keep.sum(-1)
+        assert (counts[0] == 9).all() and (counts[1] == 5).all()
+        kept = index[1][keep[1]]
+        assert (kept >= 12).all()  # padding is never selected
+        for row in index[0]:
+            assert len(set(row.tolist())) == 9
+    shared = scores.sum(2)
+    index, _ = OracleTopK(budget=4, gqa_mode="shared_sum").select(scores, None, 4)
+    assert torch.equal(index.sort(-1).values, shared.topk(4).indices.sort(-1).values)
+
+
+def test_sink_recent_keeps_first_and_last_real_tokens(model):
+    spec = decoder_spec(model)
+    scorer = SinkRecent(budget=6, n_sink=2).layer_scorer(spec, 1)
+
+    class Call:
+        keys = torch.zeros(1, 2, 12, D)
+        valid = torch.tensor([[False] * 3 + [True] * 9])
+
+    index, _ = SinkRecent(budget=6, n_sink=2).select(scorer(Call), Call.valid, torch.tensor([6]))
+    assert sorted(index[0, 0].tolist()) == [3, 4, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"budget": 0}, "budget"), ({"budget": -3}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": True}, "budget"),
+    ({"budget": math.nan}, "budget"), ({"n_fc": 0}, "n_fc"), ({"gqa_mode": "mean"}, "gqa_mode"),
+    ({"fc_layout": "interleaved"}, "fc_layout"), ({"dense_layers": [0]}, "dense_layers"), ({"tau": 2.0}, "tau")])
+def test_bad_inputs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        FASA(**kwargs)
+
+
+def test_n_fc_above_half_the_head_dim_and_bad_layers(model, cal):
+    with pytest.raises(ValueError, match="n_fc"):
+        prunelab.apply(model, FASA(budget=8, calibration=cal, n_fc=D // 2 + 1))
+    with pytest.raises(ValueError, match="dense_layers"):
+        prunelab.apply(model, OracleTopK(budget=8, dense_layers=(0, 7)))
+
+
+def test_triton_path_equals_torch_path(model, cal):
+    """FASA's fused kernels (score + top-k, indexed decode attention) under the Triton interpreter."""
+    pytest.importorskip("triton")
+    ids, mask = padded_batch((30, 30))
+    torch_out = generate(model, FASA(budget=7, calibration=cal, n_fc=3, impl="torch"), ids, mask, n=3, scores=True)
+    triton_out = generate(model, FASA(budget=7, calibration=cal, n_fc=3, impl="triton"), ids, mask, n=3,
+                          scores=True)
+    assert torch.equal(torch_out[0], triton_out[0])
+    torch.testing.assert_close(torch_out[1], triton_out[1], atol=1e-5, rtol=1e-5)
