@@ -27,10 +27,19 @@ METHODS: tuple[MethodInfo, ...] = (
         classes=("ZeroTPrune", "RandomDrop"),
         status="reproduced (tiny); full preset needs ImageNet + DeiT weights",
     ),
+    MethodInfo(
+        name="fasa",
+        paper="FASA: Frequency-aware Sparse Attention (ICLR 2026)",
+        family="LLM KV cache",
+        backbones=("transformers Llama", "Qwen2", "Qwen3", "Mistral"),
+        classes=("FASA", "OracleTopK", "SinkRecent", "DenseDecode"),
+        status="tiny on SmolLM2-135M (real weights); full preset needs the paper's models + LongBench-V1",
+    ),
 )
 
 BACKBONES = {
     "timm ViT": "prunelab.common.vit (blocks ask for attention statistics; others keep fused SDPA)",
+    "HF decoder": "prunelab.common.decoder (registered 'prunelab' attention function + in-place KV cache)",
 }
 
 
