@@ -156,11 +156,11 @@ def _register_attention() -> None:
 
 
 class DecoderHandle(Handle):
-    """A :class:`Handle` that also exposes the decoder's :class:`DecoderSpec`."""
+    """A :class:`Handle` that also exposes the decoder's :class:`DecoderSpec` and the method's handler."""
 
-    def __init__(self, model, method, undo, *, spec: DecoderSpec):
+    def __init__(self, model, method, undo, *, spec: DecoderSpec, handler):
         super().__init__(model, method, undo)
-        self.spec = spec
+        self.spec, self.handler = spec, handler
 
 
 def _attention_modules(model, spec: DecoderSpec) -> list[nn.Module]:
@@ -205,7 +205,7 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
         for c, impl in previous:
             c._attn_implementation_internal = impl
 
-    return DecoderHandle(model, method, undo, spec=spec)
+    return DecoderHandle(model, method, undo, spec=spec, handler=state.handler)
 
 
 def valid_lengths(valid: torch.Tensor | None, batch: int, T: int, device) -> torch.Tensor:

@@ -47,6 +47,17 @@ def _check_budget(budget) -> None:
                          "token count")
 
 
+def _rows_read(index: torch.Tensor, keep: torch.Tensor | None, spec: DecoderSpec) -> tuple[int, int]:
+    """Selected cache rows of one step: distinct per key/value head (the least any kernel must read), and as
+    gathered (one read per query head in ``per_q_head`` mode)."""
+    B, heads, _ = index.shape
+    T = int(index.max()) + 1
+    member = torch.zeros(B, heads, T, dtype=torch.bool)
+    member.scatter_(2, index.cpu(), True if keep is None else keep.cpu())
+    distinct = member.view(B, spec.num_kv_heads, -1, T).any(dim=2).sum()
+    return int(distinct), int(member.sum())
+
+
 @dataclass(frozen=True)
 class KVSelection:
     """Shared fields and the decode-step algorithm; subclasses define :meth:`layer_scorer`."""
@@ -102,8 +113,11 @@ class KVSelection:
             if out is not None:
                 return out
             index, keep = self.select(scorer(call), call.valid, n)  # scores [B, Hkv, g, T]
+            if handler.record is not None:
+                handler.record[call.layer_idx] = _rows_read(index, keep, spec)
             return attend_selected(call.query, call.keys, call.values, index, keep, call.scaling)
 
+        handler.record = None  # set to a dict to record {layer: (distinct rows, rows as gathered)} per step
         return handler
 
     def select(self, scores: torch.Tensor, valid: torch.Tensor | None, n: int | torch.Tensor):

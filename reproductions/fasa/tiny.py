@@ -148,7 +148,8 @@ def run_tiny(out, *, windows=4, prefix=1024, steps=64, budgets=BUDGETS, passkey_
         ids = held[-max(latency_contexts):]
         rows = decode_latency(model, ids, latency_contexts, lat_methods, progress=progress)
         write_results(out, "latency", rows, {**meta, "threads": torch.get_num_threads()},
-                      ["context", "method", "ms", "iqr_ms", "gb_moved", "speedup", "bound", "fraction_of_bound"],
+                      ["context", "method", "ms", "iqr_ms", "gb_moved", "speedup", "bound", "fraction_of_bound",
+                       "bound_as_gathered"],
                       "Decode-step latency against dense and the bytes-moved bound")
         results["latency"] = rows
         figs["latency"] = plots.latency_bars([r for r in rows if "transformers" not in r["method"]])
