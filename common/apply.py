@@ -40,18 +40,22 @@ def apply(model: Any, method: Any) -> Handle:
     """
     from prunelab.common.decoder import install_decoder, is_hf_decoder
     from prunelab.common.vit import install_vit, is_timm_vit
+    from prunelab.common.vlm import install_vlm, is_hf_vlm
 
     previous = getattr(model, "_prunelab_handle", None)
     if previous is not None:
         previous.remove()
     if is_timm_vit(model):
         handle = install_vit(model, method)
+    elif is_hf_vlm(model):  # before the decoder check, which any transformers model passes
+        handle = install_vlm(model, method)
     elif is_hf_decoder(model):
         handle = install_decoder(model, method)
     else:
         raise UnsupportedModelError(
             f"model: prunelab has no adapter for {type(model).__module__}.{type(model).__name__}; "
-            "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral decoders"
+            "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral "
+            "decoders; LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL"
         )
     model._prunelab_handle = handle
     return handle

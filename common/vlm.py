@@ -1,0 +1,328 @@
+"""The VLM seam: visual-token pruning on unmodified transformers LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
+
+Hook points (a method asks for them through :class:`VLMRequest`):
+
+(a) inside the vision encoder: hidden states and mean attention received per patch (``vlm_vision.py``);
+(b) after the projector, before language-model layer 0: a forward pre-hook on ``model.model.language_model``
+    sees the ``inputs_embeds`` into which ``LlavaModel`` / ``Qwen2_5_VLModel.forward`` has just
+    ``masked_scatter``-ed the projected image features, so each span's rows are the projected visual embeddings;
+(c) after language-model layer K: a forward hook on ``language_model.layers[K]`` at prefill.
+
+generate() bookkeeping. transformers 5 tracks the prompt length only through the 2-D ``attention_mask`` and the
+``position_ids`` it grows by one per step (``GenerationMixin._update_model_kwargs_for_generation``); decode steps
+pass one new token (``next_sequence_length=1``), and the language model derives the mask from the cache length
+(``create_causal_mask``). So the prune happens in the language model's pre-hook at prefill: the kept rows are
+compacted to the right (left padding), the cache then holds ``L'`` rows instead of ``L``, and at every later
+forward on that same cache object the pre-hook rewrites
+
+- ``attention_mask`` to ``[kept mask of the prompt, the step columns generate appended]`` (length cache + q);
+- ``position_ids`` from the prompt's next position plus the steps taken (cache length - ``L'``): LLaVA positions
+  are renumbered contiguously over the kept tokens; Qwen2.5-VL tokens keep their own 3-D M-RoPE ids and decode
+  continues from ``max(id) + 1``, as ``get_rope_index``'s ``rope_deltas`` would. Deriving positions from the
+  state, not from generate's counter, also makes right-padded prompts decode like unpadded ones.
+
+Layers after K (hook (c)) get their own mask and gathered rotary embeddings through pre-hooks, since their cache
+is shorter than the earlier layers'. Nothing is patched: hooks and instance attributes only, removed by the handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from prunelab.common.apply import Handle
+from prunelab.common.tokens import check_keep_indices
+from prunelab.common.vlm_layout import ImageSpan, crops_per_image, find_image_spans, require_family, vlm_family
+from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
+
+__all__ = ["ImageContext", "VLMContext", "VLMHandle", "VLMPruner", "VLMRequest", "install_vlm", "is_hf_vlm"]
+
+
+@dataclass(frozen=True)
+class VLMRequest:
+    """What a method needs from the model.
+
+    Attributes:
+        vision_layers: 0-based vision-encoder layers whose statistics the method reads (hook a).
+        received: mean attention received per patch at ``vision_layers``.
+        hidden: hidden states at ``vision_layers``.
+        prune_projector: select after the projector (hook b).
+        llm_layer: also select after this 0-based language-model layer (hook c); ``None``: never.
+    """
+
+    vision_layers: tuple[int, ...] = ()
+    received: bool = False
+    hidden: bool = False
+    prune_projector: bool = True
+    llm_layer: int | None = None
+
+
+@dataclass
+class ImageContext:
+    """One image as a method sees it at one hook point.
+
+    Attributes:
+        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grid and NeXT newlines.
+        embeds: [N, C] the image's visual tokens at this stage (projected embeddings at hook b, the hidden
+            states of its remaining tokens after layer K at hook c).
+        token_ids: [N] which of the span's original tokens these rows are (arange at hook b).
+        budget: tokens the method must keep (from ``vlm_budget``; validated to lie in [1, N]).
+        received / hidden: vision statistics by layer (see ``vlm_vision``), when requested.
+    """
+
+    span: ImageSpan
+    embeds: torch.Tensor
+    token_ids: torch.Tensor
+    budget: int = 0
+    received: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class VLMContext:
+    """All images of one forward: ``stage`` is "projector" (hook b) or "llm" (hook c, after ``layer``)."""
+
+    family: str
+    stage: str
+    images: list[ImageContext]
+    batch_size: int
+    layer: int | None = None
+
+
+@runtime_checkable
+class VLMPruner(Protocol):
+    """What a method implements: kept indices [K_i] (int64, sorted, unique, in [0, N_i)) per image of ``ctx``.
+
+    Optional: ``vlm_request() -> VLMRequest`` (default: prune after the projector, no statistics) and
+    ``vlm_budget(image: ImageContext, stage: str) -> int`` (default: keep all). The core checks the returned
+    indices against the contract and the budget exactly.
+    """
+
+    def vlm_select(self, ctx: VLMContext) -> Sequence[torch.Tensor]: ...
+
+
+def is_hf_vlm(model: Any) -> bool:
+    """True for transformers' LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VL."""
+    return vlm_family(model) is not None
+
+
+@dataclass
+class _Prompt:
+    """The pruned prompt of the cache in flight (lives on the handle, never on a module)."""
+
+    cache: Any
+    orig_len: int  # L: prompt length as generate() counts it
+    valid: torch.Tensor  # [B, L'] kept, non-padding slots of the compacted prompt
+    next_pos: torch.Tensor  # [R, B] next position per sample (R rows of position_ids; R = 1 for 2-D ids)
+    two_d: bool  # position_ids came as [B, L] (LLaVA) rather than [R, B, L] (Qwen2.5-VL)
+    spans: list[ImageSpan]
+    index: torch.Tensor  # [B, L'] prompt position of each compacted row (valid rows only)
+    layer_index: torch.Tensor | None = None  # [B, L''] compacted rows kept after layer K (hook c)
+    layer_valid: torch.Tensor | None = None
+
+
+@dataclass
+class VLMState:
+    """Per-forward bookkeeping. ``positions`` [B, L'] maps each output row to its prompt position (-1: pad)."""
+
+    spans: list[ImageSpan] | None = None
+    stats: dict = field(default_factory=dict)
+    tiles: list[int] = field(default_factory=list)
+    grid_thw: torch.Tensor | None = None
+    prompt: _Prompt | None = None
+    positions: torch.Tensor | None = None
+    kept: list[torch.Tensor] = field(default_factory=list)  # per image, kept token ids of its span
+
+
+class VLMHandle(Handle):
+    """A :class:`Handle` exposing the family, the request and the last forward's :class:`VLMState`."""
+
+    def __init__(self, model, method, undo, *, family: str, request: VLMRequest, state: VLMState):
+        super().__init__(model, method, undo)
+        self.family, self.request, self.state = family, request, state
+
+
+def _select(method, ctx: VLMContext) -> list[torch.Tensor]:
+    """Ask the method, and enforce the kept-token contract and the exact budget for each image."""
+    for i, img in enumerate(ctx.images):
+        n = img.embeds.shape[0]
+        img.budget = int(method.vlm_budget(img, ctx.stage)) if hasattr(method, "vlm_budget") else n
+        if not 1 <= img.budget <= n:
+            raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
+                             f"[1, {n}] (its visual token count)")
+    keeps = list(method.vlm_select(ctx))
+    if len(keeps) != len(ctx.images):
+        raise ValueError(f"vlm_select returned {len(keeps)} index sets for {len(ctx.images)} images")
+    for i, (img, keep) in enumerate(zip(ctx.images, keeps)):
+        check_keep_indices(keep[None], img.embeds.shape[0], name=f"kept indices of image {i}")
+        if keep.numel() != img.budget:
+            raise ValueError(f"kept indices of image {i}: {keep.numel()} kept, budget is {img.budget}")
+    return keeps
+
+
+def _compact(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows to gather [B, L'] (kept rows right-aligned, in order) and their validity, from ``keep_mask`` [B, L]."""
+    counts = keep_mask.sum(-1)
+    width = int(counts.max())
+    order = torch.sort((~keep_mask).long(), dim=-1, stable=True).indices[:, :width]  # kept rows first, in order
+    shift = (width - counts)[:, None]  # right-align: pad slots first
+    slot = torch.arange(width, device=keep_mask.device)[None] - shift
+    valid = slot >= 0
+    index = torch.where(valid, order.gather(1, slot.clamp(min=0)), torch.zeros_like(order))
+    return index, valid
+
+
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` gathered along sequence ``dim`` with per-batch ``index`` [B, L'] (batch is the dim before)."""
+    x = x.movedim(dim, -1).movedim(dim - 1, -2)  # [..., B, L]
+    x = x.expand(*x.shape[:-2], index.shape[0], x.shape[-1])
+    out = x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
+    return out.movedim(-2, dim - 1).movedim(-1, dim)
+
+
+def _positions_like(position_ids, inputs_embeds, family):
+    """The language model's own default when ``position_ids`` is None: arange from an empty cache."""
+    B, L = inputs_embeds.shape[:2]
+    pos = torch.arange(L, device=inputs_embeds.device).expand(B, L)
+    return pos.expand(3, B, L) if family == "qwen2_5_vl" else pos
+
+
+def install_vlm(model, method) -> VLMHandle:
+    """Install ``method`` (a :class:`VLMPruner`) into a supported transformers VLM; see ``prunelab.apply``."""
+    family = require_family(model)
+    if not isinstance(method, VLMPruner):
+        raise TypeError(f"method: {type(method).__name__} has no VLM adapter (it needs vlm_select)")
+    request = method.vlm_request() if hasattr(method, "vlm_request") else VLMRequest()
+    lm = model.model.language_model
+    n_layers = len(lm.layers)
+    if request.llm_layer is not None and not 0 <= request.llm_layer < n_layers - 1:
+        raise ValueError(f"llm_layer: {request.llm_layer} must lie in [0, {n_layers - 2}] (a later layer must exist)")
+    state = VLMState()
+    undo = install_vision_hooks(model, family, request.vision_layers, request.received, request.hidden, state.stats)
+
+    def outer_pre_hook(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # a decode step on the pruned cache: the language-model hook handles it
+        if input_ids is None:
+            raise ValueError("input_ids: visual-token pruning needs input_ids to find the image spans")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if kwargs.get("pixel_values") is None and encoded is None:
+            raise ValueError("pixel_values: visual-token pruning needs images; got a text-only prompt")
+        state.grid_thw, sizes = kwargs.get("image_grid_thw"), kwargs.get("image_sizes")
+        state.spans = find_image_spans(model, family, input_ids, kwargs.get("attention_mask"), sizes, state.grid_thw,
+                                       None if encoded is None else encoded.pooler_output, kwargs.get("position_ids"))
+        if family == "qwen2_5_vl" and state.grid_thw is None:  # generate() path: t = 1 images
+            m = model.config.vision_config.spatial_merge_size
+            state.grid_thw = torch.tensor([[1, s.grid[0] * m, s.grid[1] * m] for s in state.spans])
+        if family == "llava_next" and sizes is None and any(state.stats.values()):
+            raise ValueError("image_sizes: vision statistics on LLaVA-NeXT need image_sizes in the forward call")
+        state.tiles = crops_per_image(model, family, sizes, len(state.spans))
+        return None
+
+    def clear_stats(_module, _args):
+        for per_layer in state.stats.values():  # in place: the vision hooks hold these dicts
+            per_layer.clear()
+
+    tower = model.model.visual if family == "qwen2_5_vl" else model.model.vision_tower
+    undo.append(tower.register_forward_pre_hook(clear_stats).remove)
+
+    undo.append(model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True).remove)
+
+    def prefill(kwargs):
+        from transformers import DynamicCache
+
+        spans, state.spans = state.spans, None
+        embeds = kwargs["inputs_embeds"]
+        B, L = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        valid = torch.ones(B, L, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        has_stats = any(state.stats.values())
+        stats = per_image_stats(model, family, state.stats, state.tiles, state.grid_thw) if has_stats else None
+        images = [ImageContext(s, embeds[s.sample, s.positions], torch.arange(s.num_tokens, device=embeds.device),
+                               received=stats[i]["received"] if stats else {}, hidden=stats[i]["hidden"] if stats
+                               else {}) for i, s in enumerate(spans)]
+        keeps = [img.token_ids for img in images]
+        if request.prune_projector:
+            keeps = _select(method, VLMContext(family, "projector", images, B))
+        state.kept = keeps
+        keep_mask = valid.clone()
+        for s, keep in zip(spans, keeps):
+            drop = torch.ones(s.num_tokens, dtype=torch.bool, device=embeds.device)
+            drop[keep] = False
+            keep_mask[s.sample, s.positions[drop]] = False
+        left_aligned = bool((valid.long().diff(dim=-1) >= 0).all())  # right padding is compacted like a drop
+        if bool((keep_mask == valid).all()) and request.llm_layer is None and left_aligned:
+            state.prompt = None  # nothing dropped: the model runs exactly as it would without the method
+            state.positions = torch.where(valid, torch.arange(L, device=valid.device), -1)
+            return kwargs
+        index, new_valid = _compact(keep_mask)
+        pos = kwargs.get("position_ids")
+        pos = _positions_like(pos, embeds, family) if pos is None else pos
+        two_d = pos.dim() == 2
+        pos3 = pos[None] if two_d else pos
+        new_pos = _gather_seq(pos3, index, 2)
+        # LLaVA (and Qwen's text row 0): renumber contiguously over the kept tokens, from the first one's id.
+        # Qwen's M-RoPE rows keep their ids; decoding continues from the prompt's max id + 1 (rope_deltas' rule).
+        renumber = 0 if (two_d or pos3.shape[0] == 4) else -1
+        next_pos = torch.empty(pos3.shape[:2], dtype=pos3.dtype, device=pos3.device)
+        for r in range(pos3.shape[0]):
+            if r == renumber:
+                first = torch.gather(new_pos[r], 1, new_valid.long().argmax(-1, keepdim=True))
+                new_pos[r] = torch.where(new_valid, first + new_valid.long().cumsum(-1) - 1, 0)
+                next_pos[r] = new_pos[r].masked_fill(~new_valid, -1).amax(-1) + 1
+            else:
+                next_pos[r] = pos3[r].expand(B, L).masked_fill(~valid, -1).amax(-1) + 1
+        if renumber == -1 or pos3.shape[0] == 4:  # the three M-RoPE rows share one next id, as in get_rope_index
+            next_pos[-3:] = next_pos[-3:].amax(0, keepdim=True)
+        kwargs["inputs_embeds"] = _gather_seq(embeds, index, 1)
+        kwargs["position_ids"] = new_pos[0] if two_d else new_pos
+        kwargs["attention_mask"] = new_valid.long()
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache", getattr(lm.config, "use_cache", True))
+        if cache is None and use_cache is not False:
+            cache = DynamicCache(config=lm.config)
+            kwargs["past_key_values"] = cache
+        state.prompt = _Prompt(cache, L, new_valid, next_pos, two_d, spans, index)
+        state.positions = torch.where(new_valid, index, -1)
+        return kwargs
+
+    def decode(kwargs, prompt: _Prompt):
+        embeds = kwargs["inputs_embeds"]
+        B, q = embeds.shape[:2]
+        steps = prompt.cache.get_seq_length() - prompt.valid.shape[1]
+        mask = kwargs.get("attention_mask")
+        tail = (mask[:, prompt.orig_len:].bool() if mask is not None and mask.dim() == 2
+                else torch.ones(B, steps + q, dtype=torch.bool, device=embeds.device))
+        if tail.shape[1] != steps + q:
+            raise RuntimeError(f"attention_mask: {tail.shape[1]} columns after the prompt, expected {steps + q}")
+        kwargs["attention_mask"] = torch.cat([prompt.valid, tail], dim=1).long()
+        pos = prompt.next_pos[:, :, None] + steps + torch.arange(q, device=embeds.device)  # [R, B, q]
+        kwargs["position_ids"] = pos[0] if prompt.two_d else pos
+        return kwargs
+
+    def lm_pre_hook(_module, args, kwargs):
+        if kwargs.get("inputs_embeds") is None:
+            return None
+        if state.spans is not None:
+            return args, prefill(kwargs)
+        prompt = state.prompt
+        if prompt is not None and kwargs.get("past_key_values") is prompt.cache and prompt.cache is not None:
+            return args, decode(kwargs, prompt)
+        return None
+
+    undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
+    if request.llm_layer is not None:
+        from prunelab.common.vlm_llm_layer import install_layer_hooks
+
+        undo += install_layer_hooks(model, family, method, request.llm_layer, state, _select, _compact, _gather_seq)
+
+    def remove():
+        for fn in reversed(undo):
+            fn()
+
+    return VLMHandle(model, method, remove, family=family, request=request, state=state)
