@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from prunelab.common.timing import benchmark
+from prunelab.common.timing import benchmark, check_bench_args
 from prunelab.kernels.attention_received import attention_received
 
 SHAPES = {  # name -> (B, H, N, D)
@@ -117,11 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args(argv)
-    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
-    if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
+    check_bench_args(p, args, SHAPES)
     run(args)
 
 

@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from prunelab.common.timing import benchmark
+from prunelab.common.timing import benchmark, check_bench_args
 from prunelab.kernels.max_min_diversity import cosine_distance_ref, greedy_max_min_ref, max_min_diversity_order
 
 SHAPES = {  # name -> (M, k, C)
@@ -109,11 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
-    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
-    if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
+    check_bench_args(p, args, SHAPES)
     run(args)
 
 

@@ -74,3 +74,12 @@ def benchmark(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10, de
                 fn()
                 times.append(time.perf_counter() - t0)
     return Timing(tuple(times))
+
+
+def check_bench_args(parser, args, shapes) -> None:
+    """Shared checks of the kernel benchmarks' ``--shapes`` (comma list) and ``--device`` options."""
+    unknown = [s for s in args.shapes.split(",") if s not in shapes]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; choose from {list(shapes)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
