@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from prunelab.registry import BACKBONES, METHODS
+from prunelab.registry import BACKBONES, METHODS, reproducible
 
 
 def _list() -> int:
@@ -43,7 +43,7 @@ def _parser(paper: str | None, preset: str, command: str | None = None) -> argpa
     rep = sub.add_parser("reproduce", help="run a paper's reproduction and write its table and plots",
                          description="Run a paper's reproduction. 'tiny' runs offline on a CPU in minutes; "
                                      "'full' is the paper's setting (real weights and data, GPUs).")
-    rep.add_argument("paper", choices=[m.name for m in METHODS], help="which paper")
+    rep.add_argument("paper", choices=reproducible(), help="which paper")
     rep.add_argument("--preset", choices=["tiny", "full"], default="tiny", help="tiny (default) or full")
     rep.add_argument("--out", default=None, help="output folder (default: runs/<paper>/<preset>)")
     if paper is not None and command == "reproduce":
@@ -64,7 +64,7 @@ def _peek(argv: list[str]) -> tuple[str | None, str, str | None]:
     peek.add_argument("paper", nargs="?")
     peek.add_argument("--preset", default="tiny")
     known, _ = peek.parse_known_args(argv)
-    names = {m.name for m in METHODS}
+    names = set(reproducible())
     if known.command == "calibrate" and known.paper in CALIBRATED:
         return known.paper, "tiny", "calibrate"
     ok = known.command == "reproduce" and known.paper in names and known.preset in ("tiny", "full")

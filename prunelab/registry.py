@@ -35,12 +35,43 @@ METHODS: tuple[MethodInfo, ...] = (
         classes=("FASA", "OracleTopK", "SinkRecent", "DenseDecode"),
         status="tiny on SmolLM2-135M (real weights); full preset needs the paper's models + LongBench-V1",
     ),
+    MethodInfo(
+        name="divprune",
+        paper="DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)",
+        family="VLM",
+        backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"),
+        classes=("DivPrune",),
+        status="adapters on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL (tiny models); reproduction and notebook to come",
+    ),
+    MethodInfo(
+        name="hiprune",
+        paper="HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision-Language Models "
+              "(arXiv 2508.00553)",
+        family="VLM",
+        backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"),
+        classes=("HiPrune",),
+        status="adapters on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL (tiny models); reproduction and notebook to come",
+    ),
 )
 
 BACKBONES = {
     "timm ViT": "prunelab.common.vit (blocks ask for attention statistics; others keep fused SDPA)",
     "HF decoder": "prunelab.common.decoder (registered 'prunelab' attention function + in-place KV cache)",
+    "HF VLM": "prunelab.common.vlm (hooks after the projector / in the vision tower; LLaVA-1.5, NeXT, Qwen2.5-VL)",
 }
+
+
+def reproducible() -> list[str]:
+    """Methods that have a reproduction (``prunelab.reproductions.<name>.run``), in table order."""
+    import importlib.util
+
+    def has_run(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(f"prunelab.reproductions.{name}.run") is not None
+        except ModuleNotFoundError:  # no reproductions/<name> package at all
+            return False
+
+    return [m.name for m in METHODS if has_run(m.name)]
 
 
 def get(name: str) -> MethodInfo:

@@ -1,14 +1,16 @@
 """HiPrune (Liu et al., arXiv 2508.00553): training-free visual token pruning from hierarchical attention.
 
-The method object holds the paper's hyperparameters. It knows no model yet: the VLM seam (reading
-the two encoder blocks' attention and gathering the kept image features) is added by a later change.
+The method object holds the paper's hyperparameters and implements the VLM seam (:mod:`prunelab.common.vlm`):
+it asks for the attention received at its two encoder blocks, maps it onto each image's token grid
+(``vlm.py``) and keeps ``hiprune_select``'s tokens of the projected features, before LLM layer 0.
 Official code: ``Danielement321/HiPrune`` (MIT), compared at commit 6e83a12; see README.md for what differs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import torch
@@ -18,7 +20,12 @@ from prunelab.methods.hiprune.selection import (
     DEFAULT_ANCHOR_RATIO,
     HiPrunePartition,
     hiprune_partition,
+    hiprune_select,
 )
+from prunelab.methods.hiprune.vlm import anyres_grids_of, image_regions, split_budget
+
+FAMILY_ENCODER = MappingProxyType({"llava": "clip", "llava_next": "clip", "qwen2_5_vl": "qwen2_5_vl"})
+"""The vision-encoder family of each VLM family the seam supports."""
 
 ENCODER_BLOCKS = MappingProxyType({
     # 0-based block indices (object layer, deep layer); negative counts from the end. Card §3.
@@ -54,6 +61,12 @@ class HiPrune:
             the family default: CLIP -2 (LLaVA's feature layer), Qwen2.5-VL -1 (the last block).
         official_quirks: reproduce the official code's anchor and budget rounding and its flat-index
             neighbours (wrap across rows, clamp at the top and bottom; card §5.1). README.md lists each.
+        keep_newlines: LLaVA-NeXT only. N' counts patch tokens (base tile + unpadded crops); the
+            ``image_newline`` tokens are dropped (False, like the official "spatial" merge, which has none;
+            card §2) or all kept on top of N' (True, so N' = all patches reproduces the dense model).
+        anyres_grids: LLaVA-NeXT only, the tile grids (rows, cols) of the model's ``image_grid_pinpoints``,
+            used to place crop statistics on the image grid; filled by :meth:`for_model`. None: inferred
+            from the span alone, which raises if two grids fit.
     """
 
     budget: int | float = 192
@@ -62,6 +75,8 @@ class HiPrune:
     object_block: int | None = None
     deep_block: int | None = None
     official_quirks: bool = False
+    keep_newlines: bool = False
+    anyres_grids: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         b = self.budget
@@ -80,8 +95,48 @@ class HiPrune:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"{name} must be an int block index or None, got {v!r}")
-        if not isinstance(self.official_quirks, bool):
-            raise ValueError(f"official_quirks must be a bool, got {self.official_quirks!r}")
+        for name in ("official_quirks", "keep_newlines"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        g = self.anyres_grids
+        if g is not None and not (isinstance(g, tuple) and all(
+                isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v >= 1 for v in p) for p in g)):
+            raise ValueError(f"anyres_grids must be None or a tuple of (rows, cols) int pairs, got {g!r}")
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> HiPrune:
+        """HiPrune for a transformers LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL ``model``, blocks made 0-based.
+
+        The seam's ``vlm_request()`` sees no model, so negative blocks (the family defaults) are resolved
+        here against the encoder's depth. CLIP's deep block follows the model's ``vision_feature_layer``
+        (the card's "LLaVA feature layer": ``hidden_states[l]`` is the output of block ``l - 1``).
+        Qwen2.5-VL blocks must be full-attention blocks: at window blocks the received attention is local.
+        """
+        from prunelab.common.vlm_layout import require_family
+        from prunelab.common.vlm_vision import vision_layers
+
+        family = require_family(model)
+        encoder = kwargs.pop("encoder", FAMILY_ENCODER[family])
+        if encoder != FAMILY_ENCODER[family]:
+            raise ValueError(f"encoder: {encoder!r} does not match the model ({family} uses "
+                             f"{FAMILY_ENCODER[family]!r})")
+        depth = len(vision_layers(model, family))
+        method = cls(encoder=encoder, **kwargs)
+        obj, deep = method.blocks
+        layer = getattr(model.config, "vision_feature_layer", None)
+        if method.deep_block is None and encoder == "clip" and isinstance(layer, int):
+            deep = layer % (depth + 1) - 1
+        resolved = {}
+        for name, b in (("object_block", obj), ("deep_block", deep)):
+            if not -depth <= b < depth:
+                raise ValueError(f"{name}: block {b} outside the vision encoder's {depth} blocks")
+            resolved[name] = b % depth
+            full = getattr(model.config.vision_config, "fullatt_block_indexes", None)
+            if family == "qwen2_5_vl" and full is not None and resolved[name] not in full:
+                raise ValueError(f"{name}: block {resolved[name]} of Qwen2.5-VL's vision encoder uses window "
+                                 f"attention, so its received attention is local; use one of {list(full)}")
+        grids = anyres_grids_of(model) if family == "llava_next" else None
+        return replace(method, anyres_grids=grids, **resolved)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -123,3 +178,44 @@ class HiPrune:
                valid: torch.Tensor | None = None) -> torch.Tensor:
         """Kept indices [B, N'] (int64, sorted, unique) for [B, N] object- and deep-block scores."""
         return self.partition(mid_scores, deep_scores, grid, valid).keep
+
+    # --- VLM seam (prunelab.common.vlm) ---
+
+    def vlm_request(self):
+        """Received attention at the object and deep blocks; prune after the projector."""
+        from prunelab.common.vlm import VLMRequest
+
+        for name, b in zip(("object_block", "deep_block"), self.blocks):
+            if b < 0:
+                raise ValueError(f"{name}: block {b} counts from the end, which the VLM seam cannot resolve "
+                                 "without the model; use HiPrune.for_model(model, ...) or a 0-based index")
+        return VLMRequest(vision_layers=tuple(sorted(set(self.blocks))), received=True)
+
+    def _patch_budget(self, span) -> int:
+        """N' of one image: its patch tokens (NeXT newlines excluded) give the count a ratio applies to."""
+        newlines = 0 if span.newline is None else int(span.newline.sum())
+        return self.budget_for(span.num_tokens - newlines)
+
+    def vlm_budget(self, image, stage: str) -> int:
+        """Tokens the seam keeps for ``image``: N', plus the NeXT newlines when ``keep_newlines``."""
+        span = image.span
+        extra = int(span.newline.sum()) if self.keep_newlines and span.newline is not None else 0
+        return self._patch_budget(span) + extra
+
+    def vlm_select(self, ctx) -> Sequence[torch.Tensor]:
+        """Per image: HiPrune on each region of its grid (NeXT: base tile, then the unpadded crops)."""
+        if FAMILY_ENCODER.get(ctx.family) != self.encoder:
+            raise ValueError(f"encoder: {self.encoder!r} does not match the model family {ctx.family!r}; use "
+                             "HiPrune.for_model(model, ...)")
+        keeps = []
+        for img in ctx.images:
+            regions = image_regions(ctx.family, img.span, img.received, self.blocks, self.anyres_grids)
+            tiles = next(iter(img.received.values())).shape[0] if ctx.family == "llava_next" else 1
+            budgets = split_budget(self._patch_budget(img.span), [r.index.numel() for r in regions], tiles)
+            parts = [r.index[hiprune_select(r.mid[None], r.deep[None], r.grid, b, anchor_ratio=self.anchor_ratio,
+                                            official_quirks=self.official_quirks)[0]]
+                     for r, b in zip(regions, budgets) if b > 0]
+            if self.keep_newlines and img.span.newline is not None:
+                parts.append(img.span.newline.to(img.token_ids.device).nonzero().flatten())
+            keeps.append(torch.cat(parts).sort().values)
+        return keeps

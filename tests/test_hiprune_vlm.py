@@ -1,0 +1,194 @@
+"""HiPrune through the VLM seam on tiny random LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunelab
+from prunelab.common.apply import UnsupportedModelError
+from prunelab.common.tiny_vlm import FAMILIES, sample_inputs, tiny_inputs, tiny_vlm
+from prunelab.common.vlm import install_vlm
+from prunelab.methods.hiprune import HiPrune, hiprune_select
+from prunelab.methods.hiprune.vlm import next_crop_grid
+
+RAGGED = [1, 2]
+OBJECT_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}  # tiny towers: 3 CLIP blocks; Qwen full blocks 1, 3
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, tiny_vlm(request.param)
+
+
+def _method(model, family, **kw):
+    return HiPrune.for_model(model, object_block=OBJECT_BLOCK[family], **kw)
+
+
+class Recorder:
+    """Delegates to a method and keeps the contexts the seam gave it (the statistics it selected on)."""
+
+    def __init__(self, method):
+        self.method, self.ctx = method, None
+
+    def vlm_request(self):
+        return self.method.vlm_request()
+
+    def vlm_budget(self, image, stage):
+        return self.method.vlm_budget(image, stage)
+
+    def vlm_select(self, ctx):
+        self.ctx = ctx
+        return self.method.vlm_select(ctx)
+
+
+def _expected_next(model, method, img, size):
+    """HiPrune on a NeXT image, placed with the true tile grid from ``image_sizes`` (independent of the
+    adapter's inference) and ``unpad_image`` applied to the score maps themselves."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    v = model.config.vision_config
+    side = v.image_size // v.patch_size
+    rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, v.image_size)
+    obj, deep = method.blocks
+    maps = [img.received[b][1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
+            for b in (obj, deep)]
+    mid, dp = (unpad_image(m, torch.tensor(size))[0] for m in maps)
+    ur, uc = mid.shape
+    tiles = rows * cols + 1
+    n_patch = side * side + ur * uc
+    budget = method.budget if isinstance(method.budget, int) else round(method.budget * n_patch)
+    base_k = budget // tiles  # the official per-crop share for the base tile, the rest to the crops
+    keep = [hiprune_select(img.received[obj][:1], img.received[deep][:1], (side, side), base_k)[0]] if base_k else []
+    crop = hiprune_select(mid.reshape(1, -1), dp.reshape(1, -1), (ur, uc), budget - base_k)[0]
+    keep.append(side * side + (crop // uc) * (uc + 1) + crop % uc)
+    return torch.cat(keep).sort().values
+
+
+def test_keep_all_is_dense(family_model):
+    family, model = family_model
+    x = tiny_inputs(model, family, RAGGED, padding_side="left")
+    with torch.no_grad():
+        dense = model(**x).logits
+        with prunelab.apply(model, _method(model, family, budget=1.0, keep_newlines=True)) as h:
+            kept = model(**x).logits
+    torch.testing.assert_close(kept, dense, atol=1e-5, rtol=0)
+    assert all(torch.equal(k, torch.arange(k.numel())) for k in h.state.kept)
+
+
+@pytest.mark.parametrize("budget", [3, 0.4])
+def test_kept_set_is_hiprune_select(family_model, budget):
+    family, model = family_model
+    x = tiny_inputs(model, family, RAGGED, padding_side="right")
+    method = _method(model, family, budget=budget)
+    rec = Recorder(method)
+    with torch.no_grad(), install_vlm(model, rec) as h:
+        model(**x)
+    obj, deep = method.blocks
+    assert obj != deep and len(h.state.kept) == len(rec.ctx.images) == 3
+    for i, (img, kept) in enumerate(zip(rec.ctx.images, h.state.kept)):
+        span = img.span
+        if family == "llava_next":
+            expected = _expected_next(model, method, img, x["image_sizes"][i].tolist())
+            n_patch = span.num_tokens - int(span.newline.sum())
+            assert not span.newline[kept].any()  # newlines dropped by default
+        else:
+            g = img.received  # LLaVA: [1, P]; Qwen: [N] per merged token
+            mid, dp = (g[b].reshape(1, -1) for b in (obj, deep))
+            n_patch = span.num_tokens
+            k = budget if isinstance(budget, int) else round(budget * n_patch)
+            expected = hiprune_select(mid, dp, span.grid, k)[0]
+        k = budget if isinstance(budget, int) else round(budget * n_patch)
+        assert kept.dtype == torch.int64 and kept.numel() == k and bool((kept[1:] > kept[:-1]).all())
+        assert torch.equal(kept, expected)
+    tok = model.config.image_token_id
+    for b in range(2):  # text untouched, in order
+        pos = h.state.positions[b][h.state.positions[b] >= 0]
+        ids, valid = x["input_ids"][b], x["attention_mask"][b].bool()
+        assert torch.equal(pos[ids[pos] != tok], ((ids != tok) & valid).nonzero().flatten())
+
+
+def test_next_keep_newlines_keeps_every_newline():
+    model = tiny_vlm("llava_next")
+    x = tiny_inputs(model, "llava_next", RAGGED)
+    rec = Recorder(_method(model, "llava_next", budget=4, keep_newlines=True))
+    with torch.no_grad(), install_vlm(model, rec) as h:
+        model(**x)
+    for img, kept in zip(rec.ctx.images, h.state.kept):
+        nl = img.span.newline
+        assert kept.numel() == 4 + int(nl.sum()) and bool(nl[kept].sum() == nl.sum())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_generate_batch_matches_per_sample(family_model, side):
+    family, model = family_model
+    x = tiny_inputs(model, family, RAGGED, padding_side=side)
+    with prunelab.apply(model, _method(model, family, budget=3)):
+        if family == "llava_next":
+            # Seam limitation: generate() pops image_sizes before the forward, and the seam refuses vision
+            # statistics on NeXT without them (README.md, "Adapter"). Asserted so a seam fix shows up here.
+            with pytest.raises(ValueError, match="image_sizes"):
+                _gen(model, x)
+            return
+        batch = _gen(model, x)
+        singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+        pruned_last = model(**x).logits[:, -1]
+    assert torch.equal(batch, singles)
+    with torch.no_grad():
+        assert not torch.allclose(pruned_last, model(**x).logits[:, -1], atol=1e-3)
+
+
+@torch.no_grad()
+def _gen(model, inputs, n=5):
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)[:, -n:]
+
+
+def test_for_model_resolves_blocks():
+    llava, qwen = tiny_vlm("llava"), tiny_vlm("qwen2_5_vl")
+    m = HiPrune.for_model(llava, object_block=0)
+    assert m.blocks == (0, 1) and m.encoder == "clip"  # vision_feature_layer=-2 of 3 blocks -> block 1
+    assert HiPrune.for_model(qwen, object_block=1).blocks == (1, 3)  # the last block
+    with pytest.raises(ValueError, match="object_block: block 8"):  # the paper's layer 9 on a 3-block tower
+        HiPrune.for_model(llava)
+    with pytest.raises(ValueError, match="object_block: block 0 .* window"):
+        HiPrune.for_model(qwen, object_block=0)
+    with pytest.raises(ValueError, match="encoder"):
+        HiPrune.for_model(llava, encoder="qwen2_5_vl")
+    with pytest.raises(ValueError, match="deep_block: block -2"):
+        HiPrune(budget=4, object_block=0).vlm_request()
+
+
+def test_next_crop_grid():
+    assert next_crop_grid(5, 4, (4, 8), ((1, 2), (2, 1), (2, 2))) == (2, 2)
+    assert next_crop_grid(3, 4, (4, 4), ((1, 2), (2, 1), (2, 2))) == (1, 2)  # tie: first pinpoint
+    with pytest.raises(ValueError, match="image_sizes"):  # 1x2 and 2x1 both unpad to 4x4
+        next_crop_grid(3, 4, (4, 4))
+
+
+def test_bad_inputs(family_model):
+    family, model = family_model
+    for kwargs, name in ((dict(budget=0), "budget"), (dict(budget=1.5), "budget"),
+                         (dict(keep_newlines=1), "keep_newlines"), (dict(anyres_grids=((0, 1),)), "anyres_grids")):
+        with pytest.raises(ValueError, match=name):
+            HiPrune(**kwargs)
+    x = tiny_inputs(model, family, RAGGED)
+    with install_vlm(model, _method(model, family, budget=10_000)), pytest.raises(ValueError, match="budget 10000"):
+        model(**x)
+    text = tiny_inputs(model, family, [0, 0])
+    with install_vlm(model, _method(model, family)), pytest.raises(ValueError, match="input_ids|pixel_values"):
+        model(**text)
+    wrong = HiPrune(budget=3, encoder="qwen2_5_vl" if family != "qwen2_5_vl" else "clip", object_block=1,
+                    deep_block=1)
+    with install_vlm(model, wrong), pytest.raises(ValueError, match="encoder"):
+        model(**x)
+
+
+def test_unsupported_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(UnsupportedModelError, match="model:"):
+        HiPrune.for_model(llama)
+    with pytest.raises(UnsupportedModelError, match="model:"):
+        install_vlm(llama, HiPrune(object_block=0, deep_block=0))
