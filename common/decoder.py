@@ -253,14 +253,11 @@ def attend_selected(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     per_query_head = index.shape[1] == hq and g > 1
     flat = index.reshape(B, hkv, g * n) if per_query_head else index  # rows of each query head's kv head
     k_sel, v_sel = gather_rows(keys, flat), gather_rows(values, flat)
-    if per_query_head:  # [B, Hkv, g, N, d]: query head h reads its own rows
-        q = query.view(B, hkv, g, 1, d)
-        k_sel, v_sel = k_sel.view(B, hkv, g, n, d), v_sel.view(B, hkv, g, n, d)
-    else:  # [B, Hkv, N, d] shared by the g query heads
-        q = query.view(B, hkv, g, d)
-    logits = torch.matmul(q, k_sel.transpose(-1, -2)).float() * scaling  # [B, Hkv, g, (1,) N]
-    if keep is not None:
-        mask = keep.view(B, hkv, g, 1, n) if per_query_head else keep.view(B, hkv, 1, n)
-        logits = logits.masked_fill(~mask, float("-inf"))
-    out = torch.matmul(torch.softmax(logits, dim=-1).to(values.dtype), v_sel)
+    if per_query_head:  # [B, Hq, N, d]: query head h reads its own rows
+        k_sel, v_sel = k_sel.view(B, hq, n, d), v_sel.view(B, hq, n, d)
+        mask = None if keep is None else keep.view(B, hq, 1, n)
+    else:  # [B, Hkv, N, d] shared by the g query heads of each key/value head
+        mask = None if keep is None else keep.view(B, hkv, 1, n).repeat_interleave(g, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k_sel, v_sel, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=not per_query_head)
     return out.reshape(B, hq, 1, d)
