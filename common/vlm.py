@@ -21,13 +21,21 @@ forward on that same cache object the pre-hook rewrites
   continues from ``max(id) + 1``, as ``get_rope_index``'s ``rope_deltas`` would. Deriving positions from the
   state, not from generate's counter, also makes right-padded prompts decode like unpadded ones.
 
+LLaVA-NeXT under generate(): ``_prepare_multimodal_encoder_kwargs_for_generation`` runs
+``model.model.get_image_features`` before the first forward and pops ``image_sizes`` from the forward's kwargs, yet
+the tile grids (and so the per-tile vision statistics) are only defined by them. The seam wraps that method as an
+instance attribute of ``model.model`` (generate finds it through ``base_model``; ``functools.wraps`` keeps the
+signature it reads the argument names from) to record the sizes beside the output object they produced; the outer
+pre-hook uses them when the forward receives that same object. The handle deletes the attribute again.
+
 Layers after K (hook (c)) get their own mask and gathered rotary embeddings through pre-hooks, since their cache
 is shorter than the earlier layers'. Nothing is patched: hooks and instance attributes only, removed by the handle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,7 +54,8 @@ class VLMRequest:
     """What a method needs from the model.
 
     Attributes:
-        vision_layers: 0-based vision-encoder layers whose statistics the method reads (hook a).
+        vision_layers: vision-encoder layers whose statistics the method reads (hook a); 0-based, or negative to
+            count from the end (statistics are keyed by the index as given).
         received: mean attention received per patch at ``vision_layers``.
         hidden: hidden states at ``vision_layers``.
         prune_projector: select after the projector (hook b).
@@ -65,7 +74,7 @@ class ImageContext:
     """One image as a method sees it at one hook point.
 
     Attributes:
-        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grid and NeXT newlines.
+        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grids and NeXT newlines.
         embeds: [N, C] the image's visual tokens at this stage (projected embeddings at hook b, the hidden
             states of its remaining tokens after layer K at hook c).
         token_ids: [N] which of the span's original tokens these rows are (arange at hook b).
@@ -135,6 +144,7 @@ class VLMState:
     prompt: _Prompt | None = None
     positions: torch.Tensor | None = None
     kept: list[torch.Tensor] = field(default_factory=list)  # per image, kept token ids of its span
+    encoded: tuple[Any, torch.Tensor] | None = None  # NeXT: (get_image_features output, its image_sizes)
 
 
 class VLMHandle(Handle):
@@ -190,6 +200,30 @@ def _positions_like(position_ids, inputs_embeds, family):
     return pos.expand(3, B, L) if family == "qwen2_5_vl" else pos
 
 
+def _record_image_sizes(base, state: VLMState) -> Callable[[], None]:
+    """Wrap ``base.get_image_features`` (an instance attribute) to keep the ``image_sizes`` generate() drops."""
+    name = "get_image_features"
+    before = vars(base).get(name)  # normally absent: the class method is what runs
+    original = getattr(base, name)
+
+    @functools.wraps(original)
+    def get_image_features(*args, **kwargs):
+        out = original(*args, **kwargs)
+        state.encoded = (out, kwargs["image_sizes"] if "image_sizes" in kwargs else args[1])
+        return out
+
+    object.__setattr__(base, name, get_image_features)
+
+    def undo():
+        if before is None:
+            vars(base).pop(name, None)
+        else:
+            object.__setattr__(base, name, before)
+        state.encoded = None
+
+    return undo
+
+
 def install_vlm(model, method) -> VLMHandle:
     """Install ``method`` (a :class:`VLMPruner`) into a supported transformers VLM; see ``prunelab.apply``."""
     family = require_family(model)
@@ -214,6 +248,9 @@ def install_vlm(model, method) -> VLMHandle:
         if kwargs.get("pixel_values") is None and encoded is None:
             raise ValueError("pixel_values: visual-token pruning needs images; got a text-only prompt")
         state.grid_thw, sizes = kwargs.get("image_grid_thw"), kwargs.get("image_sizes")
+        if sizes is None and encoded is not None and state.encoded is not None and state.encoded[0] is encoded:
+            sizes = state.encoded[1]  # generate() encoded these images and dropped image_sizes: the recorded ones
+        state.encoded = None  # consumed: an output from an earlier call must never be matched to a later one
         state.spans = find_image_spans(model, family, input_ids, kwargs.get("attention_mask"), sizes, state.grid_thw,
                                        None if encoded is None else encoded.pooler_output, kwargs.get("position_ids"))
         if family == "qwen2_5_vl" and state.grid_thw is None:  # generate() path: t = 1 images
@@ -232,11 +269,14 @@ def install_vlm(model, method) -> VLMHandle:
     undo.append(tower.register_forward_pre_hook(clear_stats).remove)
 
     undo.append(model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True).remove)
+    if family == "llava_next":
+        undo.append(_record_image_sizes(model.model, state))
 
     def prefill(kwargs):
         from transformers import DynamicCache
 
         spans, state.spans = state.spans, None
+        state.encoded = None  # a forward with pixel_values recorded its own encoding after the outer pre-hook
         embeds = kwargs["inputs_embeds"]
         B, L = embeds.shape[:2]
         mask = kwargs.get("attention_mask")

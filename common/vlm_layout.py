@@ -60,6 +60,9 @@ class ImageSpan:
             merged grid ``(t * h / m, w / m)`` (Qwen2.5-VL).
         newline: bool [N], True at NeXT's ``image_newline`` tokens (``None`` for the other families).
         base_tokens: tokens of the base (global) tile at the start of a NeXT span; N for the other families.
+        tiles: NeXT only, (rows, cols) of the crop-tile grid ``get_anyres_image_grid_shape`` picked for the image
+            (the unpadded grid is cut from ``rows * side x cols * side``); ``None`` for the other families, and
+            for NeXT spans located from pre-encoded features without ``image_sizes`` (the grid is then unknown).
     """
 
     sample: int
@@ -68,6 +71,7 @@ class ImageSpan:
     grid: tuple[int, int]
     newline: torch.Tensor | None
     base_tokens: int
+    tiles: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -78,8 +82,8 @@ def image_token_id(model) -> int:
     return int(model.config.image_token_id)
 
 
-def _next_layout(model, size) -> tuple[int, int, int, int]:
-    """(side, tile rows, unpadded rows, unpadded cols) of one NeXT image of ``size`` (H, W)."""
+def _next_layout(model, size) -> tuple[int, tuple[int, int], int, int]:
+    """(side, (tile rows, tile cols), unpadded rows, unpadded cols) of one NeXT image of ``size`` (H, W)."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     v = model.config.vision_config
@@ -88,11 +92,11 @@ def _next_layout(model, size) -> tuple[int, int, int, int]:
     rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, v.image_size)
     # unpad_image only reads the shape, so a 1-channel dummy gives the same crop as the real features.
     unpadded = unpad_image(torch.zeros(1, rows * side, cols * side), torch.tensor(size))
-    return side, rows, unpadded.shape[1], unpadded.shape[2]
+    return side, (rows, cols), unpadded.shape[1], unpadded.shape[2]
 
 
 def image_layouts(model, family: str, image_sizes=None, image_grid_thw=None, n_images: int | None = None):
-    """Per image: (token count, grid, newline mask or None, base tokens)."""
+    """Per image: (token count, grid, newline mask or None, base tokens, NeXT tile grid or None)."""
     out = []
     if family == "qwen2_5_vl":
         if image_grid_thw is None:
@@ -100,24 +104,24 @@ def image_layouts(model, family: str, image_sizes=None, image_grid_thw=None, n_i
         m = model.config.vision_config.spatial_merge_size
         for t, h, w in image_grid_thw.tolist():
             n = t * h * w // (m * m)
-            out.append((n, (t * h // m, w // m), None, n))
+            out.append((n, (t * h // m, w // m), None, n, None))
         return out
     v = model.config.vision_config
     side = v.image_size // v.patch_size
     strategy = model.config.vision_feature_select_strategy
     if family == "llava":
         n = side * side + (1 if strategy == "full" else 0)
-        return [(n, (side, side), None, n)] * int(n_images or 0)
+        return [(n, (side, side), None, n, None)] * int(n_images or 0)
     if image_sizes is None:
         raise ValueError("image_sizes: LLaVA-NeXT needs the image sizes to locate image spans")
     if strategy != "default":
         raise UnsupportedModelError("model: LLaVA-NeXT with vision_feature_select_strategy='full' is not supported")
     for size in image_sizes.tolist():
-        _, _, ur, uc = _next_layout(model, size)
+        _, tiles, ur, uc = _next_layout(model, size)
         base = side * side
         newline = torch.zeros(base + ur * (uc + 1), dtype=torch.bool)
         newline[base + uc::uc + 1] = True  # pack_image_features appends image_newline after each unpadded row
-        out.append((int(newline.numel()), (side, side), newline, base))
+        out.append((int(newline.numel()), (side, side), newline, base, tiles))
     return out
 
 
@@ -133,9 +137,9 @@ def layouts_from_features(model, family: str, features, position_ids=None) -> li
             v = model.config.vision_config
             side = v.image_size // v.patch_size
             newline = (f == model.model.image_newline.to(f)).all(-1)
-            out.append((n, (side, side), newline, side * side))
+            out.append((n, (side, side), newline, side * side, None))
         else:
-            out.append((n, None, None, n))
+            out.append((n, None, None, n, None))
     return out
 
 
@@ -170,7 +174,7 @@ def find_image_spans(model, family: str, input_ids: torch.Tensor, attention_mask
         pos = is_image[b].nonzero().flatten()
         start = 0
         while start < pos.numel():
-            n, grid, newline, base = layouts[i]
+            n, grid, newline, base, tiles = layouts[i]
             if start + n > pos.numel():
                 raise ValueError(f"input_ids: image {i} of sample {b} has fewer image tokens than its {n} features")
             where = pos[start:start + n]
@@ -178,7 +182,7 @@ def find_image_spans(model, family: str, input_ids: torch.Tensor, attention_mask
                 hw = position_ids[-2:, b, where] if position_ids is not None and position_ids.dim() == 3 else None
                 side = int(n ** 0.5)
                 grid = tuple(int(r.max() - r.min()) + 1 for r in hw) if hw is not None else (side, n // side)
-            spans.append(ImageSpan(b, i, where, grid, newline, base))
+            spans.append(ImageSpan(b, i, where, grid, newline, base, tiles))
             start, i = start + n, i + 1
     return spans
 

@@ -40,10 +40,12 @@ def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.
                                       **kwargs)
     from prunelab.kernels.attention_received import attention_received
 
-    store, layer = sink
+    store, layers = sink
     out, received = attention_received(query, key, value, scale=scaling)
     # [B, H, Nk] column sums over queries -> mean over queries and heads (HiPrune's g^l).
-    store.setdefault(layer, []).append(received.mean(dim=1) / query.shape[2])
+    g = received.mean(dim=1) / query.shape[2]
+    for layer in layers:
+        store.setdefault(layer, []).append(g)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -66,11 +68,17 @@ def vision_layers(model, family: str) -> list:
 
 def install_vision_hooks(model, family: str, layers, received: bool, hidden: bool, store: dict) -> list:
     """Install the requested statistics at ``layers``; returns undo callables. ``store`` fills per forward:
-    ``store["received"][layer]`` (list of per-call tensors) and ``store["hidden"][layer]``."""
+    ``store["received"][layer]`` (list of per-call tensors) and ``store["hidden"][layer]``.
+
+    A negative layer counts from the end (``layer + depth``, as Python indexing): the request carries no model, so
+    methods can ask for "the last block" before they see one. Statistics stay keyed by the layer as requested, so
+    ``-1`` and ``depth - 1`` may both be asked for and each finds its own entry.
+    """
     blocks = vision_layers(model, family)
-    bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
+    depth = len(blocks)
+    bad = [layer for layer in layers if not -depth <= layer < depth]
     if bad:
-        raise ValueError(f"vision_layers: {bad} outside the vision encoder's {len(blocks)} layers")
+        raise ValueError(f"vision_layers: {bad} outside the vision encoder's {depth} layers")
     undo = []
     hidden_store = store.setdefault("hidden", {})
     if hidden:
@@ -78,16 +86,20 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
             hidden_store[layer] = output[0] if isinstance(output, tuple) else output
 
         for layer in layers:
-            undo.append(blocks[layer].register_forward_hook(lambda m, a, o, _l=layer: grab(_l, m, a, o)).remove)
+            hook = blocks[layer % depth].register_forward_hook(lambda m, a, o, _l=layer: grab(_l, m, a, o))
+            undo.append(hook.remove)
     if received:
         _register()
         config = blocks[0].attn.config if family == "qwen2_5_vl" else blocks[0].self_attn.config
         previous = config._attn_implementation
         config._attn_implementation_internal = VISION_ATTN_NAME
         sink = store.setdefault("received", {})
+        keys: dict[int, list[int]] = {}  # resolved block -> the requested keys it reports under
         for layer in layers:
-            attn = blocks[layer].attn if family == "qwen2_5_vl" else blocks[layer].self_attn
-            attn._prunelab_vlm_sink = (sink, layer)
+            keys.setdefault(layer % depth, []).append(layer)
+        for block, names in keys.items():
+            attn = blocks[block].attn if family == "qwen2_5_vl" else blocks[block].self_attn
+            attn._prunelab_vlm_sink = (sink, tuple(dict.fromkeys(names)))
             undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_sink"))
         undo.append(lambda: setattr(config, "_attn_implementation_internal", previous))
     return undo

@@ -10,7 +10,6 @@ from prunelab.common.apply import UnsupportedModelError
 from prunelab.common.tiny_vlm import FAMILIES, sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import install_vlm
 from prunelab.methods.hiprune import HiPrune, hiprune_select
-from prunelab.methods.hiprune.vlm import next_crop_grid
 
 RAGGED = [1, 2]
 OBJECT_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}  # tiny towers: 3 CLIP blocks; Qwen full blocks 1, 3
@@ -123,14 +122,17 @@ def test_next_keep_newlines_keeps_every_newline():
 def test_generate_batch_matches_per_sample(family_model, side):
     family, model = family_model
     x = tiny_inputs(model, family, RAGGED, padding_side=side)
-    with prunelab.apply(model, _method(model, family, budget=3)):
-        if family == "llava_next":
-            # Seam limitation: generate() pops image_sizes before the forward, and the seam refuses vision
-            # statistics on NeXT without them (README.md, "Adapter"). Asserted so a seam fix shows up here.
-            with pytest.raises(ValueError, match="image_sizes"):
-                _gen(model, x)
-            return
+    with prunelab.apply(model, _method(model, family, budget=3)) as h:
+        # NeXT: generate() pops image_sizes before the forward; the seam recovers them from its
+        # get_image_features wrapper, so the crop statistics are placed on the true tile grids.
         batch = _gen(model, x)
+        if family == "llava_next":
+            from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+            size = model.config.vision_config.image_size
+            grids = [tuple(get_anyres_image_grid_shape(s, model.config.image_grid_pinpoints, size))
+                     for s in x["image_sizes"].tolist()]
+            assert [s.tiles for s in h.state.prompt.spans] == grids
         singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
         pruned_last = model(**x).logits[:, -1]
     assert torch.equal(batch, singles)
@@ -154,21 +156,30 @@ def test_for_model_resolves_blocks():
         HiPrune.for_model(qwen, object_block=0)
     with pytest.raises(ValueError, match="encoder"):
         HiPrune.for_model(llava, encoder="qwen2_5_vl")
-    with pytest.raises(ValueError, match="deep_block: block -2"):
-        HiPrune(budget=4, object_block=0).vlm_request()
 
 
-def test_next_crop_grid():
-    assert next_crop_grid(5, 4, (4, 8), ((1, 2), (2, 1), (2, 2))) == (2, 2)
-    assert next_crop_grid(3, 4, (4, 4), ((1, 2), (2, 1), (2, 2))) == (1, 2)  # tie: first pinpoint
-    with pytest.raises(ValueError, match="image_sizes"):  # 1x2 and 2x1 both unpad to 4x4
-        next_crop_grid(3, 4, (4, 4))
+def test_negative_blocks_without_for_model(family_model):
+    """The seam resolves the negative default deep block itself: same kept tokens as for_model's 0-based one."""
+    family, model = family_model
+    x = tiny_inputs(model, family, RAGGED)
+    encoder = "qwen2_5_vl" if family == "qwen2_5_vl" else "clip"
+    plain = HiPrune(budget=3, encoder=encoder, object_block=OBJECT_BLOCK[family])
+    assert plain.blocks[1] < 0
+    with torch.no_grad():
+        with prunelab.apply(model, plain) as h:
+            model(**x)
+            kept = h.state.kept
+        with prunelab.apply(model, _method(model, family, budget=3)) as h:
+            model(**x)
+            assert all(torch.equal(a, b) for a, b in zip(kept, h.state.kept))
+    with pytest.raises(ValueError, match=r"vision_layers: \[-9\]"):  # checked at install, before any hook
+        install_vlm(model, HiPrune(budget=3, encoder=encoder, object_block=-9))
 
 
 def test_bad_inputs(family_model):
     family, model = family_model
     for kwargs, name in ((dict(budget=0), "budget"), (dict(budget=1.5), "budget"),
-                         (dict(keep_newlines=1), "keep_newlines"), (dict(anyres_grids=((0, 1),)), "anyres_grids")):
+                         (dict(keep_newlines=1), "keep_newlines")):
         with pytest.raises(ValueError, match=name):
             HiPrune(**kwargs)
     x = tiny_inputs(model, family, RAGGED)

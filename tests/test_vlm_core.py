@@ -214,3 +214,53 @@ def test_unsupported_model_and_remove():
         h.remove()
         after = model(**x).logits
     assert torch.equal(before, after) and model.config.vision_config._attn_implementation == "sdpa"
+
+
+class NegativeStats(EveryOther):
+    """Asks for the last vision block twice, as -1 and as its 0-based index, with hidden states and received."""
+
+    def vlm_request(self):
+        return VLMRequest(vision_layers=(-1, self.last), received=True, hidden=True)
+
+
+def test_negative_vision_layers_keep_their_keys(family_model):
+    family, model = family_model
+    from prunelab.common.vlm_vision import vision_layers
+
+    m = NegativeStats()
+    m.last = len(vision_layers(model, family)) - 1
+    x = tiny_inputs(model, family, RAGGED)
+    with torch.no_grad(), install_vlm(model, m):
+        model(**x)
+    for img in m.seen[0].images:
+        assert set(img.received) == set(img.hidden) == {-1, m.last}
+        assert torch.equal(img.received[-1], img.received[m.last])
+        assert torch.equal(img.hidden[-1], img.hidden[m.last])
+    far = NegativeStats()
+    far.last = -99
+    with pytest.raises(ValueError, match=r"vision_layers: \[-99\]"):
+        install_vlm(model, far)
+
+
+def test_next_generate_with_vision_stats_and_remove():
+    """generate() drops image_sizes on NeXT; the seam's get_image_features wrapper recovers them, exactly."""
+    model = tiny_vlm("llava_next")
+    x = tiny_inputs(model, "llava_next", RAGGED, padding_side="left")
+    with torch.no_grad():
+        before = model(**x).logits
+    m = EveryOther(vision=True)
+    with install_vlm(model, m) as h:
+        assert "get_image_features" in vars(model.model)
+        with torch.no_grad():
+            model(**x)  # a plain forward: image_sizes in the call
+        forward_ctx = m.seen[-1]
+        batch = _gen(model, x)
+        gen_ctx = m.seen[-1]
+        singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+    assert torch.equal(batch, singles)
+    for a, b in zip(forward_ctx.images, gen_ctx.images):  # generate's spans and stats = the forward's
+        assert a.span.tiles == b.span.tiles is not None and torch.equal(a.span.positions, b.span.positions)
+        torch.testing.assert_close(a.received[1], b.received[1], atol=0, rtol=0)
+    assert "get_image_features" not in vars(model.model) and h.state.encoded is None
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, before)

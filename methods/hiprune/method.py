@@ -22,7 +22,7 @@ from prunelab.methods.hiprune.selection import (
     hiprune_partition,
     hiprune_select,
 )
-from prunelab.methods.hiprune.vlm import anyres_grids_of, image_regions, split_budget
+from prunelab.methods.hiprune.vlm import image_regions, split_budget
 
 FAMILY_ENCODER = MappingProxyType({"llava": "clip", "llava_next": "clip", "qwen2_5_vl": "qwen2_5_vl"})
 """The vision-encoder family of each VLM family the seam supports."""
@@ -64,9 +64,6 @@ class HiPrune:
         keep_newlines: LLaVA-NeXT only. N' counts patch tokens (base tile + unpadded crops); the
             ``image_newline`` tokens are dropped (False, like the official "spatial" merge, which has none;
             card §2) or all kept on top of N' (True, so N' = all patches reproduces the dense model).
-        anyres_grids: LLaVA-NeXT only, the tile grids (rows, cols) of the model's ``image_grid_pinpoints``,
-            used to place crop statistics on the image grid; filled by :meth:`for_model`. None: inferred
-            from the span alone, which raises if two grids fit.
     """
 
     budget: int | float = 192
@@ -76,7 +73,6 @@ class HiPrune:
     deep_block: int | None = None
     official_quirks: bool = False
     keep_newlines: bool = False
-    anyres_grids: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         b = self.budget
@@ -98,19 +94,16 @@ class HiPrune:
         for name in ("official_quirks", "keep_newlines"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        g = self.anyres_grids
-        if g is not None and not (isinstance(g, tuple) and all(
-                isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v >= 1 for v in p) for p in g)):
-            raise ValueError(f"anyres_grids must be None or a tuple of (rows, cols) int pairs, got {g!r}")
 
     @classmethod
     def for_model(cls, model, **kwargs) -> HiPrune:
         """HiPrune for a transformers LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL ``model``, blocks made 0-based.
 
-        The seam's ``vlm_request()`` sees no model, so negative blocks (the family defaults) are resolved
-        here against the encoder's depth. CLIP's deep block follows the model's ``vision_feature_layer``
-        (the card's "LLaVA feature layer": ``hidden_states[l]`` is the output of block ``l - 1``).
-        Qwen2.5-VL blocks must be full-attention blocks: at window blocks the received attention is local.
+        The seam resolves negative blocks by itself; ``for_model`` also checks the blocks against the encoder's
+        depth before any forward, makes CLIP's deep block follow the model's ``vision_feature_layer`` (the
+        card's "LLaVA feature layer": ``hidden_states[l]`` is the output of block ``l - 1``; the default -2
+        is the same block unless a model picks another feature layer), and requires Qwen2.5-VL blocks to be
+        full-attention blocks: at window blocks the received attention is local.
         """
         from prunelab.common.vlm_layout import require_family
         from prunelab.common.vlm_vision import vision_layers
@@ -135,8 +128,7 @@ class HiPrune:
             if family == "qwen2_5_vl" and full is not None and resolved[name] not in full:
                 raise ValueError(f"{name}: block {resolved[name]} of Qwen2.5-VL's vision encoder uses window "
                                  f"attention, so its received attention is local; use one of {list(full)}")
-        grids = anyres_grids_of(model) if family == "llava_next" else None
-        return replace(method, anyres_grids=grids, **resolved)
+        return replace(method, **resolved)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -185,10 +177,8 @@ class HiPrune:
         """Received attention at the object and deep blocks; prune after the projector."""
         from prunelab.common.vlm import VLMRequest
 
-        for name, b in zip(("object_block", "deep_block"), self.blocks):
-            if b < 0:
-                raise ValueError(f"{name}: block {b} counts from the end, which the VLM seam cannot resolve "
-                                 "without the model; use HiPrune.for_model(model, ...) or a 0-based index")
+        # Negative blocks count from the end; the seam resolves them against the encoder's depth and reports the
+        # statistics under these same keys, so the defaults work without for_model.
         return VLMRequest(vision_layers=tuple(sorted(set(self.blocks))), received=True)
 
     def _patch_budget(self, span) -> int:
@@ -209,7 +199,7 @@ class HiPrune:
                              "HiPrune.for_model(model, ...)")
         keeps = []
         for img in ctx.images:
-            regions = image_regions(ctx.family, img.span, img.received, self.blocks, self.anyres_grids)
+            regions = image_regions(ctx.family, img.span, img.received, self.blocks)
             tiles = next(iter(img.received.values())).shape[0] if ctx.family == "llava_next" else 1
             budgets = split_budget(self._patch_budget(img.span), [r.index.numel() for r in regions], tiles)
             parts = [r.index[hiprune_select(r.mid[None], r.deep[None], r.grid, b, anchor_ratio=self.anchor_ratio,

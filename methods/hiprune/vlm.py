@@ -30,40 +30,7 @@ class Region:
     index: torch.Tensor
 
 
-def next_crop_grid(tiles: int, side: int, unpadded: tuple[int, int],
-                   candidates: tuple[tuple[int, int], ...] | None = None) -> tuple[int, int]:
-    """(rows, cols) of the crop tiles of a NeXT image, from what its span shows.
-
-    The seam's span knows the unpadded grid ``(ur, uc)`` (rows = its newline count) and the tile count, not
-    the image size. ``unpad_image`` keeps one side whole and crops an even number of cells from the other
-    (``padding`` from both ends), which leaves few grids. ``candidates`` are the model's
-    ``image_grid_pinpoints`` grids in config order; when two fit (e.g. 1x2 and 2x1 both unpad to a
-    ``side x side`` square), the first wins, as ``select_best_resolution`` keeps the first of equal fits.
-    That tie rule is a heuristic: the exact answer needs ``image_sizes``, which the seam does not pass on.
-
-    Raises:
-        ValueError: no grid fits, or two fit and ``candidates`` is None (naming ``image_sizes``).
-    """
-    ur, uc = unpadded
-    n = tiles - 1
-    pairs = candidates if candidates is not None else tuple((r, n // r) for r in range(1, n + 1) if n % r == 0)
-
-    def fits(r, c):
-        h, w = r * side, c * side
-        crops_h = w == uc and h >= ur and (h - ur) % 2 == 0
-        crops_w = h == ur and w >= uc and (w - uc) % 2 == 0
-        return r * c == n and (crops_h or crops_w)
-
-    found = [p for p in pairs if fits(*p)]
-    if not found or (candidates is None and len(found) > 1):
-        raise ValueError(f"image_sizes: cannot place the {n} crop tiles of a LLaVA-NeXT image with an unpadded "
-                         f"{ur}x{uc} grid (tile grids that fit: {found}); build the method with "
-                         "HiPrune.for_model(model, ...) so it knows the model's image_grid_pinpoints")
-    return found[0]
-
-
-def image_regions(family: str, span, received: dict, blocks: tuple[int, int],
-                  anyres_grids: tuple[tuple[int, int], ...] | None = None) -> list[Region]:
+def image_regions(family: str, span, received: dict, blocks: tuple[int, int]) -> list[Region]:
     """The regions of one image (:class:`~prunelab.common.vlm_layout.ImageSpan`) with its received stats."""
     obj, deep = blocks
     missing = [b for b in blocks if b not in received]
@@ -82,7 +49,11 @@ def image_regions(family: str, span, received: dict, blocks: tuple[int, int],
     side = span.grid[1]
     ur = int(span.newline.sum())
     uc = (n - base) // ur - 1  # each unpadded row is uc cells and one newline
-    rows, cols = next_crop_grid(tiles, side, (ur, uc), anyres_grids)
+    if span.tiles is None or span.tiles[0] * span.tiles[1] != tiles - 1:
+        # The tile grid is only defined by image_sizes; the seam sets span.tiles whenever it has them.
+        raise ValueError(f"image_sizes: the crop-tile grid of a LLaVA-NeXT image is unknown (span tiles "
+                         f"{span.tiles}, {tiles - 1} crops); pass image_sizes with the images")
+    rows, cols = span.tiles
     top, left = (rows * side - ur) // 2, (cols * side - uc) // 2  # unpad_image's centre crop
 
     def stitch(s: torch.Tensor) -> torch.Tensor:  # [tiles-1, P] -> the unpadded [ur, uc] grid
@@ -105,9 +76,3 @@ def split_budget(budget: int, sizes: list[int], tiles: int) -> list[int]:
     if crops > sizes[1]:
         base, crops = base + crops - sizes[1], sizes[1]
     return [base, crops]
-
-
-def anyres_grids_of(model) -> tuple[tuple[int, int], ...]:
-    """The (rows, cols) tile grids a LLaVA-NeXT model can pick (its ``image_grid_pinpoints``, in order)."""
-    size = model.config.vision_config.image_size
-    return tuple(dict.fromkeys((h // size, w // size) for h, w in model.config.image_grid_pinpoints))
