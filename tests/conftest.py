@@ -11,6 +11,8 @@ except ImportError:  # pragma: no cover
 
 import pytest  # noqa: E402
 
+from prunelab.common.tiny_vlm import FAMILIES as VLM_FAMILIES  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
@@ -21,3 +23,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module", params=VLM_FAMILIES)
+def family_model(request):
+    """``(family, model)`` for each tiny VLM family of ``prunelab.common.tiny_vlm``, built once per module."""
+    from prunelab.common.tiny_vlm import tiny_vlm
+
+    return request.param, tiny_vlm(request.param)

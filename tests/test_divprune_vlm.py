@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vlm_helpers import generate_tail
 
 import prunelab
 from prunelab.common.apply import UnsupportedModelError
-from prunelab.common.tiny_vlm import FAMILIES, sample_inputs, tiny_inputs, tiny_vlm
+from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.tokens import keep_count
 from prunelab.common.vlm import install_vlm
 from prunelab.common.vlm_layout import find_image_spans
@@ -16,14 +17,8 @@ from prunelab.methods.divprune import DivPrune, divprune_keep_count, max_min_div
 RAGGED = [1, 2]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request):
-    return request.param, tiny_vlm(request.param)
 
 
-@torch.no_grad()
-def _gen(model, inputs, n=5):
-    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)[:, -n:]
 
 
 @torch.no_grad()
@@ -98,8 +93,8 @@ def test_generate_batch_matches_per_sample(family_model, side):
     family, model = family_model
     x = tiny_inputs(model, family, RAGGED, padding_side=side)
     with prunelab.apply(model, DivPrune(budget=0.3)):
-        batch = _gen(model, x)
-        singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+        batch = generate_tail(model, x)
+        singles = torch.cat([generate_tail(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
         pruned_last = model(**x).logits[:, -1]
     assert torch.equal(batch, singles)
     with torch.no_grad():  # pruning changes what the language model sees

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vlm_helpers import generate_tail
 
 import prunelab
 from prunelab.common.apply import UnsupportedModelError
-from prunelab.common.tiny_vlm import FAMILIES, sample_inputs, tiny_inputs, tiny_vlm
+from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import install_vlm
 from prunelab.methods.hiprune import HiPrune, hiprune_select
 
@@ -15,9 +16,6 @@ RAGGED = [1, 2]
 OBJECT_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}  # tiny towers: 3 CLIP blocks; Qwen full blocks 1, 3
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request):
-    return request.param, tiny_vlm(request.param)
 
 
 def _method(model, family, **kw):
@@ -125,7 +123,7 @@ def test_generate_batch_matches_per_sample(family_model, side):
     with prunelab.apply(model, _method(model, family, budget=3)) as h:
         # NeXT: generate() pops image_sizes before the forward; the seam recovers them from its
         # get_image_features wrapper, so the crop statistics are placed on the true tile grids.
-        batch = _gen(model, x)
+        batch = generate_tail(model, x)
         if family == "llava_next":
             from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
@@ -133,16 +131,13 @@ def test_generate_batch_matches_per_sample(family_model, side):
             grids = [tuple(get_anyres_image_grid_shape(s, model.config.image_grid_pinpoints, size))
                      for s in x["image_sizes"].tolist()]
             assert [s.tiles for s in h.state.prompt.spans] == grids
-        singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+        singles = torch.cat([generate_tail(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
         pruned_last = model(**x).logits[:, -1]
     assert torch.equal(batch, singles)
     with torch.no_grad():
         assert not torch.allclose(pruned_last, model(**x).logits[:, -1], atol=1e-3)
 
 
-@torch.no_grad()
-def _gen(model, inputs, n=5):
-    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)[:, -n:]
 
 
 def test_for_model_resolves_blocks():

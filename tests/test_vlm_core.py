@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vlm_helpers import generate_tail
 
 from prunelab.common.apply import UnsupportedModelError
-from prunelab.common.tiny_vlm import FAMILIES, sample_inputs, tiny_inputs, tiny_vlm
+from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import VLMRequest, install_vlm, is_hf_vlm
 from prunelab.common.vlm_layout import find_image_spans
 
@@ -44,14 +45,8 @@ class Budget(KeepAll):
         return self.k
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request):
-    return request.param, tiny_vlm(request.param)
 
 
-@torch.no_grad()
-def _gen(model, inputs, n=5):
-    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)[:, -n:]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -153,8 +148,8 @@ def test_generate_batch_matches_per_sample(family_model, side):
     x = tiny_inputs(model, family, RAGGED, padding_side=side)
     for method in (KeepAll(), EveryOther()):
         with install_vlm(model, method):
-            batch = _gen(model, x)
-            singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+            batch = generate_tail(model, x)
+            singles = torch.cat([generate_tail(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
         assert torch.equal(batch, singles), type(method).__name__
     # pruning changes what the model sees: the greedy continuation is not the dense one for some sample
     with install_vlm(model, EveryOther()):
@@ -171,8 +166,8 @@ def test_prune_after_llm_layer(family_model):
             out = model(**x)
         after = [len(k) for k in h.state.kept]
         positions = h.state.positions
-        batch = _gen(model, x)
-        singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+        batch = generate_tail(model, x)
+        singles = torch.cat([generate_tail(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
     spans = m.seen[0].images
     assert [c.stage for c in m.seen[:2]] == ["projector", "llm"] and m.seen[1].layer == 0
     assert after == [(((s.span.num_tokens + 1) // 2) + 1) // 2 for s in spans]  # halved twice
@@ -254,9 +249,9 @@ def test_next_generate_with_vision_stats_and_remove():
         with torch.no_grad():
             model(**x)  # a plain forward: image_sizes in the call
         forward_ctx = m.seen[-1]
-        batch = _gen(model, x)
+        batch = generate_tail(model, x)
         gen_ctx = m.seen[-1]
-        singles = torch.cat([_gen(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
+        singles = torch.cat([generate_tail(model, sample_inputs(x, b, RAGGED)) for b in range(2)])
     assert torch.equal(batch, singles)
     for a, b in zip(forward_ctx.images, gen_ctx.images):  # generate's spans and stats = the forward's
         assert a.span.tiles == b.span.tiles is not None and torch.equal(a.span.positions, b.span.positions)
