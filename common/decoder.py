@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from prunelab.common.apply import Handle, UnsupportedModelError
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
@@ -189,7 +190,7 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         use_cache = model.config.use_cache if use_cache is None else use_cache
-        empty_default = cache is None or (type(cache).__name__ == "DynamicCache" and cache.get_seq_length() == 0)
+        empty_default = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
         if use_cache and empty_default and not model.training:
             cache = PrunelabCache(spec.num_layers)
             kwargs["past_key_values"] = cache
