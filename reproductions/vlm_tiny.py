@@ -1,0 +1,273 @@
+"""The shared ``tiny`` preset of the VLM visual-token pruning papers (DivPrune, HiPrune): offline, CPU, minutes.
+
+Tiny random LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models are built from configs (``prunelab.common.tiny_vlm``,
+fixed seeds) and fed one batch of several prompts with images (left padding, one or two images each). For each
+method and keep ratio of the visual tokens (default 0.111 / 0.222 / 0.333, LLaVA-1.5's 64 / 128 / 192 of 576)
+the preset measures, against the dense model:
+
+- prefill MACs and KV-cache bytes of the language model, dense and pruned (``vlm_prefill_cost``: unpadded
+  sequences, LM head on the last position as ``generate()`` runs it, pruning before LLM layer 0);
+- prefill latency of the whole VLM forward (vision tower, projector, selection, LLM; median of ``benchmark``);
+- KL(dense || pruned) of the next-token distribution and top-1 agreement, on the last prompt position and on
+  ``decode_steps`` further positions teacher-forced on the dense model's greedy continuation (so both models
+  are compared on the same text, and a single disagreement does not change every later step).
+
+The models are random, never trained: KL and agreement measure how close the pruned model stays to the dense
+*random* model, not task accuracy; and the tiny models are so small that latency is dominated by per-call
+overhead and the selection itself, not by the saved MACs. Both are stated in the table titles.
+
+``RandomPrune`` is the simple baseline: uniformly random visual tokens at the same budget, seeded per image.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+import prunelab
+from prunelab.common.llm_flops import vlm_prefill_cost
+from prunelab.common.provenance import provenance, write_results
+from prunelab.common.timing import benchmark
+from prunelab.common.tiny_vlm import FAMILIES, PAD, VOCAB, tiny_inputs, tiny_vlm
+from prunelab.common.tokens import keep_count
+from prunelab.common.vlm_layout import find_image_spans
+
+__all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "RandomPrune", "make_method", "plot", "run_vlm_tiny"]
+
+KEEP_RATIOS = (0.111, 0.222, 0.333)
+"""64 / 128 / 192 of LLaVA-1.5's 576 tokens per image: the budgets both papers report."""
+
+PROMPTS = (1, 2, 1, 1, 2, 1, 1, 1)
+"""Images per prompt of the batch: several prompts, one with two images, so spans and lengths differ."""
+
+METHODS = ("divprune", "hiprune", "random")
+LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "random": "random"}
+
+HIPRUNE_OBJECT_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}
+"""HiPrune's object block on the tiny towers. The paper's CLIP layer 9 (of 24) and Qwen layer 16 do not exist in
+3- and 4-block towers; the first CLIP block and Qwen's first full-attention block are the shallow analogue, and
+the deep block keeps its default (LLaVA's feature layer; Qwen's last block)."""
+
+COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual", "macs_M", "macs_%", "kv_kB", "ms",
+           "speedup", "kl", "agreement", "kl_last", "agreement_last"]
+
+
+@dataclass(frozen=True)
+class RandomPrune:
+    """Uniformly random visual tokens per image at a keep ratio, the baseline at the same budget.
+
+    Attributes:
+        budget: keep ratio in (0, 1] of every visual token of the image (NeXT newlines included, as DivPrune
+            counts them), converted by the repo rule ``keep_count``.
+        seed: base seed; image ``i`` of a forward draws from ``seed + i``, so repeated forwards (latency runs,
+            teacher-forced quality) keep the same tokens.
+    """
+
+    budget: float = 0.111
+    seed: int = 0
+
+    def __post_init__(self):
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, float) or math.isnan(b) or not 0.0 < b <= 1.0:
+            raise ValueError(f"budget: a keep ratio must be a float in (0, 1], got {b!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: expected an int, got {self.seed!r}")
+
+    def vlm_budget(self, image, stage: str) -> int:
+        return keep_count(int(image.embeds.shape[0]), self.budget, name="budget")
+
+    def vlm_select(self, ctx) -> list[torch.Tensor]:
+        keeps = []
+        for i, img in enumerate(ctx.images):
+            g = torch.Generator().manual_seed(self.seed + i)
+            pick = torch.randperm(img.embeds.shape[0], generator=g)[: img.budget]
+            keeps.append(pick.sort().values.to(img.embeds.device))
+        return keeps
+
+
+def make_method(name: str, model, family: str, ratio: float, seed: int = 0):
+    """The method object ``name`` ("divprune", "hiprune", "random") at keep ratio ``ratio`` for ``model``."""
+    if name == "divprune":
+        from prunelab.methods.divprune import DivPrune
+
+        return DivPrune(budget=ratio)
+    if name == "hiprune":
+        from prunelab.methods.hiprune import HiPrune
+
+        # keep_newlines: NeXT's row separators stay, so ratio 1.0 is exactly the dense model; the kept counts
+        # in the table include them.
+        return HiPrune.for_model(model, budget=ratio, object_block=HIPRUNE_OBJECT_BLOCK[family], keep_newlines=True)
+    if name == "random":
+        return RandomPrune(budget=ratio, seed=seed)
+    raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+
+
+def _extend(x: dict, continuation: torch.Tensor) -> dict:
+    """``x`` with ``continuation`` [B, T] text tokens appended (left padding keeps every row right-aligned)."""
+    B, T = continuation.shape
+    out = dict(x)
+    out["input_ids"] = torch.cat([x["input_ids"], continuation], 1)
+    out["attention_mask"] = torch.cat([x["attention_mask"], torch.ones(B, T, dtype=x["attention_mask"].dtype)], 1)
+    if "mm_token_type_ids" in x:
+        out["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], torch.zeros(B, T, dtype=torch.long)], 1)
+    return out
+
+
+def _closeness(dense: torch.Tensor, pruned: torch.Tensor) -> dict:
+    """KL(dense || pruned) in nats and top-1 agreement of [B, T, V] logits: over all T, and at T=0 only."""
+    ld, lp = F.log_softmax(dense.double(), -1), F.log_softmax(pruned.double(), -1)
+    kl = (ld.exp() * (ld - lp)).sum(-1)  # [B, T]
+    agree = (dense.argmax(-1) == pruned.argmax(-1)).double()
+    return {"kl": float(kl.mean()), "agreement": float(agree.mean()),
+            "kl_last": float(kl[:, 0].mean()), "agreement_last": float(agree[:, 0].mean())}
+
+
+@torch.no_grad()
+def measure_family(family: str, methods: Sequence[str], ratios: Sequence[float], *, prompts=PROMPTS,
+                   decode_steps: int = 8, warmup: int = 2, repeat: int = 10, seed: int = 0) -> list[dict]:
+    """Rows of the table for one family: dense first, then each method at each keep ratio."""
+    model = tiny_vlm(family, seed=seed)
+    x = tiny_inputs(model, family, list(prompts), padding_side="left", seed=seed)
+    L = x["input_ids"].shape[1]
+    # The dense greedy continuation, teacher-forced below: positions L-1 .. L+T-1 predict the next token.
+    # Ids >= 100 are image/vision markers or unused in the tiny vocab: a generated marker would be read as an
+    # image placeholder in the teacher-forced prompt, so greedy decoding is kept to plain text ids.
+    cont = model.generate(**x, max_new_tokens=decode_steps, do_sample=False, pad_token_id=PAD,
+                          suppress_tokens=[PAD, *range(100, VOCAB)])[:, L:] if decode_steps else x["input_ids"][:, :0]
+    xt = _extend(x, cont)
+    n_pos = cont.shape[1] + 1
+    dense_logits = model(**xt).logits[:, -n_pos:]
+    spans = find_image_spans(model, family, x["input_ids"], x["attention_mask"], x.get("image_sizes"),
+                             x.get("image_grid_thw"))
+    visual = sum(s.num_tokens for s in spans)
+    dense_cost = vlm_prefill_cost(model, x, [s.num_tokens for s in spans])
+    dense_t = benchmark(lambda: model(**x), warmup=warmup, repeat=repeat, device="cpu")
+
+    def row(method, ratio, kept, cost, t, close):
+        return {"family": family, "method": method, "keep_ratio": ratio, "kept_visual": kept, "visual": visual,
+                "macs_M": cost.pruned_macs / 1e6, "macs_%": 100 * cost.macs_ratio, "kv_kB": cost.pruned_kv_bytes / 1e3,
+                "ms": t.median_s * 1e3, "ms_iqr": t.iqr_s * 1e3, "speedup": t.speedup_over(dense_t),
+                "dense_macs_M": cost.dense_macs / 1e6, "dense_kv_kB": cost.dense_kv_bytes / 1e3,
+                "tokens": list(cost.pruned_tokens), **close}
+
+    rows = [row("dense", 1.0, visual, dense_cost, dense_t, _closeness(dense_logits, dense_logits))]
+    for name in methods:
+        for ratio in ratios:
+            method = make_method(name, model, family, ratio, seed)
+            with prunelab.apply(model, method) as h:
+                close = _closeness(dense_logits, model(**xt).logits[:, -n_pos:])
+                t = benchmark(lambda: model(**x), warmup=warmup, repeat=repeat, device="cpu")
+                cost = vlm_prefill_cost(model, x, h)  # the handle's state is the last forward's: the prompt x
+                kept = sum(int(k.numel()) for k in h.state.kept)
+            rows.append(row(LABELS[name], ratio, kept, cost, t, close))
+    return rows
+
+
+def plot(rows: Sequence[dict], path: str | Path | None = None):
+    """KL and top-1 agreement against the kept share of visual tokens, one column per family."""
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = plt.subplots(2, len(families), figsize=(4 * len(families), 6), squeeze=False)
+    for j, fam in enumerate(families):
+        sub = [r for r in rows if r["family"] == fam]
+        for i, metric in enumerate(("kl", "agreement")):
+            ax = axes[i][j]
+            for method in dict.fromkeys(r["method"] for r in sub if r["method"] != "dense"):
+                pts = sorted((r["kept_visual"] / r["visual"], r[metric]) for r in sub if r["method"] == method)
+                ax.plot(*zip(*pts), marker="o", label=method)
+            ax.axhline(next(r[metric] for r in sub if r["method"] == "dense"), color="k", ls="--", lw=1,
+                       label="dense")
+            ax.set_xlabel("kept share of visual tokens")
+            ax.set_ylabel("KL(dense || pruned), nats" if metric == "kl" else "top-1 agreement with dense")
+            ax.set_title(fam, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("tiny random VLMs: closeness to the dense model (not task accuracy)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def summary(rows: Sequence[dict]) -> list[dict]:
+    """Per method and keep ratio: the mean over families of the MACs share, speedup, KL and agreement."""
+    keys = list(dict.fromkeys((r["method"], r["keep_ratio"]) for r in rows))
+    out = []
+    for method, ratio in keys:
+        sub = [r for r in rows if r["method"] == method and r["keep_ratio"] == ratio]
+        out.append({"method": method, "keep_ratio": ratio, "families": len(sub),
+                    **{k: statistics.fmean(r[k] for r in sub) for k in ("macs_%", "speedup", "kl", "agreement")}})
+    return out
+
+
+def run_vlm_tiny(out, methods: Sequence[str] = METHODS, *, paper: str, families: Sequence[str] = FAMILIES,
+                 ratios: Sequence[float] = KEEP_RATIOS, prompts: Sequence[int] = PROMPTS, decode_steps: int = 8,
+                 warmup: int = 2, repeat: int = 10, seed: int = 0) -> dict:
+    """Run every family, write ``tiny.{json,md}``, ``tiny_summary.{json,md}`` and ``tiny.png`` into ``out``.
+
+    Args:
+        methods: names from :data:`METHODS`; the paper's own method should come first (it is listed first).
+        paper: the reproduction's name, for the titles.
+        ratios: keep ratios of the visual tokens per image, each in (0, 1].
+        prompts: images per prompt of the batch.
+        decode_steps: teacher-forced positions after the prompt's last one (0: the last position only).
+    """
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"methods: unknown {bad}; choose from {METHODS}")
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"families: unknown {bad}; choose from {FAMILIES}")
+    if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"ratios: keep ratios must lie in (0, 1], got {list(ratios)}")
+    if not prompts or any(n < 1 for n in prompts):
+        raise ValueError(f"prompts: every prompt needs at least one image, got {list(prompts)}")
+    if decode_steps < 0:
+        raise ValueError(f"decode_steps: must be >= 0, got {decode_steps}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for fam in families:
+        print(f"{paper} tiny: {fam} ...", flush=True)
+        rows += measure_family(fam, methods, [float(r) for r in ratios], prompts=prompts, decode_steps=decode_steps,
+                               warmup=warmup, repeat=repeat, seed=seed)
+    meta = provenance(preset="tiny", paper=paper, models="tiny random LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL from "
+                      f"configs (prunelab.common.tiny_vlm, seed {seed}), float32, SDPA",
+                      batch=f"{len(prompts)} prompts with {list(prompts)} images, left padding",
+                      quality=f"KL(dense || pruned) and top-1 agreement over the last prompt position and "
+                              f"{decode_steps} positions teacher-forced on the dense greedy continuation; "
+                              "*_last: the last prompt position only",
+                      macs="language-model prefill MACs of the batch, unpadded, LM head on the last position "
+                           "(prunelab.common.llm_flops); kv_kB: KV cache after prefill",
+                      latency=f"whole VLM forward of the padded batch, median of {repeat} after {warmup} warm-up "
+                              f"(speedup over dense; torch threads {torch.get_num_threads()})")
+    own = LABELS[methods[0]] if methods else ""
+    title = (f"{paper} tiny: {own} against {', '.join(LABELS[m] for m in methods[1:])} and dense on tiny random "
+             "VLMs; KL and agreement measure closeness to the dense random model, not task accuracy")
+    write_results(out, "tiny", rows, meta, COLUMNS, title)
+    summ = summary(rows)
+    write_results(out, "tiny_summary", summ, meta, None, f"{paper} tiny: means over the families (random models: "
+                  "closeness to dense, not accuracy)")
+    fig = plot(rows, out / "tiny.png")
+    plt.close(fig)
+    print(f"{paper} tiny: tables and figure in {out}")
+    return {"rows": rows, "summary": summ}
+
+
+def add_tiny_arguments(parser) -> None:
+    """The tiny preset's options, shared by the DivPrune and HiPrune reproductions."""
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="methods to compare (default: the paper's own first, then the others)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(KEEP_RATIOS),
+                        help="keep ratios of each image's visual tokens")
+    parser.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="images per prompt")
+    parser.add_argument("--decode-steps", type=int, default=8, help="teacher-forced positions after the prompt")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing")
+    parser.add_argument("--repeat", type=int, default=10, help="timed forwards (median reported)")
+    parser.add_argument("--seed", type=int, default=0, help="model, input and random-baseline seed")
