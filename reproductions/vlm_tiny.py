@@ -39,7 +39,7 @@ from prunelab.common.tiny_vlm import FAMILIES, PAD, VOCAB, tiny_inputs, tiny_vlm
 from prunelab.common.tokens import keep_count
 from prunelab.common.vlm_layout import find_image_spans
 
-__all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "RandomPrune", "make_method", "plot", "run_vlm_tiny"]
+__all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "RandomPrune", "make_method", "plot", "run_vlm_tiny", "tiny_preset"]
 
 KEEP_RATIOS = (0.111, 0.222, 0.333)
 """64 / 128 / 192 of LLaVA-1.5's 576 tokens per image: the budgets both papers report."""
@@ -271,3 +271,15 @@ def add_tiny_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing")
     parser.add_argument("--repeat", type=int, default=10, help="timed forwards (median reported)")
     parser.add_argument("--seed", type=int, default=0, help="model, input and random-baseline seed")
+
+
+def tiny_preset(name: str, paper: str, methods: Sequence[str]):
+    """``(add_arguments, run, default_out)`` of a paper's tiny preset module: the shared comparison, with the
+    paper's own method listed first and its own output folder."""
+
+    def run(args, out: Path) -> dict:
+        return run_vlm_tiny(out, args.methods or methods, paper=paper, families=args.families, ratios=args.ratios,
+                            prompts=args.prompts, decode_steps=args.decode_steps, warmup=args.warmup,
+                            repeat=args.repeat, seed=args.seed)
+
+    return add_tiny_arguments, run, lambda: Path(f"runs/{name}/tiny")

@@ -6,25 +6,8 @@ ratios 0.111 / 0.222 / 0.333 (the paper's 64 / 128 / 192 of 576). The models are
 measure closeness to the dense random model, not task accuracy; the paper's numbers are in ``expected.yaml``.
 """
 
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from prunelab.reproductions.vlm_tiny import add_tiny_arguments, run_vlm_tiny
+from prunelab.reproductions.vlm_tiny import tiny_preset
 
 METHODS = ("hiprune", "divprune", "random")  # this paper's method first: the table lists it first
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_tiny_arguments(parser)
-
-
-def default_out() -> Path:
-    return Path("runs/hiprune/tiny")
-
-
-def run(args: argparse.Namespace, out: Path) -> dict:
-    return run_vlm_tiny(out, args.methods or METHODS, paper="HiPrune", families=args.families, ratios=args.ratios,
-                        prompts=args.prompts, decode_steps=args.decode_steps, warmup=args.warmup,
-                        repeat=args.repeat, seed=args.seed)
+add_arguments, run, default_out = tiny_preset("hiprune", "HiPrune", METHODS)
