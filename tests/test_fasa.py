@@ -109,6 +109,7 @@ def test_budget_rule():
     lengths = torch.tensor([100, 7, 1])
     assert budget_counts(0.189, lengths).tolist() == [18, 1, 1]  # floor(b * t), at least 1
     assert budget_counts(50, lengths).tolist() == [50, 7, 1]
+    assert [budget_counts(0.189, n) for n in (100, 7, 1)] == [18, 1, 1]  # the unpadded path, same rule
 
 
 # -- calibration --------------------------------------------------------------------------------------------------

@@ -27,8 +27,14 @@ __all__ = ["GQA_MODES", "KVSelection", "budget_counts"]
 GQA_MODES = ("per_q_head", "shared_sum", "shared_max")
 
 
-def budget_counts(budget: int | float, lengths: torch.Tensor) -> torch.Tensor:
-    """Tokens kept per sequence: int64 ``[B]`` in ``1..lengths`` (see the module docstring)."""
+def budget_counts(budget: int | float, lengths: int | torch.Tensor) -> int | torch.Tensor:
+    """Tokens kept per sequence, in ``1..lengths`` (see the module docstring).
+
+    ``lengths`` is an int (one length for the whole batch: the unpadded hot path, no tensor work) or int64 ``[B]``.
+    """
+    if isinstance(lengths, int):
+        n = budget if isinstance(budget, int) else int(budget * lengths)
+        return max(1, min(n, lengths))
     if isinstance(budget, float):
         n = torch.floor(budget * lengths.double()).long()
     else:
@@ -99,7 +105,7 @@ class KVSelection:
                 return None
             B, T = call.keys.shape[0], call.keys.shape[2]
             if call.valid is None:  # no padding: plain ints, no tensor bookkeeping on the hot path
-                n = max(1, min(self.budget if isinstance(self.budget, int) else int(self.budget * T), T))
+                n = budget_counts(self.budget, T)
                 if n >= T:
                     return None  # keeps every token: exactly the dense path
             else:
