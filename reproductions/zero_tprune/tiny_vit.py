@@ -25,6 +25,7 @@ from timm.layers import Format
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from prunelab.common import packaged
 from prunelab.reproductions.zero_tprune.data import (
     FILES,
     IMG_SIZE,
@@ -209,9 +210,8 @@ def train_tiny_vit(
 
 
 def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/prunelab/zero_tprune`` (``~/.cache`` when XDG_CACHE_HOME is unset)."""
-    base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return os.path.join(base, "prunelab", "zero_tprune")
+    """``$XDG_CACHE_HOME/prunelab/zero_tprune`` (``~/.cache`` when XDG_CACHE_HOME is unset or empty)."""
+    return str(packaged.default_cache_dir("zero_tprune"))
 
 
 def load_or_train_tiny_vit(
