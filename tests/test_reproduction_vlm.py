@@ -58,10 +58,12 @@ def test_tiny_dense_reference_and_costs(tiny_run):
                 assert r["kl"] < 1e-6 and r["agreement"] == 1.0, r
 
 
-def test_full_preset_stops_honestly(tmp_path):
+def test_full_preset_names_a_missing_checkpoint(tmp_path):
+    pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
     for paper in ("divprune", "hiprune"):
-        with pytest.raises(RuntimeError, match="lmms-eval wrapper .* not implemented"):
-            main(["reproduce", paper, "--preset", "full", "--out", str(tmp_path), "--limit", "2"])
+        with pytest.raises(OSError, match="pretrained: cannot load"):
+            main(["reproduce", paper, "--preset", "full", "--model", str(tmp_path / "absent"), "--out",
+                  str(tmp_path), "--limit", "2", "--tasks", "pope"])
 
 
 @pytest.mark.parametrize("paper", ["divprune", "hiprune"])
@@ -69,7 +71,6 @@ def test_expected_yaml_has_sources(paper):
     path = Path(prunelab.__file__).parent.parent / "reproductions" / paper / "expected.yaml"
     expected = yaml.safe_load(path.read_text())
     assert expected and all(isinstance(v, dict) and v.get("source") and v.get("confidence") for v in expected.values())
-    assert "NOT implemented" in path.read_text()
     if paper == "divprune":
         rows = expected["llava15_7b_r0098"]["rows"]
         assert rows["divprune"]["pope_f1"] == 86.02 and rows["original"]["gqa"] == 61.96
@@ -88,6 +89,11 @@ def test_random_prune_is_seeded_and_exact():
     assert all(k.numel() == 4 for k in kept[0])  # 16 tokens per image, round half up
     assert all(torch.equal(a, b) for a, b in zip(kept[0], kept[1]))
     assert not all(torch.equal(a, b) for a, b in zip(kept[0], kept[2]))
-    for bad in (0.0, 1.5, 3, True, float("nan")):
+    with torch.no_grad(), prunelab.apply(model, RandomPrune(budget=3)) as h:
+        model(**x)
+    assert [k.numel() for k in h.state.kept] == [3, 3, 3]  # a count is per image
+    with pytest.raises(ValueError, match="budget"), torch.no_grad(), prunelab.apply(model, RandomPrune(budget=17)):
+        model(**x)  # more than the 16 tokens of an image
+    for bad in (0.0, 1.5, 0, -2, True, float("nan"), "3"):
         with pytest.raises(ValueError, match="budget"):
             RandomPrune(budget=bad)

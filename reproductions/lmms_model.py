@@ -1,0 +1,104 @@
+"""The lmms-eval model ``prunelab``: any prunelab VLM method on LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL.
+
+Installed with the ``eval`` extra (``pip install -e .[eval]``), prunelab registers this model through lmms-eval's
+``lmms_eval.models`` entry point, so the stock command line runs it::
+
+    lmms-eval --model prunelab --tasks pope,gqa --batch_size 1 \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=divprune,budget=64
+
+``model_args``: ``pretrained``, ``method`` (dense, divprune, hiprune, random), ``revision``, ``dtype``
+(auto / float16 / bfloat16 / float32), ``device``, ``attn_implementation``, ``min_pixels`` / ``max_pixels``
+(Qwen2.5-VL's processor), and every other key is a field of the method object (``budget``,
+``official_quirks``, ``anchor_ratio``...; lmms-eval turns ``64`` into an int and ``0.098`` into a float).
+Requests are grouped by generation arguments and run ``batch_size`` at a time (left padding);
+``loglikelihood`` runs one request at a time. This module imports lmms-eval; :mod:`.vlm_eval` does the work.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from tqdm import tqdm
+
+from prunelab.reproductions.vlm_eval import PrunedVLM, load_vlm, make_vlm_method
+
+__all__ = ["PrunelabLMM", "manifest"]
+
+
+def manifest() -> ModelManifest:
+    """The entry point payload lmms-eval reads (group ``lmms_eval.models`` in pyproject.toml)."""
+    return ModelManifest(model_id="prunelab", simple_class_path="prunelab.reproductions.lmms_model.PrunelabLMM")
+
+
+class PrunelabLMM(lmms):
+    """lmms-eval's model interface over :class:`~prunelab.reproductions.vlm_eval.PrunedVLM`."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, method: str = "dense", revision: str | None = None, dtype: str = "auto",
+                 device: str | None = None, batch_size: int | str = 1, attn_implementation: str = "sdpa",
+                 min_pixels: int | None = None, max_pixels: int | None = None, **method_kwargs) -> None:
+        super().__init__()
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        model, processor = load_vlm(pretrained, revision=revision, dtype=dtype, device=device,
+                                    attn_implementation=attn_implementation, **pixels)
+        self.vlm = PrunedVLM(model, processor, make_vlm_method(method, model, **method_kwargs))
+        self.batch_size_per_gpu = batch_size
+        self.pretrained, self.method_name = pretrained, method
+        self._rank, self._world_size = 0, 1
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        visuals = [v for v in (visuals or []) if v is not None]
+        if any(not hasattr(v, "convert") for v in visuals):
+            raise ValueError(f"prunelab model: task {task!r} gives non-image visuals (video or audio); only images "
+                             "are supported")
+        return [v.convert("RGB") for v in visuals]
+
+    def generate_until(self, requests) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), desc=f"prunelab {self.method_name}", disable=self.rank != 0)
+        for idx in groups.values():
+            gen = dict(requests[idx[0]].args[1])
+            until = gen.pop("until", [])
+            kwargs = dict(max_new_tokens=int(gen.get("max_new_tokens", 128)),
+                          until=[until] if isinstance(until, str) else list(until),
+                          temperature=float(gen.get("temperature", 0.0) or 0.0), top_p=gen.get("top_p"),
+                          num_beams=int(gen.get("num_beams", 1)))
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                args = [requests[i].args for i in chunk]
+                images = [self._visuals(a[2], a[3], a[4], a[5]) for a in args]
+                answers = self.vlm.generate([a[0] for a in args], images, **kwargs)
+                for i, a, ans in zip(chunk, args, answers):
+                    out[i] = ans
+                    self.cache_hook.add_partial("generate_until", (a[0], a[1]), ans)
+                pbar.update(len(chunk))
+        pbar.close()
+        return out
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        res = []
+        for r in tqdm(requests, desc=f"prunelab {self.method_name} loglikelihood", disable=self.rank != 0):
+            context, target, doc_to_visual, doc_id, task, split = r.args
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            res.append(self.vlm.loglikelihood(context, continuation, self._visuals(doc_to_visual, doc_id, task, split)))
+        return res
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("prunelab model: multi-round generation is not supported")

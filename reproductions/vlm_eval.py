@@ -1,0 +1,187 @@
+"""A pruned VLM as an evaluator sees it: load a checkpoint, apply a prunelab method, answer prompts with images.
+
+:class:`PrunedVLM` is what the lmms-eval model ``prunelab`` (:mod:`prunelab.reproductions.lmms_model`) wraps; it
+has no lmms-eval dependency, so it is tested on its own. It loads LLaVA-1.5 (``llava``), LLaVA-NeXT
+(``llava_next``) or Qwen2.5-VL (``qwen2_5_vl``) checkpoints through transformers' own classes and processors
+(a hub id, or a local folder such as :func:`~prunelab.reproductions.vlm_offline.save_tiny_vlm` writes), builds each
+prompt with the processor's chat template (the images first, then the question, as lmms-eval's ``llava_hf`` and
+``qwen2_5_vl`` models do), and runs ``model.generate`` on a left-padded batch. The method goes in through
+``prunelab.apply``, so the same generate() path serves every method and the dense model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import prunelab
+
+__all__ = ["FAMILY_CLASSES", "METHODS", "PrunedVLM", "load_vlm", "make_vlm_method"]
+
+FAMILY_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+"""transformers ``model_type`` -> model class, for the three VLM families the seam supports."""
+
+METHODS = ("dense", "divprune", "hiprune", "random")
+
+
+def make_vlm_method(name: str, model, **kwargs):
+    """The method object ``name`` for ``model`` with the paper defaults, overridden by ``kwargs``; dense: None.
+
+    ``divprune`` -> :class:`~prunelab.methods.divprune.DivPrune`, ``hiprune`` ->
+    :meth:`HiPrune.for_model <prunelab.methods.hiprune.HiPrune.for_model>` (the encoder's blocks resolved on the
+    model), ``random`` -> :class:`~prunelab.reproductions.vlm_tiny.RandomPrune`.
+    """
+    if name not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+    if name == "dense":
+        if kwargs:
+            raise ValueError(f"method: 'dense' takes no method arguments, got {sorted(kwargs)}")
+        return None
+    from prunelab.methods.divprune import DivPrune
+    from prunelab.methods.hiprune import HiPrune
+    from prunelab.reproductions.vlm_tiny import RandomPrune
+
+    cls = {"divprune": DivPrune, "hiprune": HiPrune, "random": RandomPrune}[name]
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"method: {cls.__name__} has no field(s) {unknown}; its fields are "
+                         f"{[f.name for f in dataclasses.fields(cls)]}")
+    return HiPrune.for_model(model, **kwargs) if cls is HiPrune else cls(**kwargs)
+
+
+def _dtype(dtype: str | torch.dtype):
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype: expected auto, float32, float16 or bfloat16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def load_vlm(pretrained: str, *, revision: str | None = None, dtype: str | torch.dtype = "auto",
+             device: str | torch.device = "cpu", attn_implementation: str = "sdpa", **processor_kwargs):
+    """(model, processor) of a LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL checkpoint, in eval mode on ``device``.
+
+    ``processor_kwargs`` go to ``AutoProcessor.from_pretrained`` (e.g. Qwen2.5-VL's ``max_pixels``).
+    The tokenizer pads on the left, as batched generation needs.
+    """
+    import transformers as tf
+
+    try:
+        config = tf.AutoConfig.from_pretrained(pretrained, revision=revision)
+    except OSError as e:  # no such folder, and the hub is unreachable or has no such model
+        raise OSError(f"pretrained: cannot load {pretrained!r}: not a local model folder, and the hub did not serve "
+                      f"it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    family = getattr(config, "model_type", None)
+    if family not in FAMILY_CLASSES:
+        raise ValueError(f"pretrained: {pretrained!r} is a {family!r} model; prunelab's VLM seam supports "
+                         f"{sorted(FAMILY_CLASSES)}")
+    cls = getattr(tf, FAMILY_CLASSES[family])
+    model = cls.from_pretrained(pretrained, revision=revision, dtype=_dtype(dtype),
+                                attn_implementation=attn_implementation).to(device).eval()
+    processor = tf.AutoProcessor.from_pretrained(pretrained, revision=revision, **processor_kwargs)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@dataclass
+class PrunedVLM:
+    """``model`` with ``method`` applied (``None``: dense), answering (question, images) prompts.
+
+    Attributes:
+        model: a transformers LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL model.
+        processor: its processor (chat template, image processor, tokenizer).
+        method: a VLM method object (``vlm_select``), or None for the dense model.
+    """
+
+    model: object
+    processor: object
+    method: object = None
+
+    def __post_init__(self):
+        if getattr(self.processor, "chat_template", None) is None:
+            raise ValueError("processor: it has no chat_template; PrunedVLM builds prompts with it")
+        self.handle = prunelab.apply(self.model, self.method) if self.method is not None else None
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prompt(self, question: str, n_images: int) -> str:
+        """The chat prompt for ``question`` after ``n_images`` images, ending with the assistant's turn."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _inputs(self, texts: Sequence[str], images: Sequence):
+        images = [im for per_prompt in images for im in per_prompt]
+        inputs = self.processor(text=list(texts), images=images or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    @torch.inference_mode()
+    def generate(self, questions: Sequence[str], images: Sequence[Sequence], *, max_new_tokens: int = 32,
+                 until: Sequence[str] = (), temperature: float = 0.0, top_p: float | None = None,
+                 num_beams: int = 1) -> list[str]:
+        """One answer per question; ``images[i]`` are the PIL images of question ``i`` (may be empty).
+
+        Greedy unless ``temperature > 0``; each answer is cut at the first of the ``until`` strings.
+        """
+        if len(questions) != len(images):
+            raise ValueError(f"images: expected one list per question ({len(questions)}), got {len(images)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        inputs = self._inputs([self.prompt(q, len(im)) for q, im in zip(questions, images)], images)
+        sample = temperature > 0
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample, num_beams=num_beams,
+                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [_cut(t, until) for t in texts]
+
+    @torch.inference_mode()
+    def loglikelihood(self, question: str, continuation: str, images: Sequence) -> tuple[float, bool]:
+        """(log p(continuation | prompt), whether greedy decoding would produce it), teacher-forced.
+
+        The continuation is text after the prompt, so the method never prunes it; the pruned forward returns
+        fewer rows, and the seam's ``state.positions`` says which prompt position each row is.
+        """
+        prompt = self.prompt(question, len(images))
+        ctx = self._inputs([prompt], [images])["input_ids"].shape[1]
+        inputs = self._inputs([prompt + continuation], [images])
+        ids = inputs["input_ids"][0]
+        if ids.shape[0] <= ctx:
+            raise ValueError(f"continuation: {continuation!r} adds no tokens to the prompt")
+        logits = self.model(**inputs).logits[0].float()
+        positions = (self.handle.state.positions[0] if self.handle is not None
+                     else torch.arange(ids.shape[0], device=ids.device))
+        row = torch.full((ids.shape[0],), -1, dtype=torch.long, device=ids.device)
+        kept = positions >= 0
+        row[positions[kept]] = torch.arange(positions.shape[0], device=ids.device)[kept]
+        rows = row[ctx - 1:ids.shape[0] - 1]  # the rows that predict each continuation token
+        if bool((rows < 0).any()):
+            raise RuntimeError("a prompt position before the continuation was pruned; loglikelihood needs the text "
+                               "that predicts the continuation")
+        logp = F.log_softmax(logits[rows], -1)
+        target = ids[ctx:]
+        total = float(logp.gather(1, target[:, None]).sum())
+        return (total if math.isfinite(total) else -math.inf), bool((logp.argmax(-1) == target).all())
+
+    def remove(self) -> None:
+        """Take the method off the model (the dense model again)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any non-empty stop string in ``until``."""
+    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+    return text[:cut]
