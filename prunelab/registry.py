@@ -41,8 +41,8 @@ METHODS: tuple[MethodInfo, ...] = (
         family="VLM",
         backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"),
         classes=("DivPrune",),
-        status="adapters on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; tiny preset on random tiny VLMs; "
-               "full preset (lmms-eval) and notebook to come",
+        status="LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; tiny preset on random tiny VLMs; full preset (lmms-eval) "
+               "needs the checkpoints, task data and a GPU",
     ),
     MethodInfo(
         name="hiprune",
@@ -51,8 +51,8 @@ METHODS: tuple[MethodInfo, ...] = (
         family="VLM",
         backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"),
         classes=("HiPrune",),
-        status="adapters on LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; tiny preset on random tiny VLMs; "
-               "full preset (lmms-eval) and notebook to come",
+        status="LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; tiny preset on random tiny VLMs; full preset (lmms-eval) "
+               "needs the checkpoints, task data and a GPU",
     ),
 )
 

@@ -4,7 +4,7 @@ DivPrune keeps, per image, the ``k`` projected visual tokens that greedily maxim
 cosine distance (:func:`~prunelab.methods.divprune.selection.max_min_diversity`), right after the multimodal
 projector and before language-model layer 0 (card ``shared/papers/divprune.md`` Sec. 4). Text is untouched.
 
-Official repository: ``vbdi/divprune`` (CC BY-NC 4.0), read through the card only; no code is copied.
+Official repository: ``vbdi/divprune`` (CC BY-NC 4.0), read at commit 799e2d9; no code is copied.
 The adapter goes through the VLM seam (:mod:`prunelab.common.vlm`), which reads the image spans from the
 placeholder tokens and handles batches, padding and ``generate()``; so the official code's fixed
 ``SYS_TOKEN_LEN = 35`` offset, its batch-1 indexing and its 3-D ``position_ids`` indexing (card Sec. 5,

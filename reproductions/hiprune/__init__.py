@@ -1,1 +1,1 @@
-"""The HiPrune reproduction: tiny random VLMs offline (tiny); LLaVA / Qwen2.5-VL via lmms-eval (full, to come)."""
+"""The HiPrune reproduction: tiny random VLMs offline (tiny); LLaVA-1.5 / NeXT / Qwen2.5-VL through lmms-eval (full)."""

@@ -63,6 +63,37 @@ def test_ref_running_min_equals_rereduction():
             assert int(md.argmax()) == order[b, t] and md.max() == score[b, t]
 
 
+def test_ref_cpu_row_loop_equals_batched_loop():
+    # the CPU fast path (python-int indices, one row at a time) against the batched loop GPUs run
+    from prunelab.kernels.max_min_diversity.reference import _greedy_batched, _greedy_rows_cpu, first_pick_ref
+
+    x, valid = _x(3, 90, 16), _valid(3, 90)
+    for v in (None, valid):
+        dist = cosine_distance_ref(x)
+        outs = []
+        for loop in (_greedy_rows_cpu, _greedy_batched):
+            order, score = torch.empty(3, 40, dtype=torch.int64), torch.empty(3, 40)
+            order[:, 0], score[:, 0] = first_pick_ref(dist, v)
+            outs.append(loop(dist, order, score, v))
+        _check_exact(*outs[0], *outs[1], 90, v)
+
+
+def test_unit_rows_checks_finiteness_on_the_norms():
+    from prunelab.kernels.max_min_diversity import unit_rows
+
+    x = _x(2, 5, 8)
+    x[1, 2] *= 1e30  # finite, but its squared norm overflows float32: rescaled, not flushed to zero
+    n = unit_rows(x)
+    big = x[1, 2].double()
+    assert torch.allclose(n.norm(dim=-1), torch.ones(2, 5)) and torch.allclose(n[1, 2], (big / big.norm()).float())
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN or inf"):
+        max_min_diversity_order(x, 2)
+    x[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="x: contains NaN or inf"):
+        max_min_diversity_order(x, 2)
+
+
 def test_ref_keep_all_is_permutation():
     order, _ = greedy_max_min_ref(cosine_distance_ref(_x(2, 33, 8)), 33)
     assert torch.equal(order.sort(dim=-1).values, torch.arange(33).expand(2, 33))
