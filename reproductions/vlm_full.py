@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -150,7 +149,7 @@ def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[st
                                   task_manager=manager, log_samples=False)
             tag = method if budget is None else f"{method}_{budget}"
             (out / "lmms" / f"{tag}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-            rows += [{"method": method, "budget": budget if budget is not None else math.nan, "task": task,
+            rows += [{"method": method, "budget": "all" if budget is None else budget, "task": task,
                       "metric": metric, "value": value} for task, metric, value in _metrics(res["results"])]
         meta = provenance(preset="full", paper=paper, model=args.model, revision=args.revision or "default",
                           dtype=args.dtype, batch_size=args.batch_size, limit=args.limit or "all",

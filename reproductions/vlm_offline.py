@@ -10,6 +10,7 @@ score lmms-eval tasks. Without hub access the same code path runs on:
   image?") on drawn images, saved with ``datasets.save_to_disk`` plus its task YAML, for ``--include_path``.
 
 The tiny models are random: their answers are noise, so the task checks the plumbing, not accuracy.
+``python -m prunelab.reproductions.vlm_offline DIR`` writes all three model folders and the task into ``DIR``.
 """
 
 from __future__ import annotations
@@ -175,3 +176,20 @@ def write_shapes_task(folder: str | Path, n: int = 16, seed: int = 0) -> Path:
     DatasetDict(test=Dataset.from_list(shapes_docs(n, seed))).save_to_disk(str(data))
     (folder / f"{SHAPES_TASK}.yaml").write_text(_TASK_YAML.format(task=SHAPES_TASK, data=data))
     return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the tiny VLM folders and the prunelab_shapes task.")
+    parser.add_argument("out", help="folder to write <family>/ model folders and task/ into")
+    parser.add_argument("--docs", type=int, default=16, help="questions in the task")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    for family in ("llava", "llava_next", "qwen2_5_vl"):
+        print(f"model folder: {save_tiny_vlm(out / family, family)}")
+    print(f"task folder (--include-path): {write_shapes_task(out / 'task', n=args.docs)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -169,8 +169,8 @@ def test_full_preset_command_offline(folders, task_dir, tmp_path):
           "--dtype", "float32", "--device", "cpu", "--batch-size", "2", "--method-args", "object_block=0",
           "--out", str(out)])
     data = json.loads((out / "full.json").read_text())
-    got = {(r["method"], r["budget"] if r["method"] != "dense" else None) for r in data["rows"]}
-    assert got == {("dense", None), ("hiprune", 4), ("hiprune", 0.5), ("random", 4), ("random", 0.5)}
+    got = {(r["method"], r["budget"]) for r in data["rows"]}
+    assert got == {("dense", "all"), ("hiprune", 4), ("hiprune", 0.5), ("random", 4), ("random", 0.5)}
     assert all(r["metric"] == "shapes_accuracy" and 0.0 <= r["value"] <= 1.0 for r in data["rows"])
     assert data["provenance"]["model"] == str(folders["llava"])
     assert (out / "full.png").exists() and len(list((out / "lmms").glob("*.json"))) == 5
