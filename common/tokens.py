@@ -57,6 +57,17 @@ def keep_count(n: int, keep_ratio: float, *, name: str = "keep_ratio") -> int:
     return max(1, min(n, math.floor(n * keep_ratio + 0.5 + 1e-9)))
 
 
+def check_budget(budget, *, name: str = "budget") -> None:
+    """A per-image budget is a token count (int >= 1) or a keep ratio (float in (0, 1]); raise naming ``name``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"{name}: expected a token count (int >= 1) or a keep ratio (float in (0, 1]), "
+                         f"got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"{name}: a token count must be >= 1, got {budget}")
+    if isinstance(budget, float) and (math.isnan(budget) or not 0.0 < budget <= 1.0):
+        raise ValueError(f"{name}: a keep ratio must lie in (0, 1], got {budget}")
+
+
 def check_keep_indices(keep: torch.Tensor, n: int, *, num_prefix: int = 0, name: str = "keep") -> None:
     """Raise if ``keep`` [B, K] breaks the kept-token contract for a sequence of ``n`` tokens."""
     if keep.dtype != torch.int64 or keep.dim() != 2:

@@ -21,7 +21,6 @@ overhead and the selection itself, not by the saved MACs. Both are stated in the
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from prunelab.common.llm_flops import vlm_prefill_cost
 from prunelab.common.provenance import provenance, write_results
 from prunelab.common.timing import benchmark
 from prunelab.common.tiny_vlm import FAMILIES, PAD, VOCAB, tiny_inputs, tiny_vlm
-from prunelab.common.tokens import keep_count
+from prunelab.common.tokens import check_budget, keep_count
 from prunelab.common.vlm_layout import find_image_spans
 
 __all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "RandomPrune", "make_method", "plot", "run_vlm_tiny", "tiny_preset"]
@@ -75,13 +74,7 @@ class RandomPrune:
     seed: int = 0
 
     def __post_init__(self):
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ValueError(f"budget: expected a keep ratio (float in (0, 1]) or a token count (int >= 1), got {b!r}")
-        if isinstance(b, int) and b < 1:
-            raise ValueError(f"budget: a token count must be >= 1, got {b}")
-        if isinstance(b, float) and (math.isnan(b) or not 0.0 < b <= 1.0):
-            raise ValueError(f"budget: a keep ratio must lie in (0, 1], got {b}")
+        check_budget(self.budget)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
 

@@ -44,6 +44,12 @@ def _method(name, model, family, budget):
     return make_vlm_method(name, model, budget=budget, **extra)
 
 
+def _divprune_vlm(folder, family):
+    """A freshly loaded model with DivPrune at keep ratio 0.25 (its own copy: nothing to remove afterwards)."""
+    model, processor = load_vlm(str(folder), dtype="float32")
+    return PrunedVLM(model, processor, _method("divprune", model, family, 0.25))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ["divprune", "hiprune"])
 def test_keep_all_answers_like_dense(folders, family, name):
@@ -63,30 +69,20 @@ def test_keep_all_answers_like_dense(folders, family, name):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padded_batch_matches_per_question(folders, family):
-    model, processor = load_vlm(str(folders[family]), dtype="float32")
-    qs, ims = _questions(3)
-    vlm = PrunedVLM(model, processor, _method("divprune", model, family, 0.25))
-    try:
-        batch = vlm.generate(qs, ims, max_new_tokens=4)
-        single = [vlm.generate([q], [im], max_new_tokens=4)[0] for q, im in zip(qs, ims)]
-        kept = [k.numel() for k in vlm.handle.state.kept]
-    finally:
-        vlm.remove()
+    vlm, (qs, ims) = _divprune_vlm(folders[family], family), _questions(3)
+    batch = vlm.generate(qs, ims, max_new_tokens=4)
+    single = [vlm.generate([q], [im], max_new_tokens=4)[0] for q, im in zip(qs, ims)]
+    kept = [k.numel() for k in vlm.handle.state.kept]
     assert batch == single
     assert len(kept) == 1 and kept[0] >= 1  # the last forward was one image, pruned
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loglikelihood_of_greedy_answer_is_greedy(folders, family):
-    model, processor = load_vlm(str(folders[family]), dtype="float32")
-    qs, ims = _questions(1)
-    vlm = PrunedVLM(model, processor, _method("divprune", model, family, 0.25))
-    try:
-        answer = vlm.generate(qs, ims, max_new_tokens=3)[0]
-        logp, greedy = vlm.loglikelihood(qs[0], " " + answer, ims[0])
-        other = vlm.loglikelihood(qs[0], " " + answer + " red red", ims[0])
-    finally:
-        vlm.remove()
+    vlm, (qs, ims) = _divprune_vlm(folders[family], family), _questions(1)
+    answer = vlm.generate(qs, ims, max_new_tokens=3)[0]
+    logp, greedy = vlm.loglikelihood(qs[0], " " + answer, ims[0])
+    other = vlm.loglikelihood(qs[0], " " + answer + " red red", ims[0])
     assert greedy and logp < 0 and math.isfinite(logp)
     assert other[0] < logp  # more tokens, lower probability
 

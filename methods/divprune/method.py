@@ -13,13 +13,12 @@ items 2-4) have no counterpart here. README.md lists every difference.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from prunelab.common.tokens import keep_count
+from prunelab.common.tokens import check_budget, keep_count
 from prunelab.kernels.dispatch import IMPLS
 from prunelab.methods.divprune.selection import max_min_diversity
 
@@ -74,14 +73,7 @@ class DivPrune:
     impl: str = "auto"
 
     def __post_init__(self):
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ValueError(f"budget: expected a token count (int >= 1) or a keep ratio (float in (0, 1]), "
-                             f"got {b!r}")
-        if isinstance(b, int) and b < 1:
-            raise ValueError(f"budget: a token count must be >= 1, got {b}")
-        if isinstance(b, float) and (math.isnan(b) or not 0.0 < b <= 1.0):
-            raise ValueError(f"budget: a keep ratio must lie in (0, 1], got {b}")
+        check_budget(self.budget)
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {self.rounding!r}")
         if not isinstance(self.official_quirks, bool):

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 import torch
 
-from prunelab.common.tokens import keep_count
+from prunelab.common.tokens import check_budget, keep_count
 from prunelab.methods.hiprune.selection import (
     DEFAULT_ANCHOR_RATIO,
     HiPrunePartition,
@@ -75,13 +75,7 @@ class HiPrune:
     keep_newlines: bool = False
 
     def __post_init__(self):
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ValueError(f"budget must be a token count (int >= 1) or a keep ratio (float in (0, 1]), got {b!r}")
-        if isinstance(b, int) and b < 1:
-            raise ValueError(f"budget must be >= 1 tokens, got {b}")
-        if isinstance(b, float) and (math.isnan(b) or not 0.0 < b <= 1.0):
-            raise ValueError(f"budget as a keep ratio must be in (0, 1], got {b}")
+        check_budget(self.budget)
         a = self.anchor_ratio
         if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or not 0 <= a <= 1:
             raise ValueError(f"anchor_ratio must be in [0, 1], got {a!r}")
