@@ -11,6 +11,7 @@ prompt with the processor's chat template (the images first, then the question, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -132,19 +133,42 @@ class PrunedVLM:
                  num_beams: int = 1) -> list[str]:
         """One answer per question; ``images[i]`` are the PIL images of question ``i`` (may be empty).
 
-        Greedy unless ``temperature > 0``; each answer is cut at the first of the ``until`` strings.
+        Greedy unless ``temperature > 0``; each answer is cut at the first of the ``until`` strings. Questions
+        without images (some benchmarks mix them in) run on the dense model: there is nothing to prune.
         """
         if len(questions) != len(images):
             raise ValueError(f"images: expected one list per question ({len(questions)}), got {len(images)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-        inputs = self._inputs([self.prompt(q, len(im)) for q, im in zip(questions, images)], images)
         sample = temperature > 0
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample, num_beams=num_beams,
-                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [_cut(t, until) for t in texts]
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=num_beams,
+                      temperature=temperature if sample else None, top_p=top_p if sample else None,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        answers: list[str] = [""] * len(questions)
+        # a text-only question has nothing to prune (the seam refuses it): it runs on the dense model
+        for with_images in (True, False):
+            idx = [i for i, im in enumerate(images) if bool(len(im)) == with_images]
+            if not idx:
+                continue
+            inputs = self._inputs([self.prompt(questions[i], len(images[i])) for i in idx], [images[i] for i in idx])
+            with self._dense_unless(with_images):
+                out = self.model.generate(**inputs, **kwargs)
+            texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                answers[i] = _cut(t, until)
+        return answers
+
+    @contextlib.contextmanager
+    def _dense_unless(self, with_images: bool):
+        """Take the method off for a text-only forward and put it back afterwards."""
+        if with_images or self.handle is None:
+            yield
+            return
+        self.handle.remove()
+        try:
+            yield
+        finally:
+            self.handle = prunelab.apply(self.model, self.method)
 
     @torch.inference_mode()
     def loglikelihood(self, question: str, continuation: str, images: Sequence) -> tuple[float, bool]:
@@ -159,8 +183,9 @@ class PrunedVLM:
         ids = inputs["input_ids"][0]
         if ids.shape[0] <= ctx:
             raise ValueError(f"continuation: {continuation!r} adds no tokens to the prompt")
-        logits = self.model(**inputs).logits[0].float()
-        positions = (self.handle.state.positions[0] if self.handle is not None
+        with self._dense_unless(bool(len(images))):
+            logits = self.model(**inputs).logits[0].float()
+        positions = (self.handle.state.positions[0] if self.handle is not None and len(images)
                      else torch.arange(ids.shape[0], device=ids.device))
         row = torch.full((ids.shape[0],), -1, dtype=torch.long, device=ids.device)
         kept = positions >= 0

@@ -87,6 +87,20 @@ def test_loglikelihood_of_greedy_answer_is_greedy(folders, family):
     assert other[0] < logp  # more tokens, lower probability
 
 
+def test_text_only_questions_run_dense(folders):
+    model, processor = load_vlm(str(folders["llava"]), dtype="float32")
+    qs, ims = _questions(2)
+    dense = PrunedVLM(model, processor)
+    want = dense.generate(["is there a red square?"], [[]], max_new_tokens=4)[0]
+    want_ll = dense.loglikelihood("is there a red square?", " yes", [])
+    vlm = PrunedVLM(model, processor, _method("divprune", model, "llava", 0.25))
+    mixed = vlm.generate([qs[0], "is there a red square?", qs[1]], [ims[0], [], ims[1]], max_new_tokens=4)
+    assert mixed[1] == want  # the text-only question answered densely, in its place in the batch
+    assert mixed[0] == vlm.generate([qs[0]], [ims[0]], max_new_tokens=4)[0]  # the method is back on
+    assert vlm.handle is not None and len(vlm.handle.state.kept) == 1
+    assert vlm.loglikelihood("is there a red square?", " yes", []) == want_ll
+
+
 def test_bad_inputs_name_the_parameter(folders, tmp_path):
     model, processor = load_vlm(str(folders["llava"]), dtype="float32")
     with pytest.raises(ValueError, match="method"):
