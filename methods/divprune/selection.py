@@ -63,8 +63,8 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``x`` is not a finite float tensor of shape ``[B, M, C]``.
     """
-    check_max_min_inputs(x, 1, None)
-    return cosine_distance_ref(x)
+    check_max_min_inputs(x, 1, None, finite=False)
+    return cosine_distance_ref(x)  # checks NaN / inf on the row norms
 
 
 def max_min_diversity(
