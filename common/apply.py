@@ -1,9 +1,26 @@
-"""``prunelab.apply``: install a method into a model through its backbone's seam, and undo it."""
+"""``prunelab.apply``: install a method into a model through its backbone's seam, and undo it.
+
+A model carries a stack of handles (an instance attribute). Only the top one is installed; the ones below are
+suspended (undone) and come back, freshly installed, when the handle above them is removed. So
+
+- applying a method equal to the installed one stacks a copy: applying twice equals applying once, and removing
+  the inner handle leaves the outer one working;
+- applying a different method is an explicit choice: ``on_existing="replace"`` runs it in place of the installed
+  one until its handle is removed (nested ``with`` blocks); the default ``"error"`` refuses;
+- ``copy.deepcopy(model)`` gives a copy with the same methods applied through its own handles
+  (:func:`handle_of` returns them), and the original keeps its own.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
+
+from prunelab.common.validate import check_choice, check_method
+
+_STACK = "_prunelab_handles"  # instance attribute of the model: its handles, the installed one last
+ON_EXISTING = ("error", "replace")
 
 
 class UnsupportedModelError(ValueError):
@@ -18,13 +35,33 @@ class Handle:
         self.method = method
         self._undo = undo
         self.removed = False
+        self.suspended = False
 
     def remove(self) -> None:
-        if not self.removed:
+        """Undo this installation; if it was on top of another handle, that one is installed again."""
+        if self.removed:
+            return
+        stack = vars(self.model).get(_STACK, [])
+        top = bool(stack) and stack[-1] is self
+        if not self.suspended:
             self._undo()
-            self.removed = True
-            if getattr(self.model, "_prunelab_handle", None) is self:
-                del self.model._prunelab_handle
+        self.removed = True
+        if self in stack:
+            stack.remove(self)
+        if top and stack:
+            stack[-1]._resume()
+        if not stack:
+            _forget(self.model)
+
+    def _suspend(self) -> None:
+        self._undo()
+        self.suspended = True
+
+    def _resume(self) -> None:
+        fresh = _install(self.model, self.method)  # the seam's own install; its state replaces the old one
+        keep = {"model", "method", "removed"}
+        vars(self).update({k: v for k, v in vars(fresh).items() if k not in keep})
+        self.suspended = False
 
     def __enter__(self) -> Handle:
         return self
@@ -33,29 +70,81 @@ class Handle:
         self.remove()
 
 
-def apply(model: Any, method: Any) -> Handle:
-    """Install ``method`` into ``model`` and return a :class:`Handle`.
+def handle_of(model: Any) -> Handle | None:
+    """The installed (top) handle of ``model``, or ``None`` when no method is applied."""
+    stack = vars(model).get(_STACK) if hasattr(model, "__dict__") else None
+    return stack[-1] if stack else None
 
-    Applying again replaces the previous installation, so applying twice equals applying once.
-    """
+
+def _install(model: Any, method: Any) -> Handle:
+    """Pick the seam for ``model`` and install ``method`` through it."""
     from prunelab.common.decoder import install_decoder, is_hf_decoder
     from prunelab.common.vit import install_vit, is_timm_vit
     from prunelab.common.vlm import install_vlm, is_hf_vlm
 
-    previous = getattr(model, "_prunelab_handle", None)
-    if previous is not None:
-        previous.remove()
     if is_timm_vit(model):
-        handle = install_vit(model, method)
-    elif is_hf_vlm(model):  # before the decoder check, which any transformers model passes
-        handle = install_vlm(model, method)
-    elif is_hf_decoder(model):
-        handle = install_decoder(model, method)
-    else:
-        raise UnsupportedModelError(
-            f"model: prunelab has no adapter for {type(model).__module__}.{type(model).__name__}; "
-            "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral "
-            "decoders; LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL"
+        return install_vit(model, method)
+    if is_hf_vlm(model):  # before the decoder check, which any transformers model passes
+        return install_vlm(model, method)
+    if is_hf_decoder(model):
+        return install_decoder(model, method)
+    raise UnsupportedModelError(
+        f"model: prunelab has no adapter for {type(model).__module__}.{type(model).__name__}; "
+        "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral "
+        "decoders; LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL"
+    )
+
+
+def _deepcopy(model: Any, memo: dict) -> Any:
+    """``copy.deepcopy`` of a model with methods applied: copy it clean, then apply the same stack to the copy."""
+    stack = list(vars(model)[_STACK])
+    stack[-1]._suspend()
+    saved = _forget(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        vars(model).update(saved)
+        stack[-1]._resume()
+    for i, h in enumerate(stack):
+        apply(clone, h.method, on_existing="replace" if i else "error")
+    return clone
+
+
+def _forget(model: Any) -> dict:
+    """Remove the stack and the copy hook from the model's attributes; return them."""
+    return {k: vars(model).pop(k) for k in (_STACK, "__deepcopy__") if k in vars(model)}
+
+
+def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
+    """Install ``method`` into ``model`` and return a :class:`Handle`.
+
+    Args:
+        model: a supported model (timm ViT, transformers decoder or VLM).
+        method: a method *instance*.
+        on_existing: what to do when ``model`` already has a different method applied: ``"error"`` (default)
+            raises; ``"replace"`` suspends it while the new handle lives. An equal method is always stacked
+            (applying twice equals applying once).
+    """
+    check_method(method)
+    check_choice(on_existing, "on_existing", ON_EXISTING)
+    stack = vars(model).setdefault(_STACK, [])
+    top = stack[-1] if stack else None
+    if top is not None and on_existing == "error" and top.method != method:
+        raise ValueError(
+            f"method: the model already has {type(top.method).__name__} applied; remove its handle first, or pass "
+            f"on_existing='replace' to run {type(method).__name__} in its place until the new handle is removed"
         )
-    model._prunelab_handle = handle
+    if top is not None:
+        top._suspend()
+    try:
+        handle = _install(model, method)
+    except BaseException:
+        if top is not None:
+            top._resume()
+        elif not stack:
+            _forget(model)
+        raise
+    stack.append(handle)
+    # copy.deepcopy looks __deepcopy__ up on the instance: a copy gets its own installation, not our hooks
+    vars(model)["__deepcopy__"] = lambda memo: _deepcopy(model, memo)
     return handle

@@ -25,7 +25,7 @@ from prunelab.common.apply import Handle, UnsupportedModelError
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
 
 __all__ = ["ATTN_NAME", "AttentionCall", "DecoderHandle", "DecoderSpec", "attend_selected", "decoder_spec",
-           "gather_rows", "install_decoder", "is_hf_decoder", "valid_lengths"]
+           "gather_rows", "install_decoder", "is_hf_decoder", "require_eval", "switch_attention", "valid_lengths"]
 
 ATTN_NAME = "prunelab"
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -156,6 +156,41 @@ def _register_attention() -> None:
         AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+_USERS = "_prunelab_attention_users"  # on a switched config: [installed handles using it, its previous function]
+
+
+def switch_attention(configs: list) -> Callable[[], None]:
+    """Set each config's attention function to ``"prunelab"``; the returned undo restores it.
+
+    Models built from one config object share it, so the switch is counted on the config itself: removing a
+    method from one model leaves another model's method working, and the last removal restores the function the
+    config had. (The count sits in the config's attributes while a method is installed, and is deleted after.)
+    """
+    for c in configs:
+        record = vars(c).get(_USERS)
+        if record is None or c._attn_implementation != ATTN_NAME:  # none, or stale (e.g. a copied config)
+            record = vars(c)[_USERS] = [0, c._attn_implementation]
+        record[0] += 1
+        c._attn_implementation_internal = ATTN_NAME
+
+    def undo() -> None:
+        for c in configs:
+            record = vars(c)[_USERS]
+            record[0] -= 1
+            if record[0] == 0:
+                c._attn_implementation_internal = record[1]
+                del vars(c)[_USERS]
+
+    return undo
+
+
+def require_eval(model) -> None:
+    """Decoder and VLM methods prune at inference; a model in training mode would silently run dense."""
+    if model.training:
+        raise ValueError(f"model: {type(model).__name__} is in training mode (transformers models built from a "
+                         "config start in it); prunelab's decoder and VLM methods run at inference: call model.eval()")
+
+
 class DecoderHandle(Handle):
     """A :class:`Handle` that also exposes the decoder's :class:`DecoderSpec` and the method's handler."""
 
@@ -179,14 +214,13 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
     _register_attention()
     state = _DecoderState(handler=method.decoder_handler(spec))
     modules = _attention_modules(model, spec)
-    configs = {id(c): c for c in (model.config, _text_config(model))}.values()
-    previous = [(c, c._attn_implementation) for c in configs]
-    for c in configs:
-        c._attn_implementation_internal = ATTN_NAME
+    configs = list({id(c): c for c in (model.config, _text_config(model))}.values())
+    restore_configs = switch_attention(configs)
     for m in modules:
         m._prunelab_decoder = state
 
     def pre_hook(_module, args, kwargs):
+        require_eval(model)
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         use_cache = model.config.use_cache if use_cache is None else use_cache
@@ -203,8 +237,7 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
         hook.remove()
         for m in modules:
             del m._prunelab_decoder
-        for c, impl in previous:
-            c._attn_implementation_internal = impl
+        restore_configs()
 
     return DecoderHandle(model, method, undo, spec=spec, handler=state.handler)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from prunelab.common.flops import ViTDims, vit_gflops
 from prunelab.common.tokens import keep_count
+from prunelab.common.validate import check_ints
 
 
 def default_prune_blocks(depth: int) -> tuple[int, ...]:
@@ -36,6 +37,8 @@ class TokenSchedule:
     removals: tuple[int, ...]
 
     def __post_init__(self):
+        object.__setattr__(self, "blocks", check_ints(self.blocks, "schedule.blocks"))
+        object.__setattr__(self, "removals", check_ints(self.removals, "schedule.removals"))
         if len(self.blocks) != len(self.removals):
             raise ValueError(f"schedule: {len(self.blocks)} blocks but {len(self.removals)} removal counts")
         if list(self.blocks) != sorted(set(self.blocks)) or any(b < 0 for b in self.blocks):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prunelab.common.validate import check_real
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -48,24 +50,10 @@ def keep_count(n: int, keep_ratio: float, *, name: str = "keep_ratio") -> int:
     Round-half-up (not Python's banker's rounding), so 0.5 of 197 keeps 99. A 1e-9 tolerance absorbs
     floating-point error in the product: 0.35 * 10 is 3.4999999999999996 in binary and must keep 4.
     """
-    if not isinstance(keep_ratio, (int, float)) or isinstance(keep_ratio, bool) or math.isnan(keep_ratio):
-        raise ValueError(f"{name} must be a number in (0, 1], got {keep_ratio!r}")
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {keep_ratio}")
+    keep_ratio = check_real(keep_ratio, name, low=0.0, high=1.0, low_open=True)
     if n < 1:
         raise ValueError(f"cannot keep a fraction of {n} tokens")
     return max(1, min(n, math.floor(n * keep_ratio + 0.5 + 1e-9)))
-
-
-def check_budget(budget, *, name: str = "budget") -> None:
-    """A per-image budget is a token count (int >= 1) or a keep ratio (float in (0, 1]); raise naming ``name``."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"{name}: expected a token count (int >= 1) or a keep ratio (float in (0, 1]), "
-                         f"got {budget!r}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"{name}: a token count must be >= 1, got {budget}")
-    if isinstance(budget, float) and (math.isnan(budget) or not 0.0 < budget <= 1.0):
-        raise ValueError(f"{name}: a keep ratio must lie in (0, 1], got {budget}")
 
 
 def check_keep_indices(keep: torch.Tensor, n: int, *, num_prefix: int = 0, name: str = "keep") -> None:

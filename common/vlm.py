@@ -42,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from prunelab.common.apply import Handle
+from prunelab.common.decoder import require_eval
 from prunelab.common.tokens import check_keep_indices
 from prunelab.common.vlm_layout import ImageSpan, crops_per_image, find_image_spans, require_family, vlm_family
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
@@ -238,6 +239,7 @@ def install_vlm(model, method) -> VLMHandle:
     undo = install_vision_hooks(model, family, request.vision_layers, request.received, request.hidden, state.stats)
 
     def outer_pre_hook(_module, args, kwargs):
+        require_eval(model)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:

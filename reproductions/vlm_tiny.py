@@ -35,7 +35,8 @@ from prunelab.common.llm_flops import vlm_prefill_cost
 from prunelab.common.provenance import provenance, write_results
 from prunelab.common.timing import benchmark
 from prunelab.common.tiny_vlm import FAMILIES, PAD, VOCAB, tiny_inputs, tiny_vlm
-from prunelab.common.tokens import check_budget, keep_count
+from prunelab.common.tokens import keep_count
+from prunelab.common.validate import check_budget
 from prunelab.common.vlm_layout import find_image_spans
 
 __all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "RandomPrune", "make_method", "plot", "run_vlm_tiny", "tiny_preset"]
@@ -74,7 +75,7 @@ class RandomPrune:
     seed: int = 0
 
     def __post_init__(self):
-        check_budget(self.budget)
+        object.__setattr__(self, "budget", check_budget(self.budget))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
 

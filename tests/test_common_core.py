@@ -129,16 +129,19 @@ def test_apply_twice_equals_once_and_remove_restores_bit_for_bit():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         dense = model(x)
-        once = prunelab.apply(model, DropLast())
+        method = DropLast()
+        once = prunelab.apply(model, method)
         y1 = model(x)
-        twice = prunelab.apply(model, DropLast())
+        twice = prunelab.apply(model, method)  # stacked: the first waits, uninstalled, below the second
         y2 = model(x)
-        assert once.removed and not twice.removed
+        assert once.suspended and not twice.suspended
         assert len(model.blocks[1]._forward_hooks) == 1
         torch.testing.assert_close(y1, y2, atol=0, rtol=0)
         assert twice.state.tokens_per_block == [36]
         twice.remove()
         twice.remove()  # idempotent
+        assert len(model.blocks[1]._forward_hooks) == 1 and torch.equal(model(x), y1)  # the first is back
+        once.remove()
         assert torch.equal(model(x), dense)
     assert not model.blocks[1]._forward_hooks and not model.blocks[0]._forward_pre_hooks
     assert all("forward" not in vars(b.attn) for b in model.blocks)

@@ -36,11 +36,13 @@ def test_remove_restores_and_other_models_stay_dense():
         ref_b = b(input_ids=ids, attention_mask=mask).logits
         before = {k: v.clone() for k, v in a.state_dict().items()}
         h1 = prunelab.apply(a, OracleTopK(budget=8))
-        h2 = prunelab.apply(a, OracleTopK(budget=8))  # applying twice = once
-        assert h1.removed and not h2.removed
+        h2 = prunelab.apply(a, OracleTopK(budget=8))  # applying twice = once: the first waits below the second
+        assert h1.suspended and not h2.suspended and not (h1.removed or h2.removed)
         assert b.config._attn_implementation == "sdpa"
         assert torch.equal(b(input_ids=ids, attention_mask=mask).logits, ref_b)
         h2.remove()
+        assert not h1.suspended and a.config._attn_implementation == ATTN_NAME
+        h1.remove()
     assert a.config._attn_implementation == "sdpa"
     assert not any(hasattr(m, "_prunelab_decoder") for m in a.modules())
     assert not a._forward_pre_hooks

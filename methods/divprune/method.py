@@ -2,13 +2,15 @@
 
 DivPrune keeps, per image, the ``k`` projected visual tokens that greedily maximise the minimum pairwise
 cosine distance (:func:`~prunelab.methods.divprune.selection.max_min_diversity`), right after the multimodal
-projector and before language-model layer 0 (card ``shared/papers/divprune.md`` Sec. 4). Text is untouched.
+projector and before language-model layer 0 (the official ``LAYER_INDEX=0`` branch, the only one implemented
+there). Text is untouched.
 
 Official repository: ``vbdi/divprune`` (CC BY-NC 4.0), read at commit 799e2d9; no code is copied.
 The adapter goes through the VLM seam (:mod:`prunelab.common.vlm`), which reads the image spans from the
 placeholder tokens and handles batches, padding and ``generate()``; so the official code's fixed
-``SYS_TOKEN_LEN = 35`` offset, its batch-1 indexing and its 3-D ``position_ids`` indexing (card Sec. 5,
-items 2-4) have no counterpart here. README.md lists every difference.
+``SYS_TOKEN_LEN = 35`` offset, its batch-1 indexing and its 3-D ``position_ids`` indexing (official
+``prepare_inputs_labels_for_multimodal``, ``LLaVA/llava/model/llava_arch.py``) have no counterpart here.
+README.md lists every difference.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from prunelab.common.tokens import check_budget, keep_count
+from prunelab.common.tokens import keep_count
+from prunelab.common.validate import check_bool, check_budget, check_choice
 from prunelab.kernels.dispatch import IMPLS
 from prunelab.methods.divprune.selection import max_min_diversity
 
 __all__ = ["DEFAULT_KEEP_RATIO", "LLAVA15_BUDGETS", "ROUNDINGS", "DivPrune", "divprune_keep_count"]
 
 DEFAULT_KEEP_RATIO = 0.098
-"""r, the kept ratio of image tokens (card Sec. 3, the official ``SUBSET_RATIO`` for images: ~56 of 576)."""
+"""r, the kept ratio of image tokens (``SUBSET_RATIO`` in the official ``run_Divprune.sh``: ~56 of 576)."""
 
 LLAVA15_BUDGETS = (64, 128, 192)
-"""Our standard LLaVA-1.5 budgets, of 576 tokens per image (card Sec. 3, [inferred])."""
+"""Our standard LLaVA-1.5 budgets, of 576 tokens per image (our choice, not a paper setting)."""
 
 ROUNDINGS = ("half_even", "half_up")
 
@@ -36,7 +39,7 @@ ROUNDINGS = ("half_even", "half_up")
 def divprune_keep_count(n: int, ratio: float, rounding: str = "half_even") -> int:
     """k for ``n`` visual tokens at keep ratio ``ratio``: the official rule, ``int(round(r * M))``.
 
-    ``"half_even"`` is Python's ``round`` as in the official code (card Sec. 3): 2.5 -> 2, 3.5 -> 4, and no
+    ``"half_even"`` is Python's ``round`` as in the official ``DivPrune``: 2.5 -> 2, 3.5 -> 4, and no
     tolerance for binary error. It differs from the repo rule :func:`prunelab.common.tokens.keep_count`
     (``"half_up"``: ``floor(r * M + 0.5)``), e.g. ``n=25, r=0.1`` keeps 2 here and 3 there. Both keep at least
     one token: the official code would ask for an empty selection when ``r * M < 0.5``.
@@ -56,10 +59,10 @@ class DivPrune:
 
     Attributes:
         budget: tokens kept per image. A float in (0, 1] is the keep ratio r of that image's visual tokens
-            M (default 0.098, card Sec. 3); an int >= 1 is a count (LLaVA-1.5: 64 / 128 / 192 of 576, see
+            M (default 0.098, the official run script); an int >= 1 is a count (LLaVA-1.5: 64 / 128 / 192 of 576, see
             :meth:`llava15`). On LLaVA-NeXT, M counts the base tile, the unpadded crop tokens and the
-            ``image_newline`` tokens (card Sec. 3, as the official code prunes the packed features).
-        rounding: ratio to count: ``"half_even"`` = the official ``int(round(r * M))`` (default, card Sec. 3),
+            ``image_newline`` tokens (as the official code prunes the packed features).
+        rounding: ratio to count: ``"half_even"`` = the official ``int(round(r * M))`` (the default),
             ``"half_up"`` = the repo's ``keep_count``. See :func:`divprune_keep_count`.
         official_quirks: reproduce the official greedy (no masking of chosen tokens, 2nd-smallest first
             pick, distances in the input dtype; ``selection.py``). If it re-picks a token, the kept set would
@@ -73,17 +76,14 @@ class DivPrune:
     impl: str = "auto"
 
     def __post_init__(self):
-        check_budget(self.budget)
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {self.rounding!r}")
-        if not isinstance(self.official_quirks, bool):
-            raise ValueError(f"official_quirks: expected a bool, got {self.official_quirks!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl: expected one of {IMPLS}, got {self.impl!r}")
+        object.__setattr__(self, "budget", check_budget(self.budget))
+        check_choice(self.rounding, "rounding", ROUNDINGS)
+        object.__setattr__(self, "official_quirks", check_bool(self.official_quirks, "official_quirks"))
+        check_choice(self.impl, "impl", IMPLS)
 
     @classmethod
     def llava15(cls, tokens: int = 64, **kwargs) -> DivPrune:
-        """Our LLaVA-1.5 settings: keep ``tokens`` in (64, 128, 192) of the 576 per image (card Sec. 3)."""
+        """Our LLaVA-1.5 settings: keep ``tokens`` in (64, 128, 192) of the 576 per image (our choice)."""
         if tokens not in LLAVA15_BUDGETS:
             raise ValueError(f"tokens: LLaVA-1.5 budgets are {LLAVA15_BUDGETS}, got {tokens!r}")
         return cls(budget=tokens, **kwargs)
@@ -115,7 +115,7 @@ class DivPrune:
                                      impl=self.impl)[0]
             if self.official_quirks and keep.unique().numel() != keep.numel():
                 raise ValueError(f"official_quirks: the official greedy picked a token of image {i} twice (exact "
-                                 "duplicate embeddings, card Sec. 5 item 1); a kept set cannot hold a token twice, "
-                                 "so use official_quirks=False for this input")
+                                 "duplicate embeddings; its loop does not mask chosen tokens); a kept set cannot "
+                                 "hold a token twice, so use official_quirks=False for this input")
             keeps.append(keep)
         return keeps

@@ -8,14 +8,15 @@ Official code: ``Danielement321/HiPrune`` (MIT), compared at commit 6e83a12; see
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import torch
 
-from prunelab.common.tokens import check_budget, keep_count
+from prunelab.common.tokens import keep_count
+from prunelab.common.validate import check_bool, check_budget, check_choice, check_int, check_real
 from prunelab.methods.hiprune.selection import (
     DEFAULT_ANCHOR_RATIO,
     HiPrunePartition,
@@ -28,42 +29,43 @@ FAMILY_ENCODER = MappingProxyType({"llava": "clip", "llava_next": "clip", "qwen2
 """The vision-encoder family of each VLM family the seam supports."""
 
 ENCODER_BLOCKS = MappingProxyType({
-    # 0-based block indices (object layer, deep layer); negative counts from the end. Card §3.
+    # 0-based block indices (object layer, deep layer); negative counts from the end. Official README.
     "clip": (8, -2),  # LLaVA-1.5 / LLaVA-NeXT: layer 9 (1-based); the penultimate layer = LLaVA's feature layer
     "qwen2_5_vl": (15, -1),  # Qwen2.5-VL: layer 16 (1-based, a full-attention block); the last block
 })
 """Default (object_block, deep_block) per vision-encoder family."""
 
 PAPER_BUDGETS = MappingProxyType({
-    "llava-1.5": (192, 128, 64),  # of 576 (card §3, HIPRUNE_RETENTION)
-    "llava-next": (640, 320, 160),  # of 2880, split over the crops (card §3)
-    "qwen2_5_vl": (0.334, 0.223, 0.112),  # keep ratios (card §3, HIPRUNE_QWEN_RETENTION)
+    "llava-1.5": (192, 128, 64),  # of 576 (official README, HIPRUNE_RETENTION)
+    "llava-next": (640, 320, 160),  # of 2880, split over the crops (official README)
+    "qwen2_5_vl": (0.334, 0.223, 0.112),  # keep ratios (official README, HIPRUNE_QWEN_RETENTION)
 })
 """The budgets the paper evaluates, per model."""
 
 
 @dataclass(frozen=True)
 class HiPrune:
-    """HiPrune's hyperparameters; defaults are the paper's LLaVA-1.5 setting (card §3).
+    """HiPrune's hyperparameters; defaults are the paper's LLaVA-1.5 setting (official README, hyperparameters).
 
     Attributes:
-        budget: N', image tokens kept per image. An int is a count (card §3: 192 / 128 / 64 of 576 on
-            LLaVA-1.5); a float in (0, 1] is a keep ratio of the image's tokens (card §3: Qwen2.5-VL
-            0.334 / 0.223 / 0.112), converted by ``keep_count`` (round half up) or, with
-            ``official_quirks``, by Python's ``round`` like the official Qwen code (card §2).
+        budget: N', image tokens kept per image. An int is a count (official README: 192 / 128 / 64 of 576
+            on LLaVA-1.5); a float in (0, 1] is a keep ratio of the image's tokens (official README:
+            Qwen2.5-VL 0.334 / 0.223 / 0.112), converted by ``keep_count`` (round half up) or, with
+            ``official_quirks``, by Python's ``round`` like the official ``qwen2_5_vl_HiPrune.py``.
         anchor_ratio: alpha, the budget share of anchors and their buffers; anchors = round(N' * alpha / 5)
-            (card §2.3; 0.1 for every model, card §3). 0 gives the registers-only ablation.
+            (official ``encode_images``; 0.1 for every model, official README). 0 gives the registers-only ablation.
         encoder: vision-encoder family, which picks the default blocks: ``"clip"`` (LLaVA-1.5, LLaVA-NeXT)
-            or ``"qwen2_5_vl"`` (card §3).
+            or ``"qwen2_5_vl"`` (official README).
         object_block: 0-based encoder block whose attention picks anchors ("object-centric middle
             layer"); None = the family default: CLIP 8 (the paper's layer 9), Qwen2.5-VL 15 (layer 16).
         deep_block: 0-based block whose attention picks registers; negatives count from the end. None =
             the family default: CLIP -2 (LLaVA's feature layer), Qwen2.5-VL -1 (the last block).
         official_quirks: reproduce the official code's anchor and budget rounding and its flat-index
-            neighbours (wrap across rows, clamp at the top and bottom; card §5.1). README.md lists each.
+            neighbours (wrap across rows, clamp at the top and bottom; official ``encode_images``). README.md
+            lists each.
         keep_newlines: LLaVA-NeXT only. N' counts patch tokens (base tile + unpadded crops); the
             ``image_newline`` tokens are dropped (False, like the official "spatial" merge, which has none;
-            card §2) or all kept on top of N' (True, so N' = all patches reproduces the dense model).
+            official ``llava_arch.py``) or all kept on top of N' (True, so N' = all patches reproduces the dense model).
     """
 
     budget: int | float = 192
@@ -75,19 +77,15 @@ class HiPrune:
     keep_newlines: bool = False
 
     def __post_init__(self):
-        check_budget(self.budget)
-        a = self.anchor_ratio
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or not 0 <= a <= 1:
-            raise ValueError(f"anchor_ratio must be in [0, 1], got {a!r}")
-        if self.encoder not in ENCODER_BLOCKS:
-            raise ValueError(f"encoder must be one of {sorted(ENCODER_BLOCKS)}, got {self.encoder!r}")
+        object.__setattr__(self, "budget", check_budget(self.budget))
+        put = functools.partial(object.__setattr__, self)
+        put("anchor_ratio", check_real(self.anchor_ratio, "anchor_ratio", low=0.0, high=1.0))
+        check_choice(self.encoder, "encoder", sorted(ENCODER_BLOCKS))
         for name in ("object_block", "deep_block"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"{name} must be an int block index or None, got {v!r}")
+            if getattr(self, name) is not None:
+                put(name, check_int(getattr(self, name), name))
         for name in ("official_quirks", "keep_newlines"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            put(name, check_bool(getattr(self, name), name))
 
     @classmethod
     def for_model(cls, model, **kwargs) -> HiPrune:
@@ -95,7 +93,7 @@ class HiPrune:
 
         The seam resolves negative blocks by itself; ``for_model`` also checks the blocks against the encoder's
         depth before any forward, makes CLIP's deep block follow the model's ``vision_feature_layer`` (the
-        card's "LLaVA feature layer": ``hidden_states[l]`` is the output of block ``l - 1``; the default -2
+        official code's "LLaVA feature layer": ``hidden_states[l]`` is the output of block ``l - 1``; the default -2
         is the same block unless a model picks another feature layer), and requires Qwen2.5-VL blocks to be
         full-attention blocks: at window blocks the received attention is local.
         """

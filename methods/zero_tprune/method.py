@@ -19,6 +19,7 @@ import torch
 from prunelab.common.flops import ViTDims
 from prunelab.common.schedule import TokenSchedule, default_prune_blocks
 from prunelab.common.tokens import TokenLayout, topk_sorted
+from prunelab.common.validate import check_bool, check_ints, check_real
 from prunelab.common.vit import AttnRequest, AttnStats, ViTPlan
 from prunelab.methods.zero_tprune.wpr import (
     aggregate_heads,
@@ -80,16 +81,26 @@ class ZeroTPrune:
     renormalize: bool = True
 
     def __post_init__(self):
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.gflops is not None and not self.gflops > 0:
-            raise ValueError(f"gflops must be > 0, got {self.gflops}")
-        if not 0.0 <= self.similarity_share <= 1.0:
-            raise ValueError(f"similarity_share must be in [0, 1], got {self.similarity_share}")
-        if len(self.iterations) != 3 or any(int(i) < 1 for i in self.iterations):
-            raise ValueError(f"iterations must be three counts >= 1 (early, middle, late), got {self.iterations}")
-        if self.vhf_band is not None and not 0 <= self.vhf_band[0] <= self.vhf_band[1]:
-            raise ValueError(f"vhf_band must be (low, high) with 0 <= low <= high, got {self.vhf_band}")
+        put = functools.partial(object.__setattr__, self)
+        if self.schedule is not None and not isinstance(self.schedule, TokenSchedule):
+            raise ValueError(f"schedule: expected a TokenSchedule, got {type(self.schedule).__name__}")
+        if self.keep_ratio is not None:
+            put("keep_ratio", check_real(self.keep_ratio, "keep_ratio", low=0.0, high=1.0, low_open=True))
+        if self.gflops is not None:
+            put("gflops", check_real(self.gflops, "gflops", low=0.0, low_open=True))
+        if self.blocks is not None:
+            put("blocks", check_ints(self.blocks, "blocks", low=0))
+        put("similarity_share", check_real(self.similarity_share, "similarity_share", low=0.0, high=1.0))
+        put("iterations", check_ints(self.iterations, "iterations", low=1))
+        if len(self.iterations) != 3:
+            raise ValueError(f"iterations: expected three counts >= 1 (early, middle, late), got {self.iterations}")
+        put("cls_boost", check_bool(self.cls_boost, "cls_boost"))
+        put("renormalize", check_bool(self.renormalize, "renormalize"))
+        if self.vhf_band is not None:
+            band = tuple(check_real(v, f"vhf_band[{i}]", low=0.0) for i, v in enumerate(self.vhf_band))
+            if len(band) != 2 or band[0] > band[1]:
+                raise ValueError(f"vhf_band: expected (low, high) with 0 <= low <= high, got {self.vhf_band}")
+            put("vhf_band", band)
 
     def iterations_at(self, block: int, depth: int) -> int:
         early, middle, late = self.iterations
