@@ -4,7 +4,7 @@ Two statistics, at the encoder layers a method asks for (0-based):
 
 - ``hidden``: the layer's output hidden states, from a forward hook on the layer module;
 - ``received``: the mean attention each patch receives at that layer (HiPrune's ``g^l_j = mean_h mean_i
-  A_h[i, j]``, Sec. 3 / card Sec. 2), through ``prunelab.kernels.attention_received`` so no ``[N, N]``
+  A_h[i, j]``, as in the official ``encode_images``), through ``prunelab.kernels.attention_received`` so no ``[N, N]``
   softmax is materialised on the fused path.
 
 ``received`` uses one attention function registered under the new name ``"prunelab_vlm_vision"`` in

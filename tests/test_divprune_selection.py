@@ -1,7 +1,7 @@
 """Tests for prunelab.methods.divprune.selection: DivPrune's greedy max-min diversity selection.
 
 The brute-force oracles below are plain Python loops over the distance matrix, written from the paper's
-formulas (card ``shared/papers/divprune.md`` Sec. 2 and 6) independently of the library's running-min form.
+formulas (the MMDP objective and its greedy solution) independently of the library's running-min form.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_scale_and_permutation_invariance():
 
 
 def test_duplicates_never_repeat():
-    # 100 tokens holding 10 identical copies, k = 95: the card's example of the official re-pick bug
+    # 100 tokens holding 10 identical copies, k = 95: the official loop re-picks here (90 unique)
     x = _x(1, 100, 16, seed=9)
     x[0, 50:60] = x[0, 50]
     keep = max_min_diversity(x, 95)
@@ -250,7 +250,7 @@ def test_quirk3_distance_dtype():
 
 
 def test_quirks_match_paper_on_separated_fp32_data():
-    # duplicate-free, well-separated tokens: the card says both give the same result
+    # duplicate-free, well-separated tokens: the official greedy and ours pick the same tokens
     x = _x(3, 60, 32, seed=15)
     assert torch.equal(max_min_diversity(x, 20, official_quirks=True), max_min_diversity(x, 20))
 

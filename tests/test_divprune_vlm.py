@@ -67,7 +67,7 @@ def test_kept_set_is_max_min_diversity(family_model, budget):
         model(**x)
     assert len(h.state.kept) == len(images) == 3
     for emb, kept in zip(images, h.state.kept):
-        M = emb.shape[0]  # NeXT: base tile + unpadded crops + image_newline tokens (card Sec. 3)
+        M = emb.shape[0]  # NeXT: base tile + unpadded crops + image_newline tokens (official code)
         k = budget if isinstance(budget, int) else int(round(budget * M))
         assert kept.dtype == torch.int64 and kept.numel() == k
         assert bool((kept[1:] > kept[:-1]).all())
@@ -102,7 +102,7 @@ def test_generate_batch_matches_per_sample(family_model, side):
 
 
 def test_budget_rules():
-    assert divprune_keep_count(576, 0.098) == 56  # card Sec. 3: ~56 of 576
+    assert divprune_keep_count(576, 0.098) == 56  # official SUBSET_RATIO 0.098: ~56 of 576
     assert divprune_keep_count(25, 0.1) == 2 and keep_count(25, 0.1) == 3  # half to even vs half up
     assert divprune_keep_count(25, 0.1, "half_up") == 3 and DivPrune(0.1, rounding="half_up").keep_for(25) == 3
     assert divprune_keep_count(4, 0.098) == 1  # the official int(round(0.39)) = 0 would keep nothing

@@ -111,8 +111,8 @@ def test_non_square_grid_and_single_row():
 
 # --- anchor count ----------------------------------------------------------------------------------------
 
-def test_anchor_count_matches_the_card_and_documents_rounding():
-    # card §2: alpha = 0.1 gives 4 / 3 / 1 anchors at N' = 192 / 128 / 64, in both modes
+def test_anchor_count_matches_the_paper_settings_and_documents_rounding():
+    # round(N' * alpha / 5), official rule: alpha = 0.1 gives 4 / 3 / 1 anchors at N' = 192 / 128 / 64, in both modes
     for budget, n_a in ((192, 4), (128, 3), (64, 1)):
         assert anchor_count(budget, 0.1) == anchor_count(budget, 0.1, official_quirks=True) == n_a
     # half-way cases: ours rounds half up, the official round() half to even
@@ -188,7 +188,8 @@ def test_batch_equals_per_sample():
 
 
 def official_reference(mid, deep, width, budget, alpha):
-    """The official algorithm as the card describes it, one image, on flat indices (card §2, §5.1)."""
+    """The official algorithm (HiPrune ``encode_images`` in ``LLaVA/llava/model/llava_arch.py``), one image, on
+    flat indices: +-1 and +-W offsets clamped to [0, N - 1]."""
     n = mid.numel()
     anchors = torch.topk(mid, round(budget * alpha / 5)).indices
     ab = torch.cat([anchors + d for d in (0, -1, 1, -width, width)]).clamp(0, n - 1).unique()
@@ -237,7 +238,7 @@ def test_valid_region_equals_selection_on_the_cropped_grid():
     assert torch.equal(p.keep[0], hiprune_select(mid[:1], deep[:1], GRID, 10, anchor_ratio=1.0)[0])
 
 
-# --- the card's §6 weight-free tests ----------------------------------------------------------------------
+# --- synthetic attention maps, no model weights -----------------------------------------------------------
 
 def synthetic_attention(b, heads, n_prefix, j_star, seed=0):
     """Softmax maps [B, H, T, T] on a 6x6 grid (plus prefix) where patch j_star receives the most."""
@@ -249,7 +250,7 @@ def synthetic_attention(b, heads, n_prefix, j_star, seed=0):
 
 @pytest.mark.parametrize("n_prefix", [0, 1])
 def test_dominant_column_keeps_it_and_its_four_neighbours(n_prefix):
-    # card §6.4: j* = 15 = (2, 3) is interior; 64-ish budgets give one anchor
+    # a dominant object-layer column: j* = 15 = (2, 3) is interior; 64-ish budgets give one anchor
     attn = synthetic_attention(2, 3, n_prefix, 15)
     mid = received_attention(attn, n_prefix)
     deep = received_attention(synthetic_attention(2, 3, n_prefix, 0, seed=1), n_prefix)
@@ -259,7 +260,7 @@ def test_dominant_column_keeps_it_and_its_four_neighbours(n_prefix):
 
 
 def test_dominant_border_column_reproduces_official_clamping():
-    # card §6.4 with legacy indexing: anchor 2 = (0, 2) in the top row adds the clamped token 0
+    # the same with the official flat indexing: anchor 2 = (0, 2) in the top row adds the clamped token 0
     mid = received_attention(synthetic_attention(1, 2, 1, 2), 1)
     deep = torch.zeros(1, N, dtype=torch.float64)
     assert as_set(hiprune_partition(mid, deep, GRID, 5, anchor_ratio=1.0).buffer) == {1, 3, 8}
@@ -280,7 +281,7 @@ def test_received_attention_is_the_cls_free_column_mean():
 
 
 def test_merge_unit_mean_maps_back_to_raster_order():
-    # card §6.7: a 4x4 patch grid with value 10 * row + col, laid out merge-unit-major like Qwen2.5-VL
+    # Qwen2.5-VL merge units: a 4x4 patch grid with value 10 * row + col, laid out merge-unit-major like Qwen2.5-VL
     patch = torch.tensor([[10.0 * r + c for c in range(4)] for r in range(4)])
     unit_major = patch.view(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(1, 16)  # (h/2, w/2, 2, 2)
     merged = merge_unit_scores(unit_major, 4)

@@ -7,7 +7,7 @@ Diversity Problem (MMDP) over the projected visual tokens and solved greedily (f
 Official repository: ``vbdi/divprune`` (CC BY-NC 4.0), method ``DivPrune`` in
 ``LLaVA/llava/model/llava_arch.py``, read at commit 799e2d9 to match its behaviour; no code or text is copied.
 
-Our default (the paper's algorithm, card ``shared/papers/divprune.md`` Sec. 2):
+Our default (the paper's algorithm: the MMDP formulation and its greedy solution in the method section):
 
 * ``Dist = 1 - cos`` in float32 whatever the input dtype (:func:`cosine_distance`).
 * First pick ``s_0 = argmax_j min_{i != j} Dist[i, j]``: the token whose nearest neighbour is farthest.
@@ -19,20 +19,21 @@ Our default (the paper's algorithm, card ``shared/papers/divprune.md`` Sec. 2):
 
 ``official_quirks=True`` reproduces the official code instead, per difference:
 
-1. Chosen tokens are not masked (card Sec. 5, item 1). The argmax runs over every token, and a chosen token
+1. Chosen tokens are not masked (the official ``DivPrune`` loop). The argmax runs over every token, and a chosen token
    scores ``Dist[s, s]``, about 0. When every unselected token also scores about 0 (exact duplicates),
    a chosen index can be picked again, and the sorted result then holds fewer than ``k`` distinct
    indices. The kept-token contract (unique indices) does not hold in this mode.
-2. First pick by the 2nd-smallest entry of each column of ``Dist`` (card Sec. 2, step 2), not by
+2. First pick by the 2nd-smallest entry of each column of ``Dist`` (the official ``DivPrune``), not by
    ``min_{i != j}``. It differs when rounding leaves ``Dist[j, j]`` above some other entry of column ``j``.
 3. Distances in the input dtype (fp16 or bf16 for a half-precision LMM): ``x / ||x||``, the matmul and
-   ``1 - cos`` are each rounded to ``x.dtype``. The card implies this (Sec. 2 checks fp32 and fp16) without
-   listing it; the official code does it.
+   ``1 - cos`` are each rounded to ``x.dtype``. This is what the official code does (it normalises and
+   multiplies in the model dtype).
 
 Not reproduced, because it is a failure rather than a behaviour: an all-zero token makes the official
 normalisation divide by zero (NaN); here it has distance 1 to every token in both modes. The budget rule
-``k = int(round(r * M))`` and the batch-1, fixed-offset assumptions (card Sec. 5, items 2-4) belong to the
-method object and adapters, not to these functions; ``k`` is given here.
+``k = int(round(r * M))`` and the batch-1, fixed-offset assumptions (the official
+``prepare_inputs_labels_for_multimodal``) belong to the method object and adapters, not to these functions;
+``k`` is given here.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def max_min_diversity(
                          "impl='torch' or 'auto'")
     check_max_min_inputs(x, k, valid)
     keep = []
-    for b in range(x.shape[0]):  # the official code handles one image at a time (card Sec. 5, item 3)
+    for b in range(x.shape[0]):  # the official code handles one image at a time (it reads sample 0 only)
         idx = torch.arange(x.shape[1], device=x.device)
         if valid is not None:
             idx = idx[valid[b]]

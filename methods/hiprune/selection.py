@@ -32,14 +32,15 @@ import torch
 from prunelab.common.tokens import keep_count, topk_sorted
 
 DEFAULT_ANCHOR_RATIO = 0.1
-"""alpha, the budget share of anchors with their buffers (card §3: 0.1 for every model)."""
+"""alpha, the budget share of anchors with their buffers (0.1 for every model: official README, hyperparameters)."""
 
 NEIGHBOURS_PER_ANCHOR = 4
-"""Anchors are counted as round(N' * alpha / (1 + 4)): each anchor brings at most four buffers (card §2.3)."""
+"""Anchors are counted as round(N' * alpha / (1 + 4)): each anchor brings at most four buffers (official
+``encode_images``, ``LLaVA/llava/model/llava_arch.py``)."""
 
 
 class Role(IntEnum):
-    """Why a token was kept (card §2 steps 3-5)."""
+    """Why a token was kept: the paper's three token types (abstract and method: anchor, buffer, register)."""
 
     ANCHOR = 0
     BUFFER = 1
@@ -47,7 +48,7 @@ class Role(IntEnum):
 
 
 def received_attention(attn: torch.Tensor, num_prefix: int = 0, *, query: str = "all") -> torch.Tensor:
-    """Attention received by each patch, g_j = mean_h mean_i A_h[i, j] (card §2.1).
+    """Attention received by each patch, g_j = mean_h mean_i A_h[i, j] (official ``encode_images``).
 
     The score is CLS-free: for CLIP (``num_prefix=1``) the CLS column is dropped but the CLS query row
     still counts, as in the official code; for CLS-less encoders (Qwen2.5-VL, SigLIP) ``num_prefix=0``
@@ -80,7 +81,8 @@ def received_attention(attn: torch.Tensor, num_prefix: int = 0, *, query: str = 
 
 
 def merge_unit_scores(scores: torch.Tensor, unit: int = 4) -> torch.Tensor:
-    """Average the scores of each spatial merge unit (Qwen2.5-VL, card §2: 2x2 patches -> one token).
+    """Average the scores of each spatial merge unit (Qwen2.5-VL: 2x2 patches -> one token; as the official
+    ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py`` does).
 
     Qwen2.5-VL's processor lays patches out merge-unit-major: the ``unit`` patches of one merged token are
     consecutive and the merged tokens follow in raster order, so the mean of each consecutive group is
@@ -100,7 +102,7 @@ def merge_unit_scores(scores: torch.Tensor, unit: int = 4) -> torch.Tensor:
 
 
 def anchor_count(budget: int, anchor_ratio: float = DEFAULT_ANCHOR_RATIO, *, official_quirks: bool = False) -> int:
-    """n_a = round(N' * alpha / 5), the number of anchors (card §2.3).
+    """n_a = round(N' * alpha / 5), the number of anchors (official ``encode_images``).
 
     Ours rounds half up through ``keep_count`` and keeps at least one anchor when alpha > 0 (alpha = 0 is
     the registers-only ablation). ``official_quirks=True`` uses Python's ``round`` like the code: half to
@@ -115,7 +117,7 @@ def anchor_count(budget: int, anchor_ratio: float = DEFAULT_ANCHOR_RATIO, *, off
 
 
 def anchor_tokens(mid_scores: torch.Tensor, n_anchors: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Anchors: the ``n_anchors`` tokens with the highest object-layer scores (card §2.3).
+    """Anchors: the ``n_anchors`` tokens with the highest object-layer scores (paper, method: anchor tokens).
 
     Args:
         mid_scores: [B, N] attention received at the object-centric middle layer.
@@ -132,11 +134,11 @@ def anchor_tokens(mid_scores: torch.Tensor, n_anchors: int, valid: torch.Tensor 
 
 def buffer_tokens(anchors: torch.Tensor, grid: tuple[int, int], *, official_quirks: bool = False,
                   valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Buffers: the grid 4-neighbours (left, right, up, down) of the anchors, anchors excluded (card §2.4).
+    """Buffers: the grid 4-neighbours (left, right, up, down) of the anchors, anchors excluded (paper: buffer tokens).
 
     Ours: true 2-D neighbours; a token at a row end has no neighbour in the next row, and the top and
     bottom rows have no neighbour above or below. ``official_quirks=True`` reproduces the official flat
-    indexing (card §5.1): +-1 wraps across row ends, and an anchor in the top (bottom) row adds token 0
+    indexing (``encode_images``): +-1 wraps across row ends, and an anchor in the top (bottom) row adds token 0
     (token N - 1), the clamp of its out-of-range -W (+W) neighbour.
 
     Args:
@@ -186,7 +188,7 @@ def best_in_mask(scores: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor)
 
 def register_tokens(deep_scores: torch.Tensor, taken: torch.Tensor, budget: int,
                     valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Registers: the best deep-layer tokens outside anchors and buffers, filling the budget (card §2.5).
+    """Registers: the best deep-layer tokens outside anchors and buffers, filling the budget (paper: register tokens).
 
     Args:
         deep_scores: [B, N] attention received at the deep layer.
@@ -230,17 +232,17 @@ class HiPrunePartition:
 def hiprune_partition(mid_scores: torch.Tensor, deep_scores: torch.Tensor, grid: tuple[int, int], budget: int,
                       *, anchor_ratio: float = DEFAULT_ANCHOR_RATIO, official_quirks: bool = False,
                       valid: torch.Tensor | None = None) -> HiPrunePartition:
-    """HiPrune's selection (card §2 steps 3-6): anchors, their buffers, then registers up to N' exactly.
+    """HiPrune's selection (paper, method): anchors, their buffers, then registers up to N' exactly.
 
     Args:
         mid_scores: [B, N] attention received at the object-centric middle layer (CLIP block 9,
-            Qwen2.5-VL block 16, 1-based; card §3), e.g. from :func:`received_attention`.
+            Qwen2.5-VL block 16, 1-based; official README), e.g. from :func:`received_attention`.
         deep_scores: [B, N] attention received at the deep layer (CLIP: the penultimate, LLaVA's feature
-            layer; Qwen2.5-VL: the last block; card §3).
+            layer; Qwen2.5-VL: the last block; official code).
         grid: (rows, cols) of the patch grid, rows * cols = N, tokens in raster order.
         budget: N', tokens kept per sample, 1 <= N' <= N (and at most the valid tokens of every row).
-        anchor_ratio: alpha in [0, 1]; anchors = round(N' * alpha / 5) (card §2.3, default 0.1 from §3).
-        official_quirks: reproduce the official code's anchor rounding and neighbour indexing (card §5.1).
+        anchor_ratio: alpha in [0, 1]; anchors = round(N' * alpha / 5) (official code; 0.1 by default).
+        official_quirks: reproduce the official code's anchor rounding and neighbour indexing (``encode_images``).
         valid: [B, N] bool, the real tokens of a padded canvas; None means all. Only valid tokens are kept.
 
     Returns:

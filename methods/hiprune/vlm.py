@@ -6,7 +6,7 @@ then the crops in row-major order), CLS column dropped; ``[N]`` per merged token
 Qwen2.5-VL. Each image becomes one or two :class:`Region` s, each a raster grid of scores plus the span
 index of every cell, on which :func:`~prunelab.methods.hiprune.selection.hiprune_select` runs.
 
-LLaVA-NeXT (our choice; the official code forces ``mm_patch_merge_type="spatial"``, card Sec. 2): the base
+LLaVA-NeXT (our choice; the official code forces ``mm_patch_merge_type="spatial"`` in ``llava_arch.py``): the base
 tile is one region (``side x side``); the crops are stitched into the image-sized grid that
 ``LlavaNextModel.pack_image_features`` builds, centre-cropped exactly as ``unpad_image`` crops it, and form
 the second region, so buffers are true image neighbours across tile seams and padding is never a candidate.
@@ -67,7 +67,7 @@ def image_regions(family: str, span, received: dict, blocks: tuple[int, int]) ->
 
 
 def split_budget(budget: int, sizes: list[int], tiles: int) -> list[int]:
-    """NeXT: the base tile gets the official per-crop share ``floor(N' / B)`` (card Sec. 2, B = tiles, base
+    """NeXT: the base tile gets the official per-crop share ``floor(N' / B)`` (``encode_images``, B = tiles, base
     included), the crops the rest, so exactly N' are kept; a share above a region's size moves to the other."""
     if len(sizes) == 1:
         return [budget]
