@@ -21,7 +21,8 @@ from prunelab.common.flops import ViTDims, vit_gflops
 from prunelab.common.provenance import markdown_table, provenance
 from prunelab.common.timing import benchmark
 from prunelab.common.vit import ViTPlan
-from prunelab.methods.zero_tprune import RandomDrop, ZeroTPrune
+from prunelab.methods.baselines import RandomDrop
+from prunelab.methods.zero_tprune import ZeroTPrune
 
 
 class TimedSelection:

@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from prunelab.common.apply import Handle, UnsupportedModelError
+from prunelab.common.hf import DynamicCache, register_attention, sdpa_attention, switch_attention
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
 
 __all__ = ["ATTN_NAME", "AttentionCall", "DecoderHandle", "DecoderSpec", "attend_selected", "decoder_spec",
-           "gather_rows", "install_decoder", "is_hf_decoder", "require_eval", "switch_attention", "valid_lengths"]
+           "gather_rows", "install_decoder", "is_hf_decoder", "require_eval", "valid_lengths"]
 
 ATTN_NAME = "prunelab"
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -128,8 +128,6 @@ def _valid_from_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tenso
 
 
 def _prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     state: _DecoderState | None = getattr(module, "_prunelab_decoder", None)
     if state is not None and not module.training:
         cache = state.cache
@@ -142,46 +140,7 @@ def _prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, 
         out = state.handler(call)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-def _register_attention() -> None:
-    """Register ``"prunelab"`` once; registering a new name is the interface's documented extension point."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if AttentionInterface._global_mapping.get(ATTN_NAME) is not _prunelab_attention:
-        AttentionInterface.register(ATTN_NAME, _prunelab_attention)
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-
-
-_USERS = "_prunelab_attention_users"  # on a switched config: [installed handles using it, its previous function]
-
-
-def switch_attention(configs: list) -> Callable[[], None]:
-    """Set each config's attention function to ``"prunelab"``; the returned undo restores it.
-
-    Models built from one config object share it, so the switch is counted on the config itself: removing a
-    method from one model leaves another model's method working, and the last removal restores the function the
-    config had. (The count sits in the config's attributes while a method is installed, and is deleted after.)
-    """
-    for c in configs:
-        record = vars(c).get(_USERS)
-        if record is None or c._attn_implementation != ATTN_NAME:  # none, or stale (e.g. a copied config)
-            record = vars(c)[_USERS] = [0, c._attn_implementation]
-        record[0] += 1
-        c._attn_implementation_internal = ATTN_NAME
-
-    def undo() -> None:
-        for c in configs:
-            record = vars(c)[_USERS]
-            record[0] -= 1
-            if record[0] == 0:
-                c._attn_implementation_internal = record[1]
-                del vars(c)[_USERS]
-
-    return undo
+    return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def require_eval(model) -> None:
@@ -211,11 +170,14 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
     spec = decoder_spec(model)
     if not hasattr(method, "decoder_handler"):
         raise TypeError(f"method: {type(method).__name__} has no decoder adapter (it needs decoder_handler)")
-    _register_attention()
+    check_model = getattr(method, "check_model", None)
+    if check_model is not None:  # e.g. FASA compares its calibration with the model's weights
+        check_model(model)
+    register_attention(ATTN_NAME, _prunelab_attention)
     state = _DecoderState(handler=method.decoder_handler(spec))
     modules = _attention_modules(model, spec)
     configs = list({id(c): c for c in (model.config, _text_config(model))}.values())
-    restore_configs = switch_attention(configs)
+    restore_configs = switch_attention(configs, ATTN_NAME)
     for m in modules:
         m._prunelab_decoder = state
 

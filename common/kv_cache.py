@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from prunelab.common.hf import DynamicCache, DynamicLayer
 
 __all__ = ["GrowingLayer", "PrunelabCache"]
 

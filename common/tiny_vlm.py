@@ -96,13 +96,12 @@ def _image_tokens(family: str, model, size: tuple[int, int]) -> int:
         return (v.image_size // v.patch_size) ** 2
     if family == "llava_next":
         # The NeXT processor's own count: base tile + unpadded tiles + one newline per row.
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+        from prunelab.common.hf import llava_next_unpadded
 
         v = model.config.vision_config
         side = v.image_size // v.patch_size
-        rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, v.image_size)
-        unpadded = unpad_image(torch.zeros(1, rows * side, cols * side), torch.tensor(size))
-        return side * side + unpadded.shape[1] * (unpadded.shape[2] + 1)
+        _, rows, cols = llava_next_unpadded(size, model.config.image_grid_pinpoints, v.image_size, side)
+        return side * side + rows * (cols + 1)
     m = model.config.vision_config.spatial_merge_size
     return (size[0] // m) * (size[1] // m)
 
@@ -155,10 +154,10 @@ def tiny_inputs(model, family: str, images_per_sample: Sequence[int], *, padding
         out["image_grid_thw"] = thw
         out["mm_token_type_ids"] = (input_ids == image_id).long()
     elif family == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from prunelab.common.hf import llava_next_tiles
 
         v = model.config.vision_config
-        tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, v.image_size) for s in sizes]
+        tiles = [llava_next_tiles(s, model.config.image_grid_pinpoints, v.image_size) for s in sizes]
         pv = torch.zeros(n_images, max(tiles), 3, v.image_size, v.image_size)
         for i, t in enumerate(tiles):
             pv[i, :t] = torch.randn(t, 3, v.image_size, v.image_size, generator=g)

@@ -1,9 +1,9 @@
-"""The kept-token contract shared by every method.
+"""Token bookkeeping shared by every method.
 
-- Kept indices are int64, sorted ascending, unique, one row per batch element.
-- Protected tokens (CLS, distillation and register tokens) come from a :class:`TokenLayout` read off
-  the model, never from hard-coded offsets.
+- Protected tokens (CLS, distillation and register tokens, a mid-sequence class token) come from a
+  :class:`TokenLayout` read off the model, never from hard-coded offsets.
 - :func:`keep_count` is the one ratio-to-count rule: ``round_half_up(n * ratio)``, at least 1.
+- The kept-token contract itself is :class:`prunelab.common.reduction.Reduction` and its ``check_reduction``.
 """
 
 from __future__ import annotations
@@ -18,30 +18,56 @@ from prunelab.common.validate import check_real
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where the protected tokens of a token sequence are.
+    """Where the protected tokens of a token sequence are: any positions, not only a prefix.
 
-    timm ViTs put their prefix tokens first: ``[CLS][DIST][REG...][patches...]``.
+    timm ViTs put their protected tokens first (``[CLS][DIST][REG...][patches...]``, :meth:`prefix`); Vim keeps
+    its class token in the middle of the sequence; a VLM prompt protects its text around the image spans.
 
     Attributes:
-        num_prefix: number of leading tokens that are never pruned.
-        class_positions: positions (within the prefix) of class-like tokens (CLS, distillation),
-            which summarise the image and receive a boosted start weight in WPR-style scores.
-        grid: (rows, cols) of the patch grid, for visualisation and spatial methods.
+        num_tokens: length of the sequence.
+        protected: positions that are never pruned, ascending.
+        class_positions: those of them that are class-like (CLS, distillation), which summarise the image and
+            receive a boosted start weight in WPR-style scores.
+        grid: (rows, cols) of the patch grid formed by the other tokens, for visualisation and spatial methods.
     """
 
-    num_prefix: int
+    num_tokens: int
+    protected: tuple[int, ...]
     class_positions: tuple[int, ...]
     grid: tuple[int, int]
 
     def __post_init__(self):
-        if self.num_prefix < 0:
-            raise ValueError(f"num_prefix must be >= 0, got {self.num_prefix}")
-        if any(not 0 <= p < self.num_prefix for p in self.class_positions):
-            raise ValueError(f"class_positions {self.class_positions} must lie in the prefix [0, {self.num_prefix})")
+        if list(self.protected) != sorted(set(self.protected)) or any(
+                not 0 <= p < self.num_tokens for p in self.protected):
+            raise ValueError(f"protected: positions must be unique, ascending and in [0, {self.num_tokens}), "
+                             f"got {self.protected}")
+        if any(p not in self.protected for p in self.class_positions):
+            raise ValueError(f"class_positions {self.class_positions} must be protected positions {self.protected}")
+
+    @classmethod
+    def prefix(cls, num_prefix: int, class_positions: tuple[int, ...], grid: tuple[int, int]) -> TokenLayout:
+        """The layout of a sequence whose first ``num_prefix`` tokens are protected, followed by the patch grid."""
+        if num_prefix < 0:
+            raise ValueError(f"num_prefix must be >= 0, got {num_prefix}")
+        return cls(num_prefix + grid[0] * grid[1], tuple(range(num_prefix)), tuple(class_positions), grid)
+
+    @property
+    def num_prefix(self) -> int:
+        """How many leading tokens are protected; an error if protected tokens also stand elsewhere."""
+        if self.protected != tuple(range(len(self.protected))):
+            raise ValueError(f"layout: protected positions {self.protected} are not a prefix; this method needs "
+                             "its protected tokens at the front")
+        return len(self.protected)
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def mask(self, device=None) -> torch.Tensor:
+        """[N] bool, True at protected positions."""
+        m = torch.zeros(self.num_tokens, dtype=torch.bool, device=device)
+        m[list(self.protected)] = True
+        return m
 
 
 def keep_count(n: int, keep_ratio: float, *, name: str = "keep_ratio") -> int:
@@ -54,20 +80,6 @@ def keep_count(n: int, keep_ratio: float, *, name: str = "keep_ratio") -> int:
     if n < 1:
         raise ValueError(f"cannot keep a fraction of {n} tokens")
     return max(1, min(n, math.floor(n * keep_ratio + 0.5 + 1e-9)))
-
-
-def check_keep_indices(keep: torch.Tensor, n: int, *, num_prefix: int = 0, name: str = "keep") -> None:
-    """Raise if ``keep`` [B, K] breaks the kept-token contract for a sequence of ``n`` tokens."""
-    if keep.dtype != torch.int64 or keep.dim() != 2:
-        raise ValueError(f"{name} must be an int64 tensor [B, K], got {keep.dtype} of shape {tuple(keep.shape)}")
-    if keep.shape[1] < num_prefix or keep.shape[1] > n:
-        raise ValueError(f"{name} keeps {keep.shape[1]} tokens; must be between {num_prefix} and {n}")
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= n):
-        raise ValueError(f"{name} has indices outside [0, {n})")
-    if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
-        raise ValueError(f"{name} must be sorted ascending and unique in each row")
-    if num_prefix and not bool((keep[:, :num_prefix] == torch.arange(num_prefix, device=keep.device)).all()):
-        raise ValueError(f"{name} dropped a protected prefix token (the first {num_prefix} must be kept)")
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

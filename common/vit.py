@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from prunelab.common.apply import Handle, UnsupportedModelError
 from prunelab.common.flops import ViTDims
-from prunelab.common.tokens import TokenLayout, check_keep_indices, gather_tokens
+from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.tokens import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,13 @@ class ViTPlan:
 
     Attributes:
         requests: pruning blocks (0-based; the block's output is pruned) and their statistics.
-        select: ``select(block, x, stats) -> keep``: kept indices [B, K] (int64, sorted, unique, prefix
-            kept) into the block's output ``x`` [B, N, C].
+        select: ``select(block, x, stats) -> Reduction`` of the block's output ``x`` [B, N, C] (protected
+            tokens kept; see :mod:`prunelab.common.reduction`).
         tokens_per_block: tokens entering each block, when the method's counts are fixed (for FLOPs).
     """
 
     requests: dict[int, AttnRequest]
-    select: Callable[[int, torch.Tensor, AttnStats], torch.Tensor]
+    select: Callable[[int, torch.Tensor, AttnStats], Reduction]
     tokens_per_block: list[int] | None = None
 
 
@@ -94,9 +95,9 @@ class AttentionRecorder:
         self.stats: dict[int, AttnStats] = {}
 
     def vit_plan(self, dims: ViTDims, layout: TokenLayout) -> ViTPlan:
-        def select(block: int, x: torch.Tensor, stats: AttnStats) -> torch.Tensor:
+        def select(block: int, x: torch.Tensor, stats: AttnStats) -> Reduction:
             self.stats[block] = stats
-            return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            return Reduction.keep_all(x.shape[0], x.shape[1], x.device)
 
         return ViTPlan({b: self.request for b in self.blocks}, select)
 
@@ -109,9 +110,11 @@ class ViTPruneState:
         token_ids: [B, N_l] original positions of the tokens currently in the sequence.
         kept: for each pruning block of the last forward, ``(block, token_ids after pruning)``.
         stats: statistics produced by the current forward's attention, by block, until consumed.
+        layout: where the protected tokens are in the current sequence.
     """
 
     token_ids: torch.Tensor | None = None
+    layout: TokenLayout | None = None
     kept: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     stats: dict[int, AttnStats] = field(default_factory=dict)
 
@@ -150,7 +153,7 @@ def vit_layout(model) -> TokenLayout:
     if getattr(model, "dist_token", None) is not None:  # DeiT distilled: [CLS][DIST][patches]
         class_positions.append(len(class_positions))
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    return TokenLayout(num_prefix=int(model.num_prefix_tokens), class_positions=tuple(class_positions), grid=grid)
+    return TokenLayout.prefix(int(model.num_prefix_tokens), tuple(class_positions), grid)
 
 
 def _check_supported(model) -> None:
@@ -213,10 +216,10 @@ def install_vit(model, method) -> Handle:
 
     state = ViTPruneState()
     undo = []
-
     def reset(module, args):
         x = args[0]
         state.token_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        state.layout = layout
         state.kept.clear()
         state.stats.clear()
 
@@ -224,11 +227,17 @@ def install_vit(model, method) -> Handle:
 
     def prune(block, module, args, output):
         stats = state.stats.pop(block, AttnStats())
-        keep = plan.select(block, output, stats)
-        check_keep_indices(keep, output.shape[1], num_prefix=layout.num_prefix, name=f"kept indices at block {block}")
-        state.token_ids = torch.gather(state.token_ids, 1, keep)
+        red = plan.select(block, output, stats)
+        if not isinstance(red, Reduction):
+            raise TypeError(f"method: {type(method).__name__}'s select must return a Reduction, got "
+                            f"{type(red).__name__}")
+        check_reduction(red, output.shape[1], layout=state.layout, name=f"kept indices at block {block}")
+        if red.valid is not None:
+            raise ValueError(f"kept indices at block {block}: a ViT batch must keep one count per sample")
+        state.token_ids = red.gather(state.token_ids)
+        state.layout = red.layout_after(state.layout)
         state.kept.append((block, state.token_ids))
-        return output if keep.shape[1] == output.shape[1] else gather_tokens(output, keep)
+        return red.gather(output)
 
     for block, request in sorted(plan.requests.items()):
         blk = model.blocks[block]

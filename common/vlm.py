@@ -43,7 +43,7 @@ import torch
 
 from prunelab.common.apply import Handle
 from prunelab.common.decoder import require_eval
-from prunelab.common.tokens import check_keep_indices
+from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.vlm_layout import ImageSpan, crops_per_image, find_image_spans, require_family, vlm_family
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
 
@@ -104,14 +104,15 @@ class VLMContext:
 
 @runtime_checkable
 class VLMPruner(Protocol):
-    """What a method implements: kept indices [K_i] (int64, sorted, unique, in [0, N_i)) per image of ``ctx``.
+    """What a method implements: one :class:`~prunelab.common.reduction.Reduction` per image of ``ctx`` (one row of
+    ``K_i`` sorted, unique indices into the image's ``N_i`` tokens).
 
     Optional: ``vlm_request() -> VLMRequest`` (default: prune after the projector, no statistics) and
     ``vlm_budget(image: ImageContext, stage: str) -> int`` (default: keep all). The core checks the returned
     indices against the contract and the budget exactly.
     """
 
-    def vlm_select(self, ctx: VLMContext) -> Sequence[torch.Tensor]: ...
+    def vlm_select(self, ctx: VLMContext) -> Sequence[Reduction]: ...
 
 
 def is_hf_vlm(model: Any) -> bool:
@@ -164,13 +165,20 @@ def _select(method, ctx: VLMContext) -> list[torch.Tensor]:
         if not 1 <= img.budget <= n:
             raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
                              f"[1, {n}] (its visual token count)")
-    keeps = list(method.vlm_select(ctx))
-    if len(keeps) != len(ctx.images):
-        raise ValueError(f"vlm_select returned {len(keeps)} index sets for {len(ctx.images)} images")
-    for i, (img, keep) in enumerate(zip(ctx.images, keeps)):
-        check_keep_indices(keep[None], img.embeds.shape[0], name=f"kept indices of image {i}")
-        if keep.numel() != img.budget:
-            raise ValueError(f"kept indices of image {i}: {keep.numel()} kept, budget is {img.budget}")
+    reds = list(method.vlm_select(ctx))
+    if len(reds) != len(ctx.images):
+        raise ValueError(f"vlm_select returned {len(reds)} reductions for {len(ctx.images)} images")
+    keeps = []
+    for i, (img, red) in enumerate(zip(ctx.images, reds)):
+        if not isinstance(red, Reduction):
+            raise TypeError(f"method: {type(method).__name__}.vlm_select must return one Reduction per image, got "
+                            f"{type(red).__name__} for image {i}")
+        if red.keep.shape[0] != 1 or red.valid is not None or red.merge is not None:
+            raise ValueError(f"kept indices of image {i}: the VLM seam takes one row per image, without merges")
+        check_reduction(red, img.embeds.shape[0], name=f"kept indices of image {i}")
+        if red.keep.shape[1] != img.budget:
+            raise ValueError(f"kept indices of image {i}: {red.keep.shape[1]} kept, budget is {img.budget}")
+        keeps.append(red.keep[0])
     return keeps
 
 

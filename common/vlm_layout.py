@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from prunelab.common.apply import UnsupportedModelError
+from prunelab.common.hf import llava_next_tiles, llava_next_unpadded
 
 FAMILY_CLASSES = {
     "LlavaForConditionalGeneration": "llava",
@@ -84,15 +85,10 @@ def image_token_id(model) -> int:
 
 def _next_layout(model, size) -> tuple[int, tuple[int, int], int, int]:
     """(side, (tile rows, tile cols), unpadded rows, unpadded cols) of one NeXT image of ``size`` (H, W)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
     v = model.config.vision_config
     side = v.image_size // v.patch_size
-    size = [int(s) for s in size]
-    rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, v.image_size)
-    # unpad_image only reads the shape, so a 1-channel dummy gives the same crop as the real features.
-    unpadded = unpad_image(torch.zeros(1, rows * side, cols * side), torch.tensor(size))
-    return side, (rows, cols), unpadded.shape[1], unpadded.shape[2]
+    tiles, rows, cols = llava_next_unpadded(size, model.config.image_grid_pinpoints, v.image_size, side)
+    return side, tiles, rows, cols
 
 
 def image_layouts(model, family: str, image_sizes=None, image_grid_thw=None, n_images: int | None = None):
@@ -191,7 +187,5 @@ def crops_per_image(model, family: str, image_sizes=None, n_images: int = 0) -> 
     """Vision-encoder images (tiles) each prompt image was encoded as: NeXT tiles, else 1."""
     if family != "llava_next" or image_sizes is None:
         return [1] * n_images
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    return [image_size_to_num_patches([int(s) for s in size], model.config.image_grid_pinpoints,
-                                      model.config.vision_config.image_size) for size in image_sizes.tolist()]
+    return [llava_next_tiles(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+            for size in image_sizes.tolist()]

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import torch
 
+from prunelab.common.hf import register_attention, sdpa_attention, switch_attention, vision_window_index
+
 VISION_ATTN_NAME = "prunelab_vlm_vision"
 
 
 def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     sink = getattr(module, "_prunelab_vlm_sink", None)
     if sink is None or attention_mask is not None or module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     from prunelab.kernels.attention_received import attention_received
 
     store, layers = sink
@@ -47,15 +46,6 @@ def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.
     for layer in layers:
         store.setdefault(layer, []).append(g)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if AttentionInterface._global_mapping.get(VISION_ATTN_NAME) is not _vision_attention:
-        AttentionInterface.register(VISION_ATTN_NAME, _vision_attention)
-        AttentionMaskInterface.register(VISION_ATTN_NAME, sdpa_mask)
 
 
 def vision_layers(model, family: str) -> list:
@@ -89,10 +79,9 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
             hook = blocks[layer % depth].register_forward_hook(lambda m, a, o, _l=layer: grab(_l, m, a, o))
             undo.append(hook.remove)
     if received:
-        _register()
+        register_attention(VISION_ATTN_NAME, _vision_attention)
         config = blocks[0].attn.config if family == "qwen2_5_vl" else blocks[0].self_attn.config
-        previous = config._attn_implementation
-        config._attn_implementation_internal = VISION_ATTN_NAME
+        restore = switch_attention([config], VISION_ATTN_NAME)
         sink = store.setdefault("received", {})
         keys: dict[int, list[int]] = {}  # resolved block -> the requested keys it reports under
         for layer in layers:
@@ -101,7 +90,7 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
             attn = blocks[block].attn if family == "qwen2_5_vl" else blocks[block].self_attn
             attn._prunelab_vlm_sink = (sink, tuple(dict.fromkeys(names)))
             undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_sink"))
-        undo.append(lambda: setattr(config, "_attn_implementation_internal", previous))
+        undo.append(restore)
     return undo
 
 
@@ -110,11 +99,9 @@ def per_image_stats(model, family: str, store: dict, tiles: list[int], image_gri
     n = len(tiles)
     out = [{"received": {}, "hidden": {}} for _ in range(n)]
     if family == "qwen2_5_vl":
-        from transformers.vision_utils import get_vision_window_index
-
         v = model.config.vision_config
         m2 = v.spatial_merge_size ** 2
-        window_index, _ = get_vision_window_index(image_grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
+        window_index = vision_window_index(image_grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
         restore = torch.argsort(window_index)  # the same un-permutation the tower applies after its merger
         counts = (image_grid_thw.prod(-1) // m2).tolist()
         for kind in ("received", "hidden"):

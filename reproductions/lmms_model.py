@@ -6,7 +6,8 @@ Installed with the ``eval`` extra (``pip install -e .[eval]``), prunelab registe
     lmms-eval --model prunelab --tasks pope,gqa --batch_size 1 \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=divprune,budget=64
 
-``model_args``: ``pretrained``, ``method`` (dense, divprune, hiprune, random), ``revision``, ``dtype``
+``model_args``: ``pretrained``, ``method`` (dense, or a VLM method or baseline of ``prunelab list``: divprune,
+hiprune, random_prune), ``revision``, ``dtype``
 (auto / float16 / bfloat16 / float32), ``device``, ``attn_implementation``, ``min_pixels`` / ``max_pixels``
 (Qwen2.5-VL's processor), and every other key is a field of the method object (``budget``,
 ``official_quirks``, ``anchor_ratio``...; lmms-eval turns ``64`` into an int and ``0.098`` into a float).

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import prunelab
+from prunelab import registry
 
 __all__ = ["FAMILY_CLASSES", "METHODS", "PrunedVLM", "load_vlm", "make_vlm_method"]
 
@@ -28,15 +29,15 @@ FAMILY_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "Llava
                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 """transformers ``model_type`` -> model class, for the three VLM families the seam supports."""
 
-METHODS = ("dense", "divprune", "hiprune", "random")
+METHODS = ("dense", *(e.name for e in registry.entries() if "vlm" in e.seams))
+"""``dense`` (no method) and every registered method and baseline of the VLM seam."""
 
 
 def make_vlm_method(name: str, model, **kwargs):
-    """The method object ``name`` for ``model`` with the paper defaults, overridden by ``kwargs``; dense: None.
+    """The method object ``name`` for ``model`` from the registry, its defaults overridden by ``kwargs``; dense: None.
 
-    ``divprune`` -> :class:`~prunelab.methods.divprune.DivPrune`, ``hiprune`` ->
-    :meth:`HiPrune.for_model <prunelab.methods.hiprune.HiPrune.for_model>` (the encoder's blocks resolved on the
-    model), ``random`` -> :class:`~prunelab.reproductions.vlm_tiny.RandomPrune`.
+    Methods that read the model first (HiPrune's encoder blocks) are built through their registry entry's
+    ``for_model``, exactly as the presets build them.
     """
     if name not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
@@ -44,16 +45,12 @@ def make_vlm_method(name: str, model, **kwargs):
         if kwargs:
             raise ValueError(f"method: 'dense' takes no method arguments, got {sorted(kwargs)}")
         return None
-    from prunelab.methods.divprune import DivPrune
-    from prunelab.methods.hiprune import HiPrune
-    from prunelab.reproductions.vlm_tiny import RandomPrune
-
-    cls = {"divprune": DivPrune, "hiprune": HiPrune, "random": RandomPrune}[name]
+    cls = registry.get(name).cls
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"method: {cls.__name__} has no field(s) {unknown}; its fields are "
                          f"{[f.name for f in dataclasses.fields(cls)]}")
-    return HiPrune.for_model(model, **kwargs) if cls is HiPrune else cls(**kwargs)
+    return registry.build(name, model, **kwargs)
 
 
 def _dtype(dtype: str | torch.dtype):

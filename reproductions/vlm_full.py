@@ -20,6 +20,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from prunelab.cli import BUDGET, POSITIVE, existing
 from prunelab.common.provenance import provenance, write_results
 from prunelab.reproductions.vlm_eval import METHODS
 
@@ -27,14 +28,16 @@ __all__ = ["full_preset", "parse_budget", "parse_method_args"]
 
 
 def parse_budget(text: str) -> int | float:
-    """``"64"`` -> 64 tokens per image; ``"0.098"`` -> keep ratio 0.098 (``"1.0"`` stays a ratio)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget: expected a token count or a keep ratio, got {text!r}") from None
-    if "." not in text and "e" not in text.lower():
-        return int(value)
-    return value
+    """``"64"`` -> 64 tokens per image; ``"0.098"`` -> keep ratio 0.098 (``"1.0"`` stays a ratio); a count below 1
+    or a ratio outside (0, 1] is an ``ArgumentTypeError``."""
+    return BUDGET(text)
+
+
+def _key_value(item: str) -> str:
+    key, sep, _ = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return item
 
 
 def parse_method_args(items: Sequence[str]) -> dict:
@@ -110,15 +113,16 @@ def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[st
                             help="hub id or local folder of a LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL checkpoint")
         parser.add_argument("--revision", default=None, help="hub revision (commit) of the model")
         parser.add_argument("--tasks", nargs="+", default=list(tasks), help="lmms-eval task names")
-        parser.add_argument("--include-path", default=None, help="folder of extra lmms-eval task YAMLs")
+        parser.add_argument("--include-path", type=existing("dir"), default=None,
+                            help="folder of extra lmms-eval task YAMLs")
         parser.add_argument("--budgets", type=parse_budget, nargs="+", default=None,
                             help="token counts (64) or keep ratios (0.098) per image; default: the paper's")
         parser.add_argument("--methods", nargs="+", default=list(methods), choices=METHODS)
-        parser.add_argument("--method-args", nargs="*", default=[], metavar="KEY=VALUE",
+        parser.add_argument("--method-args", type=_key_value, nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"fields of the {paper} method object (not of the baselines), e.g. "
                                  "official_quirks=true")
-        parser.add_argument("--limit", type=int, default=None, help="samples per task (default: all)")
-        parser.add_argument("--batch-size", type=int, default=1, help="lmms-eval batch size (papers: 1)")
+        parser.add_argument("--limit", type=POSITIVE, default=None, help="samples per task (default: all)")
+        parser.add_argument("--batch-size", type=POSITIVE, default=1, help="lmms-eval batch size (papers: 1)")
         parser.add_argument("--dtype", default="float16", choices=["auto", "bfloat16", "float16", "float32"])
         parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 

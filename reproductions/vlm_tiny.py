@@ -16,14 +16,14 @@ The models are random, never trained: KL and agreement measure how close the pru
 *random* model, not task accuracy; and the tiny models are so small that latency is dominated by per-call
 overhead and the selection itself, not by the saved MACs. Both are stated in the table titles.
 
-``RandomPrune`` is the simple baseline: uniformly random visual tokens at the same budget, seeded per image.
+The simple baseline is ``random_prune`` (:class:`prunelab.methods.baselines.RandomPrune`): uniformly random visual
+tokens at the same budget, seeded per image of a prompt. Every method is built through ``prunelab.registry``.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -31,15 +31,16 @@ import torch
 import torch.nn.functional as F
 
 import prunelab
+from prunelab import registry
+from prunelab.cli import NON_NEGATIVE, POSITIVE, RATIO
 from prunelab.common.llm_flops import vlm_prefill_cost
 from prunelab.common.provenance import provenance, write_results
 from prunelab.common.timing import benchmark
 from prunelab.common.tiny_vlm import FAMILIES, PAD, VOCAB, tiny_inputs, tiny_vlm
-from prunelab.common.tokens import keep_count
-from prunelab.common.validate import check_budget
+from prunelab.common.validate import check_int, check_ints, check_real
 from prunelab.common.vlm_layout import find_image_spans
 
-__all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "RandomPrune", "make_method", "plot", "run_vlm_tiny", "tiny_preset"]
+__all__ = ["KEEP_RATIOS", "METHODS", "PROMPTS", "make_method", "plot", "run_vlm_tiny", "tiny_preset"]
 
 KEEP_RATIOS = (0.111, 0.222, 0.333)
 """64 / 128 / 192 of LLaVA-1.5's 576 tokens per image: the budgets both papers report."""
@@ -47,70 +48,24 @@ KEEP_RATIOS = (0.111, 0.222, 0.333)
 PROMPTS = (1, 2, 1, 1, 2, 1, 1, 1)
 """Images per prompt of the batch: several prompts, one with two images, so spans and lengths differ."""
 
-METHODS = ("divprune", "hiprune", "random")
-LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "random": "random"}
-
-HIPRUNE_OBJECT_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}
-"""HiPrune's object block on the tiny towers. The paper's CLIP layer 9 (of 24) and Qwen layer 16 do not exist in
-3- and 4-block towers; the first CLIP block and Qwen's first full-attention block are the shallow analogue, and
-the deep block keeps its default (LLaVA's feature layer; Qwen's last block)."""
+METHODS = ("divprune", "hiprune", "random_prune")
+LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "random_prune": "random"}
 
 COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual", "macs_M", "macs_%", "kv_kB", "ms",
            "speedup", "kl", "agreement", "kl_last", "agreement_last"]
 
 
-@dataclass(frozen=True)
-class RandomPrune:
-    """Uniformly random visual tokens per image at a budget, the baseline at the same budget.
-
-    Attributes:
-        budget: a keep ratio (float in (0, 1]) of every visual token of the image (NeXT newlines included, as
-            DivPrune counts them), converted by the repo rule ``keep_count``; or a token count (int >= 1) per
-            image, which must not exceed the image's tokens.
-        seed: base seed; image ``i`` of a forward draws from ``seed + i``, so repeated forwards (latency runs,
-            teacher-forced quality) keep the same tokens.
-    """
-
-    budget: float | int = 0.111
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "budget", check_budget(self.budget))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed: expected an int, got {self.seed!r}")
-
-    def vlm_budget(self, image, stage: str) -> int:
-        n = int(image.embeds.shape[0])
-        if isinstance(self.budget, int):
-            if self.budget > n:
-                raise ValueError(f"budget: {self.budget} tokens exceed the {n} visual tokens of the image")
-            return self.budget
-        return keep_count(n, self.budget, name="budget")
-
-    def vlm_select(self, ctx) -> list[torch.Tensor]:
-        keeps = []
-        for i, img in enumerate(ctx.images):
-            g = torch.Generator().manual_seed(self.seed + i)
-            pick = torch.randperm(img.embeds.shape[0], generator=g)[: img.budget]
-            keeps.append(pick.sort().values.to(img.embeds.device))
-        return keeps
-
-
 def make_method(name: str, model, family: str, ratio: float, seed: int = 0):
-    """The method object ``name`` ("divprune", "hiprune", "random") at keep ratio ``ratio`` for ``model``."""
-    if name == "divprune":
-        from prunelab.methods.divprune import DivPrune
-
-        return DivPrune(budget=ratio)
-    if name == "hiprune":
-        from prunelab.methods.hiprune import HiPrune
-
-        # keep_newlines: NeXT's row separators stay, so ratio 1.0 is exactly the dense model; the kept counts
-        # in the table include them.
-        return HiPrune.for_model(model, budget=ratio, object_block=HIPRUNE_OBJECT_BLOCK[family], keep_newlines=True)
-    if name == "random":
-        return RandomPrune(budget=ratio, seed=seed)
-    raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+    """The method ``name`` of :data:`METHODS` at keep ratio ``ratio`` for ``model``, from the registry with its
+    settings for the tiny models (``MethodEntry.tiny``: HiPrune's shallow object block and kept NeXT newlines, so
+    ratio 1.0 is exactly the dense model; the kept counts in the table include the newlines)."""
+    if name not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+    entry = registry.get(name)
+    settings = entry.tiny(model) if entry.tiny else {}
+    if name == "random_prune":
+        settings["seed"] = seed
+    return entry.build(model, budget=ratio, **settings)
 
 
 def _extend(x: dict, continuation: torch.Tensor) -> dict:
@@ -227,12 +182,11 @@ def run_vlm_tiny(out, methods: Sequence[str] = METHODS, *, paper: str, families:
     bad = [f for f in families if f not in FAMILIES]
     if bad:
         raise ValueError(f"families: unknown {bad}; choose from {FAMILIES}")
-    if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
-        raise ValueError(f"ratios: keep ratios must lie in (0, 1], got {list(ratios)}")
-    if not prompts or any(n < 1 for n in prompts):
-        raise ValueError(f"prompts: every prompt needs at least one image, got {list(prompts)}")
-    if decode_steps < 0:
-        raise ValueError(f"decode_steps: must be >= 0, got {decode_steps}")
+    ratios = [check_real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True) for i, r in enumerate(ratios)]
+    prompts = check_ints(prompts, "prompts", low=1)  # images per prompt: at least one each
+    if not ratios or not prompts:
+        raise ValueError(f"{'ratios' if not ratios else 'prompts'}: expected at least one value")
+    decode_steps = check_int(decode_steps, "decode_steps", low=0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -268,13 +222,14 @@ def add_tiny_arguments(parser) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                         help="methods to compare (default: the paper's own first, then the others)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(KEEP_RATIOS),
-                        help="keep ratios of each image's visual tokens")
-    parser.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="images per prompt")
-    parser.add_argument("--decode-steps", type=int, default=8, help="teacher-forced positions after the prompt")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before timing")
-    parser.add_argument("--repeat", type=int, default=10, help="timed forwards (median reported)")
-    parser.add_argument("--seed", type=int, default=0, help="model, input and random-baseline seed")
+    parser.add_argument("--ratios", type=RATIO, nargs="+", default=list(KEEP_RATIOS),
+                        help="keep ratios of each image's visual tokens, in (0, 1]")
+    parser.add_argument("--prompts", type=POSITIVE, nargs="+", default=list(PROMPTS), help="images per prompt")
+    parser.add_argument("--decode-steps", type=NON_NEGATIVE, default=8,
+                        help="teacher-forced positions after the prompt")
+    parser.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed forwards before timing")
+    parser.add_argument("--repeat", type=POSITIVE, default=10, help="timed forwards (median reported)")
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0, help="model, input and random-baseline seed")
 
 
 def tiny_preset(name: str, paper: str, methods: Sequence[str]):

@@ -1,6 +1,6 @@
 """The environment lock: every package of the project's environment, direct and transitive, as name==version.
 
-    python scripts/lock.py            # re-resolve pyproject.toml (all extras) into requirements.lock; print what changed
+    python scripts/lock.py            # re-resolve pyproject.toml (all extras) into requirements.lock; print changes
     python scripts/lock.py --check    # compare the running environment with requirements.lock; exit 1 on a difference
     python scripts/lock.py --prune    # uninstall what the lock does not list (setup.sh runs it after installing)
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare the running environment with the lock")
     parser.add_argument("--prune", action="store_true", help="uninstall packages that the lock does not list")
-    parser.add_argument("--python", default=sys.executable, help="the interpreter whose pip resolves (default: this one)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose pip resolves (default: this one)")
     args = parser.parse_args(argv)
     if args.prune:
         extra = sorted(installed().keys() - read_lock().keys())

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from prunelab.common.tokens import check_keep_indices
+from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.kernels.max_min_diversity import max_min_diversity_order
 from prunelab.methods.divprune import cosine_distance, max_min_diversity
 
@@ -136,7 +136,7 @@ def test_keep_all_is_arange(m):
 def test_kept_index_contract():
     keep = max_min_diversity(_x(3, 50, 12, seed=6), 17)
     assert keep.dtype == torch.int64
-    check_keep_indices(keep, 50)  # int64, sorted ascending, unique, in range
+    check_reduction(Reduction(keep, 50))  # int64, sorted ascending, unique, in range
     assert keep.shape == (3, 17)
 
 
@@ -162,7 +162,7 @@ def test_duplicates_never_repeat():
     x = _x(1, 100, 16, seed=9)
     x[0, 50:60] = x[0, 50]
     keep = max_min_diversity(x, 95)
-    check_keep_indices(keep, 100)
+    check_reduction(Reduction(keep, 100))
     assert keep.unique().numel() == 95
 
 
@@ -191,7 +191,7 @@ def test_valid_mask_ragged_batch():
     # padding that would otherwise be picked first: far from everything and mutually orthogonal
     x[~valid] = torch.eye(16).repeat(2, 1)[: int((~valid).sum())] * 100
     keep = max_min_diversity(x, 9, valid=valid)
-    check_keep_indices(keep, 40)
+    check_reduction(Reduction(keep, 40))
     for b in range(2):
         idx = valid[b].nonzero()[:, 0]
         assert valid[b, keep[b]].all()
@@ -221,7 +221,7 @@ def test_quirk1_repicks_on_exact_duplicates():
     assert quirky.tolist() == brute_force_official(_official_distance_fp(x[0]), 8)
     assert quirky.unique().numel() == 6 and (quirky == 0).sum() == 3  # two re-picks of token 0
     ours = max_min_diversity(x, 8)[0]
-    check_keep_indices(ours[None], 10)
+    check_reduction(Reduction(ours[None], 10))
     assert ours.tolist() == sorted(brute_force_greedy(cosine_distance(x)[0], 8))
 
 

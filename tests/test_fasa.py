@@ -1,10 +1,12 @@
-"""FASA: frequency chunks, calibration, selection and the decoder methods (card ../papers/fasa.md §6)."""
+"""FASA: frequency chunks, calibration, selection and the decoder methods (methods/fasa/README.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from decoder_models import padded_batch, tiny_decoder
@@ -163,6 +165,58 @@ def test_calibration_agreement_matches_a_direct_computation(model):
     torch.testing.assert_close(cal.agreement[0, 1], expect, atol=1e-5, rtol=0)
 
 
+def test_calibration_records_the_model_and_refuses_another(model, cal, tmp_path):
+    """Same shapes and the same (empty) name: a model built from a config differs only by its weights."""
+    assert cal.fingerprint["model_type"] == "llama" and len(cal.fingerprint["weights"]["q_proj"]) == 64
+    loaded = Calibration.load(cal.save(tmp_path / "c.json"))
+    assert loaded.fingerprint == cal.fingerprint  # floats round-trip exactly through JSON
+    fasa = FASA(budget=8, calibration=tmp_path / "c.json", n_fc=4)
+    fasa.check_model(model)
+    for dtype in (torch.bfloat16, torch.float16):  # the same weights in another dtype are the same model
+        fasa.check_model(tiny_decoder("llama").to(dtype))
+    other = tiny_decoder("llama", seed=3)
+    assert decoder_spec(other) == decoder_spec(model)
+    with pytest.raises(ValueError, match=r"calibration: .*weights .* differ"):
+        fasa.check_model(other)
+    qwen = tiny_decoder("qwen2")  # same shapes, another model type
+    with pytest.raises(ValueError, match=r"calibration: .*model_type 'llama' != 'qwen2'"):
+        prunelab.apply(qwen, fasa)
+    with pytest.raises(ValueError, match=r"calibration: .*fingerprint"):
+        prunelab.apply(model, FASA(budget=8, calibration=dataclasses.replace(cal, fingerprint=None), n_fc=4))
+
+
+def test_installing_the_calibration_of_a_same_shape_model_raises(cal):
+    with pytest.raises(ValueError, match=r"calibration: .*weights"):
+        prunelab.apply(tiny_decoder("llama", seed=3), FASA(budget=8, calibration=cal, n_fc=4))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "not valid JSON"), ('{"model": "", "revision": "", "fingerprint": {}, "agr', "not valid JSON"),
+    ("[1, 2]", "not a valid FASA calibration"), ('{"model": "x", "agreement": [0.5]}', "older prunelab"),
+    ("\x00\xff", "not valid JSON")])
+def test_broken_calibration_files_name_calibration_and_the_file(cal, tmp_path, text, message):
+    path = tmp_path / "broken.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"calibration: {path}.*{message}"):
+        Calibration.load(path)
+    with pytest.raises(ValueError, match="calibration"):
+        prunelab.apply(tiny_decoder("llama"), FASA(budget=8, calibration=path, n_fc=4))
+    with pytest.raises(FileNotFoundError, match="calibration"):
+        Calibration.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, 1.5])
+def test_calibration_with_nan_inf_or_out_of_range_agreement_is_refused(model, cal, tmp_path, poison):
+    path = cal.save(tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    data["agreement"] = [poison] * len(data["agreement"]) if poison != 1.5 else [*data["agreement"][:-1], poison]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"calibration: {path}.*(NaN or inf|\\[0, 1\\])"):
+        prunelab.apply(model, FASA(budget=8, calibration=path, n_fc=4))
+    with pytest.raises(ValueError, match="calibration"):
+        dataclasses.replace(cal, agreement=torch.full_like(cal.agreement, math.nan))
+
+
 # -- the decoder methods ------------------------------------------------------------------------------------------
 def test_budget_above_the_length_is_dense(model, cal):
     ids, mask = padded_batch()
@@ -247,13 +301,75 @@ def test_sink_recent_keeps_first_and_last_real_tokens(model):
     assert sorted(index[0, 0].tolist()) == [3, 4, 8, 9, 10, 11]
 
 
+def test_sink_recent_always_keeps_the_current_token(model):
+    """A budget of at most n_sink tokens: refused as a count; at run time the current token is kept."""
+    for budget, n_sink in ((4, 4), (3, 8), (1, 1)):
+        with pytest.raises(ValueError, match="n_sink"):
+            SinkRecent(budget=budget, n_sink=n_sink)
+    spec = decoder_spec(model)
+    method = SinkRecent(budget=0.2)  # n_sink = 8: floor(0.2 t) <= 8 for every context under 45 tokens
+    scorer = method.layer_scorer(spec, 1)
+
+    class Call:
+        keys = torch.zeros(2, 2, 20, D)
+        valid = torch.tensor([[True] * 20, [False] * 5 + [True] * 15])
+
+    n = budget_counts(method.budget, torch.tensor([20, 15]))
+    assert n.tolist() == [4, 3]
+    index, keep = method.select(scorer(Call), Call.valid, n)
+    kept = [sorted(index[b, 0][keep[b, 0]].tolist()) for b in range(2)]
+    assert kept == [[0, 1, 2, 19], [5, 6, 19]]  # the first n - 1 sinks, then the current token
+    # End to end: 5 % of 41..46 tokens keeps 2 (one sink + the current token), of 32..37 tokens 1 (the current).
+    ids, mask = padded_batch((40, 31))
+    for b, (length, same) in enumerate(((40, SinkRecent(budget=2, n_sink=1)), (31, SinkRecent(budget=1, n_sink=0)))):
+        one = ids[b : b + 1, 40 - length :], mask[b : b + 1, 40 - length :]
+        got = generate(model, SinkRecent(budget=0.05), *one, scores=True)
+        ref = generate(model, same, *one, scores=True)
+        assert torch.equal(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", [FASA(budget=9, n_fc=2), OracleTopK(budget=7), SinkRecent(budget=10, n_sink=2),
+                                    DenseDecode(), OracleTopK(budget=10_000)])
+def test_nan_activations_raise_naming_the_query_and_layer(model, cal, method):
+    if isinstance(method, FASA):
+        method = dataclasses.replace(method, calibration=cal)
+    ids, mask = padded_batch()
+    generate(model, method, ids, mask, n=2)  # finite: no error
+    poisoned = tiny_decoder("llama")
+    with torch.no_grad():
+        poisoned.model.layers[1].self_attn.q_proj.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"query: NaN/inf .* layer 1$"):
+        generate(poisoned, method, ids, mask, n=2)
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"budget": 0}, "budget"), ({"budget": -3}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": True}, "budget"),
     ({"budget": math.nan}, "budget"), ({"n_fc": 0}, "n_fc"), ({"gqa_mode": "mean"}, "gqa_mode"),
-    ({"fc_layout": "interleaved"}, "fc_layout"), ({"dense_layers": [0]}, "dense_layers"), ({"tau": 2.0}, "tau")])
+    ({"fc_layout": "interleaved"}, "fc_layout"), ({"dense_layers": (0.5,)}, "dense_layers"),
+    ({"dense_layers": 1}, "dense_layers"), ({"tau": 2.0}, "tau"), ({"budget": "0.5"}, "budget"),
+    ({"budget": "8"}, "budget"), ({"n_fc": 2.0}, "n_fc"), ({"tau": "0.8"}, "tau"), ({"fallback_k": 0}, "fallback_k"),
+    ({"fallback_k": 512.0}, "fallback_k"), ({"calibration": 3}, "calibration")])
 def test_bad_inputs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         FASA(**kwargs)
+
+
+def test_numpy_values_are_accepted_as_plain_python_values():
+    fasa = FASA(budget=np.int64(8), n_fc=np.int32(4), tau=np.float32(0.5), fallback_k=np.int64(512),
+                dense_layers=[0, np.int64(2)])
+    assert fasa.budget == 8 and type(fasa.budget) is int and type(fasa.n_fc) is int and type(fasa.tau) is float
+    assert type(fasa.fallback_k) is int and fasa.dense_layers == (0, 2)
+    ratio = OracleTopK(budget=np.float64(0.25)).budget
+    assert ratio == 0.25 and type(ratio) is float
+    assert type(SinkRecent(budget=10, n_sink=np.int64(2)).n_sink) is int
+    assert budget_counts(FASA(budget=np.int64(8)).budget, 20) == 8
+
+
+def test_fallback_k_is_validated(cal):
+    with pytest.raises(ValueError, match="fallback_k"):
+        cal.for_budget(0.3, 0)  # was a ZeroDivisionError
+    assert cal.for_budget(0.3, 5)[1] == 4
 
 
 def test_n_fc_above_half_the_head_dim_and_bad_layers(model, cal):

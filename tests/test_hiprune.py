@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunelab.common.tokens import check_keep_indices
+from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.methods.hiprune import (
     HiPrune,
     Role,
@@ -140,7 +140,7 @@ def test_budget_is_exact_for_every_budget(official, alpha):
     mid, deep = rand_scores(3, seed=1)
     for budget in range(1, N + 1):
         p = hiprune_partition(mid, deep, GRID, budget, anchor_ratio=alpha, official_quirks=official)
-        check_keep_indices(p.keep, N)
+        check_reduction(Reduction(p.keep, N))
         assert p.keep.shape == (3, budget)
         assert not (p.anchor & p.buffer).any() and not (p.anchor & p.register).any()
         assert not (p.buffer & p.register).any()

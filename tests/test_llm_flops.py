@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunelab.common.llm_flops import LLMDims, decode_macs, kv_cache_bytes, prefill_macs, vlm_prefill_cost
+from prunelab.common.reduction import Reduction
 from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
 from prunelab.common.vlm import VLMRequest, install_vlm
 
@@ -85,7 +86,7 @@ class Half:
         return (img.embeds.shape[0] + 1) // 2
 
     def vlm_select(self, ctx):
-        return [torch.arange((img.embeds.shape[0] + 1) // 2) for img in ctx.images]
+        return [Reduction(torch.arange((n + 1) // 2)[None], n) for n in (img.embeds.shape[0] for img in ctx.images)]
 
 
 def _eager_vlm(family):

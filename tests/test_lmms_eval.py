@@ -110,7 +110,7 @@ def test_bad_inputs_name_the_parameter(folders, tmp_path):
     with pytest.raises(ValueError, match="budget"):
         make_vlm_method("divprune", model, budget=0)
     with pytest.raises(ValueError, match="object_block"):
-        make_vlm_method("random", model, budget=4, object_block=0)
+        make_vlm_method("random_prune", model, budget=4, object_block=0)
     with pytest.raises(ValueError, match="dtype"):
         load_vlm(str(folders["llava"]), dtype="int8")
     vlm = PrunedVLM(model, processor)
@@ -180,7 +180,7 @@ def test_full_preset_command_offline(folders, task_dir, tmp_path):
           "--out", str(out)])
     data = json.loads((out / "full.json").read_text())
     got = {(r["method"], r["budget"]) for r in data["rows"]}
-    assert got == {("dense", "all"), ("hiprune", 4), ("hiprune", 0.5), ("random", 4), ("random", 0.5)}
+    assert got == {("dense", "all"), ("hiprune", 4), ("hiprune", 0.5), ("random_prune", 4), ("random_prune", 0.5)}
     assert all(r["metric"] == "shapes_accuracy" and 0.0 <= r["value"] <= 1.0 for r in data["rows"])
     assert data["provenance"]["model"] == str(folders["llava"])
     assert (out / "full.png").exists() and len(list((out / "lmms").glob("*.json"))) == 5

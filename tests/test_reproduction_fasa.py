@@ -92,6 +92,17 @@ def test_calibrate_command_keys_the_file_by_model(local_model, tmp_path):
                  "--windows", "2", "--ks", "8", "16", "--queries", "4"]) == 0
     data = json.loads(out.read_text())
     assert data["model"] == str(local_model / "model") and data["ks"] == [8, 16] and data["shape"][1:] == [3, 4, 8]
+    assert data["fingerprint"]["model_type"] == "qwen2" and len(data["fingerprint"]["weights"]["k_proj"]) == 64
+    # The full preset checks a given file against the loaded weights: same name and shapes, other weights fail.
+    from transformers import AutoModelForCausalLM
+
+    args = argparse.Namespace(calibration=str(out))
+    same = AutoModelForCausalLM.from_pretrained(local_model / "model")
+    assert full._calibration(args, same, None, tmp_path, False).ks == (8, 16)
+    other = tiny_decoder("qwen2", seed=5)
+    other.config._name_or_path = str(local_model / "model")
+    with pytest.raises(ValueError, match=r"calibration: .*weights"):
+        full._calibration(args, other, None, tmp_path, False)
 
 
 def test_smollm2_keeps_dense_output_with_every_token():
@@ -99,6 +110,7 @@ def test_smollm2_keeps_dense_output_with_every_token():
     pytest.importorskip("gguf")
     from prunelab.common.packaged import load_smollm2
     from prunelab.methods.fasa import FASA, Calibration
+    from prunelab.methods.fasa.calibration import spec_fingerprint, weights_fingerprint
 
     try:
         model, tok = load_smollm2()
@@ -108,7 +120,8 @@ def test_smollm2_keeps_dense_output_with_every_token():
 
     spec = decoder_spec(model)
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (30, 9, 3, 64)
-    cal = Calibration(spec.name, spec.revision, "rope_pairs", (64,), torch.rand(1, 30, 9, 32))
+    fingerprint = {**spec_fingerprint(spec), "weights": weights_fingerprint(model)}
+    cal = Calibration(spec.name, spec.revision, "rope_pairs", (64,), torch.rand(1, 30, 9, 32), {}, fingerprint)
     ids = tok(["def main():", "The pass key is"], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         ref = model.generate(**ids, max_new_tokens=8, do_sample=False)

@@ -13,7 +13,7 @@ import yaml
 import prunelab
 from prunelab.cli import main
 from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
-from prunelab.reproductions.vlm_tiny import RandomPrune
+from prunelab.methods.baselines import RandomPrune
 
 REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1"]
 

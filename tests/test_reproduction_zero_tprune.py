@@ -14,7 +14,7 @@ from prunelab.reproductions.zero_tprune import full
 def test_cli_list_names_the_method(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "zero_tprune" in out and "ZeroTPrune" in out and "timm ViT" in out
+    assert "zero_tprune" in out and "ZeroTPrune" in out and "prunelab.common.vit" in out
 
 
 def test_cli_reproduce_help_shows_the_preset_options(capsys):
@@ -59,7 +59,10 @@ def test_full_preset_pipeline_on_a_fake_imagenet(tmp_path):
     assert result["provenance"]["n_eval"] == 6 and "commit" in result["provenance"]
 
 
-def test_full_preset_missing_data_names_the_argument(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--imagenet"):
-        main(["reproduce", "zero_tprune", "--preset", "full", "--imagenet", str(tmp_path / "nope"),
-              "--model", "deit_tiny_patch16_224", "--no-pretrained", "--out", str(tmp_path / "o")])
+def test_full_preset_missing_data_names_the_argument(tmp_path, capsys):
+    """A missing or absent --imagenet is an argparse error (status 2), before timm loads any model."""
+    for given in (["--imagenet", str(tmp_path / "nope")], []):
+        with pytest.raises(SystemExit) as exc:
+            main(["reproduce", "zero_tprune", "--preset", "full", *given, "--model", "deit_tiny_patch16_224",
+                  "--no-pretrained", "--out", str(tmp_path / "o")])
+        assert exc.value.code == 2 and "--imagenet" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import torch
 from vlm_helpers import generate_tail
 
 from prunelab.common.apply import UnsupportedModelError
+from prunelab.common.reduction import Reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import VLMRequest, install_vlm, is_hf_vlm
 from prunelab.common.vlm_layout import find_image_spans
@@ -16,7 +17,8 @@ RAGGED = [1, 2]
 
 class KeepAll:
     def vlm_select(self, ctx):
-        return [img.token_ids.new_tensor(range(img.embeds.shape[0])) for img in ctx.images]
+        return [Reduction(img.token_ids.new_tensor(range(img.embeds.shape[0]))[None], img.embeds.shape[0])
+                for img in ctx.images]
 
 
 class EveryOther:
@@ -34,7 +36,7 @@ class EveryOther:
 
     def vlm_select(self, ctx):
         self.seen.append(ctx)
-        return [torch.arange(0, img.embeds.shape[0], 2) for img in ctx.images]
+        return [Reduction(torch.arange(0, img.embeds.shape[0], 2)[None], img.embeds.shape[0]) for img in ctx.images]
 
 
 class Budget(KeepAll):

@@ -10,8 +10,8 @@ import torch
 
 import prunelab
 from prunelab.common.schedule import TokenSchedule
+from prunelab.methods.baselines import RandomDrop
 from prunelab.methods.zero_tprune import (
-    RandomDrop,
     ZeroTPrune,
     aggregate_heads,
     emphasize_informative_region,

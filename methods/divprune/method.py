@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
+from prunelab.common.reduction import Reduction
 from prunelab.common.tokens import keep_count
 from prunelab.common.validate import check_bool, check_budget, check_choice
 from prunelab.kernels.dispatch import IMPLS
@@ -102,7 +101,7 @@ class DivPrune:
         """k for one image: ``M`` is every visual token of its span (NeXT newlines included)."""
         return self.keep_for(int(image.embeds.shape[0]))
 
-    def vlm_select(self, ctx) -> Sequence[torch.Tensor]:
+    def vlm_select(self, ctx) -> Sequence[Reduction]:
         """Max-min diversity on each image's projected embeddings ``[M, C]``, one image at a time.
 
         Images differ in M (NeXT, Qwen2.5-VL), so each runs alone; a padded batch with ``valid`` would give
@@ -117,5 +116,5 @@ class DivPrune:
                 raise ValueError(f"official_quirks: the official greedy picked a token of image {i} twice (exact "
                                  "duplicate embeddings; its loop does not mask chosen tokens); a kept set cannot "
                                  "hold a token twice, so use official_quirks=False for this input")
-            keeps.append(keep)
+            keeps.append(Reduction(keep[None], img.embeds.shape[0]))
         return keeps

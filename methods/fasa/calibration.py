@@ -15,8 +15,11 @@ Where we differ from the official profiler (``identify_important_fre.py`` of ``A
   also expects file names the profiler does not write); this module is that aggregation: the mean over
   queries and windows.
 
-The file is JSON, keyed by the model's name and revision, the chunk layout and the shapes; loading it for
-another model raises an error naming ``calibration``.
+The file is JSON. It records the chunk layout and a fingerprint of the model it was computed on: the model's name
+and revision, its ``model_type``, shapes and RoPE base, and 64 entries of each of layer 0's ``q_proj`` /
+``k_proj`` weights (:func:`weights_fingerprint`). Installing FASA with the calibration of another model raises an
+error naming ``calibration`` and what differs. Files written before the fingerprint existed are refused with the
+command that rewrites them.
 """
 
 from __future__ import annotations
@@ -29,17 +32,79 @@ from pathlib import Path
 import torch
 
 from prunelab.common.decoder import AttentionCall, DecoderSpec
+from prunelab.common.validate import check_choice, check_int, check_ints
 
 from .chunks import FC_LAYOUTS, chunk_logits, contextual_agreement
 
-__all__ = ["Calibration", "calibrate", "DEFAULT_KS"]
+__all__ = ["Calibration", "calibrate", "DEFAULT_KS", "spec_fingerprint", "weights_fingerprint"]
 
-DEFAULT_KS = (128, 256, 512, 1024, 2048, 4096)  # the official profiler's grid (card §2, stage A)
+FINGERPRINT_SAMPLES = 64  # entries of each of layer 0's q_proj / k_proj weights in a calibration's fingerprint
+RERUN = "re-run `prunelab calibrate fasa --model <this model> --out FILE` (or methods.fasa.calibrate)"
+
+DEFAULT_KS = (128, 256, 512, 1024, 2048, 4096)  # the official profiler's grid (identify_important_fre.py)
+
+
+def spec_fingerprint(spec: DecoderSpec) -> dict:
+    """What the config says about a model: its type, shapes and RoPE base."""
+    return {"model_type": spec.model_type, "num_layers": spec.num_layers, "num_heads": spec.num_heads,
+            "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "rope_theta": spec.rope_theta}
+
+
+def weights_fingerprint(model) -> dict | None:
+    """A cheap fingerprint of a decoder's weights, the same on every device and in every process.
+
+    Exactly what is read: the attention module with ``layer_idx == 0``; of its ``q_proj.weight`` and
+    ``k_proj.weight`` each, the entries ``w.reshape(-1)[i * s]`` for ``i = 0..63`` with ``s = w.numel() // 64``
+    (a fixed strided slice over all rows), as float32 values; and the weights' dtype. Values rather than a hash,
+    so that a file computed in float32 can serve the same weights loaded in bfloat16 (:func:`same_weights`).
+
+    Returns:
+        ``{"dtype", "q_proj", "k_proj"}``, or ``None`` when layer 0's weights are not in memory (meta device).
+    """
+    attn = next((m for m in model.modules() if getattr(m, "layer_idx", None) == 0 and hasattr(m, "q_proj")
+                 and hasattr(m, "k_proj")), None)
+    if attn is None:
+        raise ValueError(f"model: {type(model).__name__} has no attention module with layer_idx 0 (q_proj, k_proj)")
+    out = {"dtype": str(attn.q_proj.weight.dtype).removeprefix("torch.")}
+    for name in ("q_proj", "k_proj"):
+        w = getattr(attn, name).weight.detach()
+        if w.is_meta:
+            return None
+        flat = w.reshape(-1)
+        out[name] = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES].float().cpu().tolist()
+    return out
+
+
+def _eps(dtype: str) -> float:
+    try:
+        return float(torch.finfo(getattr(torch, dtype)).eps)
+    except (AttributeError, TypeError):  # an integer (quantised) dtype: only exact matches
+        return 0.0
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two :func:`weights_fingerprint` s are of the same weights.
+
+    In the same dtype the entries must be equal. Across dtypes each entry may differ by the rounding of the coarser
+    dtype (relative ``eps``, twice the round-to-nearest bound; ``2**-24`` absolute for float16's subnormals).
+    """
+    x = torch.tensor(a["q_proj"] + a["k_proj"], dtype=torch.float64)
+    y = torch.tensor(b["q_proj"] + b["k_proj"], dtype=torch.float64)
+    if x.shape != y.shape:
+        return False
+    if a["dtype"] == b["dtype"]:
+        return bool(torch.equal(x, y))
+    tol = max(_eps(a["dtype"]), _eps(b["dtype"]))
+    return bool(((x - y).abs() <= tol * torch.maximum(x.abs(), y.abs()) + 2.0**-24).all())
 
 
 @dataclass
 class Calibration:
-    """Mean contextual agreement ``agreement[k, l, h, j]`` for budgets ``ks[k]`` of one model and chunk layout."""
+    """Mean contextual agreement ``agreement[k, l, h, j]`` for budgets ``ks[k]`` of one model and chunk layout.
+
+    ``fingerprint`` is the model it was computed on: :func:`spec_fingerprint` plus ``"weights"``
+    (:func:`weights_fingerprint`); :func:`calibrate` fills it in. A calibration without one cannot be installed.
+    """
 
     model: str
     revision: str
@@ -47,22 +112,46 @@ class Calibration:
     ks: tuple[int, ...]
     agreement: torch.Tensor  # float32 [len(ks), L, Hq, d/2]
     source: dict = field(default_factory=dict)  # what it was computed on, and with which code
+    fingerprint: dict | None = None
 
     def __post_init__(self):
-        if self.fc_layout not in FC_LAYOUTS:
-            raise ValueError(f"fc_layout: expected one of {FC_LAYOUTS}, got {self.fc_layout!r}")
-        self.ks = tuple(int(k) for k in self.ks)
+        check_choice(self.fc_layout, "fc_layout", FC_LAYOUTS)
+        self.ks = check_ints(self.ks, "ks", low=1)
+        if self.fingerprint is not None and not isinstance(self.fingerprint, dict):
+            raise ValueError(f"fingerprint: expected a dict (spec_fingerprint + weights) or None, got "
+                             f"{type(self.fingerprint).__name__}")
         if self.agreement.dim() != 4 or self.agreement.shape[0] != len(self.ks):
             raise ValueError(f"agreement: expected [len(ks)={len(self.ks)}, L, Hq, d/2], got "
                              f"{tuple(self.agreement.shape)}")
+        bad = int((~torch.isfinite(self.agreement)).sum())
+        if bad:
+            raise ValueError(f"calibration: {bad} of {self.agreement.numel()} agreement values are NaN or inf; {RERUN}")
+        if bool(((self.agreement < 0) | (self.agreement > 1)).any()):
+            raise ValueError(f"calibration: agreement values must lie in [0, 1] (a fraction of K), got "
+                             f"{float(self.agreement.min())}..{float(self.agreement.max())}; {RERUN}")
 
-    def check(self, spec: DecoderSpec, fc_layout: str) -> None:
-        """Raise ``ValueError`` naming ``calibration`` unless this file belongs to the model and layout."""
-        shape = (spec.num_layers, spec.num_heads, spec.head_dim // 2)
-        if (self.model, self.revision) != (spec.name, spec.revision) or tuple(self.agreement.shape[1:]) != shape:
-            raise ValueError(f"calibration: computed for {self.model!r} (revision {self.revision!r}, [L, Hq, d/2]="
-                             f"{list(self.agreement.shape[1:])}) but the model is {spec.name!r} (revision "
-                             f"{spec.revision!r}, {list(shape)}); run `prunelab calibrate fasa` for this model")
+    def check(self, spec: DecoderSpec, fc_layout: str, model=None) -> None:
+        """Raise ``ValueError`` naming ``calibration`` and what differs unless this belongs to the model and layout.
+
+        Compared: the name and revision, :func:`spec_fingerprint`, the agreement's shape, and, when ``model`` is
+        given and both sides have them, the weights (:func:`same_weights`).
+        """
+        if self.fingerprint is None:
+            raise ValueError(f"calibration: computed for {self.model!r} without a fingerprint of the model's "
+                             f"weights and shapes (an older file or a hand-made Calibration); {RERUN}")
+        theirs = {"name": spec.name, "revision": spec.revision, **spec_fingerprint(spec)}
+        ours = {"name": self.model, "revision": self.revision, **self.fingerprint}
+        diff = [f"{key} {ours.get(key)!r} != {value!r}" for key, value in theirs.items() if ours.get(key) != value]
+        shape = [spec.num_layers, spec.num_heads, spec.head_dim // 2]
+        if list(self.agreement.shape[1:]) != shape:
+            diff.append(f"agreement [L, Hq, d/2] {list(self.agreement.shape[1:])} != {shape}")
+        if model is not None and not diff:
+            theirs, ours = weights_fingerprint(model), self.fingerprint.get("weights")
+            if theirs is not None and ours is not None and not same_weights(ours, theirs):
+                diff.append(f"weights (layer 0 q_proj/k_proj entries, {ours['dtype']} vs {theirs['dtype']}) differ")
+        if diff:
+            raise ValueError(f"calibration: computed for another model (calibration != model: {'; '.join(diff)}); "
+                             f"{RERUN}")
         if self.fc_layout != fc_layout:
             raise ValueError(f"calibration: computed with fc_layout={self.fc_layout!r}, but the method uses "
                              f"fc_layout={fc_layout!r}")
@@ -73,6 +162,7 @@ class Calibration:
         The budget's own slice when it is an integer on the grid; otherwise the ``fallback_k`` slice (1024 in the
         official code), or the grid value closest to it in log scale when the grid lacks it.
         """
+        fallback_k = check_int(fallback_k, "fallback_k", low=1)
         if isinstance(budget, int) and budget in self.ks:
             k = budget
         else:
@@ -82,21 +172,32 @@ class Calibration:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"model": self.model, "revision": self.revision, "fc_layout": self.fc_layout, "ks": list(self.ks),
-                "shape": list(self.agreement.shape), "source": self.source,
-                "agreement": [round(v, 5) for v in self.agreement.flatten().tolist()]}
+        data = {"model": self.model, "revision": self.revision, "fingerprint": self.fingerprint,
+                "fc_layout": self.fc_layout, "ks": list(self.ks), "shape": list(self.agreement.shape),
+                "source": self.source, "agreement": [round(v, 5) for v in self.agreement.flatten().tolist()]}
         path.write_text(json.dumps(data))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        data = json.loads(Path(path).read_text())
+        """Read a file written by :meth:`save`; every problem with it raises naming ``calibration`` and the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration: {path} is not a file; compute one with `prunelab calibrate fasa`")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"calibration: {path} is not a FASA calibration file: not valid JSON, perhaps empty "
+                             f"or truncated ({err}); {RERUN}") from err
+        if isinstance(data, dict) and "agreement" in data and "fingerprint" not in data:
+            raise ValueError(f"calibration: {path} was written by an older prunelab, without the model's fingerprint; "
+                             f"{RERUN}")
         try:
             agreement = torch.tensor(data["agreement"], dtype=torch.float32).view(data["shape"])
             return cls(data["model"], data["revision"], data["fc_layout"], tuple(data["ks"]), agreement,
-                       data.get("source", {}))
-        except (KeyError, RuntimeError) as err:
-            raise ValueError(f"calibration: {path} is not a FASA calibration file ({err})") from err
+                       data.get("source", {}), data["fingerprint"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"calibration: {path} is not a valid FASA calibration file ({err})") from err
 
 
 class _AgreementProbe:
@@ -155,13 +256,13 @@ def calibrate(model, windows: torch.Tensor, *, ks: tuple[int, ...] = DEFAULT_KS,
     from prunelab.common.decoder import decoder_spec
 
     spec = decoder_spec(model)
-    if fc_layout not in FC_LAYOUTS:
-        raise ValueError(f"fc_layout: expected one of {FC_LAYOUTS}, got {fc_layout!r}")
+    check_choice(fc_layout, "fc_layout", FC_LAYOUTS)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.int64:
         raise ValueError(f"windows: expected int64 token ids [n, L], got {getattr(windows, 'shape', windows)}")
-    ks = tuple(sorted(set(ks)))
-    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
-        raise ValueError(f"n_queries: expected an int >= 1, got {n_queries!r}")
+    ks = tuple(sorted(set(check_ints(ks, "ks", low=1))))
+    if not ks:
+        raise ValueError("ks: expected at least one budget K")
+    n_queries = check_int(n_queries, "n_queries", low=1)
     if windows.shape[1] < max(ks) + n_queries:
         raise ValueError(f"ks: the largest K={max(ks)} needs windows of at least K + n_queries = "
                          f"{max(ks) + n_queries} tokens, got {windows.shape[1]}")
@@ -175,4 +276,5 @@ def calibrate(model, windows: torch.Tensor, *, ks: tuple[int, ...] = DEFAULT_KS,
     agreement = torch.stack([probe.sums[i] for i in range(spec.num_layers)], dim=1) / len(windows)
     src = {"windows": int(windows.shape[0]), "window_len": int(windows.shape[1]), "n_queries": n_queries,
            **(source or {})}
-    return Calibration(spec.name, spec.revision, fc_layout, ks, agreement, src)
+    fingerprint = {**spec_fingerprint(spec), "weights": weights_fingerprint(model)}
+    return Calibration(spec.name, spec.revision, fc_layout, ks, agreement, src, fingerprint)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import torch
 
+from prunelab.common.validate import check_choice, check_int, check_ints, check_real
+
 __all__ = ["FC_LAYOUTS", "chunk_dims", "chunk_logits", "contextual_agreement", "dominant_chunks", "dominant_dims"]
 
 FC_LAYOUTS = ("rope_pairs", "official_contiguous")
 
 
 def _check_layout(fc_layout: str) -> None:
-    if fc_layout not in FC_LAYOUTS:
-        raise ValueError(f"fc_layout: expected one of {FC_LAYOUTS}, got {fc_layout!r}")
+    check_choice(fc_layout, "fc_layout", FC_LAYOUTS)
 
 
 def chunk_dims(head_dim: int, fc_layout: str = "rope_pairs") -> torch.Tensor:
@@ -35,8 +36,9 @@ def chunk_dims(head_dim: int, fc_layout: str = "rope_pairs") -> torch.Tensor:
     ``official_contiguous``: chunk ``j`` is ``(2j, 2j + 1)``.
     """
     _check_layout(fc_layout)
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
-        raise ValueError(f"head_dim: expected an even int >= 2, got {head_dim!r}")
+    head_dim = check_int(head_dim, "head_dim", low=2)
+    if head_dim % 2:
+        raise ValueError(f"head_dim: expected an even int >= 2, got {head_dim}")
     j = torch.arange(head_dim // 2)
     if fc_layout == "rope_pairs":
         return torch.stack([j, j + head_dim // 2], dim=1)
@@ -74,8 +76,9 @@ def contextual_agreement(full: torch.Tensor, partial: torch.Tensor, ks: tuple[in
         float32 ``[len(ks), ..., J]`` in ``[0, 1]``.
     """
     T = full.shape[-1]
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T for k in ks):
-        raise ValueError(f"ks: expected budgets in 1..T={T}, got {ks!r}")
+    ks = check_ints(ks, "ks", low=1, high=T)
+    if not ks:
+        raise ValueError(f"ks: expected budgets in 1..T={T}, got none")
     k_max = max(ks)
     top_full = full.topk(k_max, dim=-1).indices  # sorted by score, so TopK is a prefix for every K
     top_part = partial.topk(k_max, dim=-1).indices
@@ -107,20 +110,15 @@ def dominant_chunks(ca: torch.Tensor, n_fc: int = 16, fc_select: str = "topk", t
         bool ``[..., J]``: which chunks are dominant.
     """
     J = ca.shape[-1]
-    if isinstance(n_fc, bool) or not isinstance(n_fc, int) or not 1 <= n_fc <= J:
-        raise ValueError(f"n_fc: expected an int in 1..d/2={J}, got {n_fc!r}")
-    if fc_select not in ("topk", "quantile"):
-        raise ValueError(f"fc_select: expected 'topk' or 'quantile', got {fc_select!r}")
+    n_fc = check_int(n_fc, "n_fc", low=1, high=J)  # J = d/2 chunks
+    check_choice(fc_select, "fc_select", ("topk", "quantile"))
     # Stable rank: descending agreement, then ascending chunk id.
     order = torch.sort(ca.float(), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(J, device=ca.device).expand_as(order))
     if fc_select == "topk":
         return rank < n_fc
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau: expected a quantile in [0, 1], got {tau!r}")
-    min_fc = n_fc if min_fc is None else min_fc
-    if not 1 <= min_fc <= n_fc:
-        raise ValueError(f"min_fc: expected 1..n_fc={n_fc}, got {min_fc!r}")
+    tau = check_real(tau, "tau", low=0.0, high=1.0)
+    min_fc = n_fc if min_fc is None else check_int(min_fc, "min_fc", low=1, high=n_fc)
     threshold = torch.quantile(ca.float(), tau, dim=-1, keepdim=True)
     count = (ca.float() >= threshold).sum(dim=-1, keepdim=True).clamp(min_fc, n_fc)
     return rank < count

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from prunelab.common.decoder import AttentionCall, DecoderSpec
+from prunelab.common.validate import check_choice, check_int, check_real
 
 from .calibration import Calibration
 from .chunks import FC_LAYOUTS, dominant_chunks, dominant_dims
-from .select import KVSelection
+from .select import FiniteQueries, KVSelection
 
 __all__ = ["FASA", "OracleTopK", "SinkRecent", "DenseDecode"]
 
@@ -34,10 +35,10 @@ class FASA(KVSelection):
     """FASA-C (the full cache stays; each decode step reads the dominant dims and the selected rows).
 
     Fields:
-        budget: tokens kept per step: a count (256 in the paper's LongBench runs, card §3) or a fraction of the
-            current cache (the abstract's 18.9 %).
+        budget: tokens kept per step: a count (256: the abstract's LongBench point, official
+            scripts) or a fraction of the current cache (the abstract's 18.9 %).
         calibration: a :class:`Calibration` or the path of its file (``prunelab calibrate fasa``); required.
-        n_fc: dominant frequency chunks per head; 16 in every official script (card §3). Must be in ``1..d/2``.
+        n_fc: dominant frequency chunks per head; 16 in every official run script. Must be in ``1..d/2``.
         fc_select: ``"topk"`` (the scripts: min_k = max_k = n_fc) or ``"quantile"`` (tau, clamped to n_fc).
         tau: the quantile for ``fc_select="quantile"``; 0.8 in the official code.
         dense_layers: layers that always attend densely; layer 0 in the paper (``layer_control = -1``).
@@ -58,25 +59,35 @@ class FASA(KVSelection):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.n_fc, bool) or not isinstance(self.n_fc, int) or self.n_fc < 1:
-            raise ValueError(f"n_fc: expected an int >= 1 (at most d/2), got {self.n_fc!r}")
-        if self.fc_select not in ("topk", "quantile"):
-            raise ValueError(f"fc_select: expected 'topk' or 'quantile', got {self.fc_select!r}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau: expected a quantile in [0, 1], got {self.tau!r}")
-        if self.fc_layout not in FC_LAYOUTS:
-            raise ValueError(f"fc_layout: expected one of {FC_LAYOUTS}, got {self.fc_layout!r}")
-        if self.impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"impl: expected 'auto', 'torch' or 'triton', got {self.impl!r}")
+        if self.calibration is not None and not isinstance(self.calibration, (Calibration, str, Path)):
+            raise ValueError(f"calibration: expected a Calibration or the path of its file, got "
+                             f"{type(self.calibration).__name__}")
+        object.__setattr__(self, "n_fc", check_int(self.n_fc, "n_fc", low=1))
+        check_choice(self.fc_select, "fc_select", ("topk", "quantile"))
+        object.__setattr__(self, "tau", check_real(self.tau, "tau", low=0.0, high=1.0))
+        check_choice(self.fc_layout, "fc_layout", FC_LAYOUTS)
+        object.__setattr__(self, "fallback_k", check_int(self.fallback_k, "fallback_k", low=1))
+        check_choice(self.impl, "impl", ("auto", "torch", "triton"))
 
-    def calibration_for(self, spec: DecoderSpec) -> Calibration:
+    def calibration_for(self, spec: DecoderSpec, model=None) -> Calibration:
+        """The calibration, loaded if it is a path and checked against the model (its weights too, given ``model``)."""
         cal = self.calibration
         if cal is None:
             raise ValueError(f"calibration: FASA needs the chunk agreement of {spec.name!r}; compute it with "
                              "`prunelab calibrate fasa` (or methods.fasa.calibrate) and pass the file")
         cal = cal if isinstance(cal, Calibration) else Calibration.load(cal)
-        cal.check(spec, self.fc_layout)
+        cal.check(spec, self.fc_layout, model)
         return cal
+
+    def check_model(self, model) -> None:
+        """Raise ``ValueError`` naming ``calibration`` unless it was computed on ``model``, weights included.
+
+        :meth:`decoder_handler` sees only the config (:class:`DecoderSpec`), so at install the weights are compared
+        only where the seam passes the model here; call this yourself to compare them otherwise.
+        """
+        from prunelab.common.decoder import decoder_spec
+
+        self.calibration_for(decoder_spec(model), model)
 
     def dominant_dim_mask(self, spec: DecoderSpec) -> torch.Tensor:
         """bool ``[L, Hq, d]``: the dims each head scores with (stage B on the calibration)."""
@@ -156,16 +167,22 @@ class OracleTopK(KVSelection):
 class SinkRecent(KVSelection):
     """StreamingLLM-style: the first ``n_sink`` tokens plus the most recent ``budget - n_sink`` (no scoring).
 
-    ``n_sink`` defaults to 8, the StreamingLLM setting of FASA's baselines (card §4). Padding is skipped: sinks are
-    the first real tokens of each sequence.
+    ``n_sink`` defaults to 8, the StreamingLLM setting of the official repository's baselines. Padding is
+    skipped: sinks are the first real tokens of each sequence.
+
+    The recent window always holds the current token: a token count ``budget <= n_sink`` is refused at
+    construction, and when a step keeps ``n <= n_sink`` tokens (a fraction of a short context, or a context shorter
+    than the budget) it keeps the current token and the first ``n - 1`` sinks.
     """
 
     n_sink: int = 8
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink: expected an int >= 0, got {self.n_sink!r}")
+        object.__setattr__(self, "n_sink", check_int(self.n_sink, "n_sink", low=0))
+        if isinstance(self.budget, int) and self.budget <= self.n_sink:
+            raise ValueError(f"n_sink: {self.n_sink} sinks leave no room for the current token in budget="
+                             f"{self.budget}; use n_sink < budget")
 
     def layer_scorer(self, spec: DecoderSpec, layer_idx: int):
         def scores(call: AttentionCall) -> torch.Tensor:
@@ -174,7 +191,10 @@ class SinkRecent(KVSelection):
                                                                           device=call.keys.device)
             rank = valid.cumsum(dim=-1) - 1  # position among real tokens
             recency = rank.float()
-            s = torch.where(rank < self.n_sink, recency + 2.0 * T, recency)  # sinks first, then most recent
+            # The current token (the step's own key, always the last position) first, then the sinks in order,
+            # then the most recent tokens.
+            s = torch.where(rank < self.n_sink, 3.0 * T - recency, recency)
+            s[:, -1] = 4.0 * T
             return s[:, None, None, :].expand(B, hkv, spec.group, T)
 
         return scores
@@ -185,4 +205,9 @@ class DenseDecode(KVSelection):
     """Dense attention through the same seam and cache: the fair baseline for decode-step timings."""
 
     def decoder_handler(self, spec: DecoderSpec):
-        return lambda call: None
+        check_finite = FiniteQueries(spec.num_layers)
+
+        def handler(call: AttentionCall) -> None:
+            check_finite(call)  # the same NaN/inf check as the pruning methods, so timings compare like with like
+
+        return handler

@@ -3,10 +3,11 @@
 FASA, the oracle top-k and the sink + recent window differ only in how they score cached tokens, so they share
 this class: the budget rule, the dense fallbacks, padding, grouped-query modes and the focused attention.
 
-Budget (FASA card §2, stage C): ``N = budget`` for an int, ``floor(budget * t)`` for a fraction, where ``t`` is
-the sequence's cache length without padding; then ``N = min(N, t)`` and at least 1. When every sequence keeps
-its whole cache the layer runs transformers' dense SDPA path unchanged, so a budget above the length is exactly
-dense. Prefill (more than one query) and the ``dense_layers`` are always dense.
+Budget (FASA's decode step, as in the official ``monkey_patch/frequency/utils.py``): ``N = budget`` for an int,
+``floor(budget * t)`` for a fraction, where ``t`` is the sequence's cache length without padding; then
+``N = min(N, t)`` and at least 1. When every sequence keeps its whole cache the layer runs transformers' dense
+SDPA path unchanged, so a budget above the length is exactly dense. Prefill (more than one query) and the
+``dense_layers`` are always dense.
 
 Grouped-query attention (``gqa_mode``): ``per_q_head`` (the paper) keeps a set per query head;
 ``shared_sum`` / ``shared_max`` pool the scores of a key/value head's query heads and keep one set per key/value
@@ -15,14 +16,14 @@ head, which reads each selected row once (a bytes saving under GQA, and a differ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from prunelab.common.decoder import AttentionCall, DecoderSpec, attend_selected, valid_lengths
+from prunelab.common.validate import check_budget, check_choice, check_ints
 
-__all__ = ["GQA_MODES", "KVSelection", "budget_counts"]
+__all__ = ["GQA_MODES", "FiniteQueries", "KVSelection", "budget_counts"]
 
 GQA_MODES = ("per_q_head", "shared_sum", "shared_max")
 
@@ -42,15 +43,30 @@ def budget_counts(budget: int | float, lengths: int | torch.Tensor) -> int | tor
     return torch.minimum(n, lengths).clamp(min=1)
 
 
-def _check_budget(budget) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget: expected a token count (int >= 1) or a fraction of the cache (float in (0, 1)), "
-                         f"got {budget!r}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget: a token count must be >= 1, got {budget}")
-    if isinstance(budget, float) and not (0.0 < budget < 1.0 and math.isfinite(budget)):
-        raise ValueError(f"budget: a fraction of the cache must lie in (0, 1), got {budget}; pass an int for a "
-                         "token count")
+class FiniteQueries:
+    """Raises ``ValueError`` when a decode-step query is NaN or inf, naming the first layer where it is.
+
+    CONTRIBUTING promises that NaN activations raise. The query is the cheapest tensor to check (``[B, Hq, 1, d]``
+    per layer, never the cache) and every upstream NaN reaches it: a NaN in the cache or in a layer's output
+    reaches the next layer's query through attention and the residual stream. Each layer's flag stays on the
+    device and the flags are read once per step, at the last layer, so the check costs one host sync per decode
+    step rather than one per layer. Prefill is not checked (its padded rows may hold anything).
+    """
+
+    def __init__(self, num_layers: int):
+        self.last = num_layers - 1
+        self.flags: dict[int, torch.Tensor] = {}
+
+    def __call__(self, call: AttentionCall) -> None:
+        if not call.is_decode:
+            return
+        self.flags[call.layer_idx] = torch.isfinite(call.query).all()
+        if call.layer_idx == self.last:
+            flags, self.flags = self.flags, {}
+            ok = torch.stack([f.to(call.query.device) for f in flags.values()])
+            if not bool(ok.all()):
+                layer = list(flags)[int((~ok).nonzero()[0, 0])]
+                raise ValueError(f"query: NaN/inf in the decode-step query at layer {layer}")
 
 
 def _rows_read(index: torch.Tensor, keep: torch.Tensor | None, spec: DecoderSpec) -> tuple[int, int]:
@@ -73,12 +89,10 @@ class KVSelection:
     gqa_mode: str = "per_q_head"
 
     def __post_init__(self):
-        _check_budget(self.budget)
-        if not isinstance(self.dense_layers, tuple) or any(
-                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.dense_layers):
-            raise ValueError(f"dense_layers: expected a tuple of layer indices >= 0, got {self.dense_layers!r}")
-        if self.gqa_mode not in GQA_MODES:
-            raise ValueError(f"gqa_mode: expected one of {GQA_MODES}, got {self.gqa_mode!r}")
+        # Normalised to plain Python types: numpy.int64 is a count, numpy.float64 a fraction.
+        object.__setattr__(self, "budget", check_budget(self.budget))
+        object.__setattr__(self, "dense_layers", check_ints(self.dense_layers, "dense_layers", low=0))
+        check_choice(self.gqa_mode, "gqa_mode", GQA_MODES)
 
     # -- to define in subclasses ------------------------------------------------------------------------------
     def layer_scorer(self, spec: DecoderSpec, layer_idx: int):
@@ -99,8 +113,10 @@ class KVSelection:
         if bad:
             raise ValueError(f"dense_layers: {bad} outside the model's {spec.num_layers} layers")
         scorers = self.scorers(spec)
+        check_finite = FiniteQueries(spec.num_layers)
 
         def handler(call: AttentionCall) -> torch.Tensor | None:
+            check_finite(call)
             if not call.is_decode or call.layer_idx not in scorers:
                 return None
             B, T = call.keys.shape[0], call.keys.shape[2]

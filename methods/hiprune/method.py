@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 import torch
 
+from prunelab.common.reduction import Reduction
 from prunelab.common.tokens import keep_count
 from prunelab.common.validate import check_bool, check_budget, check_choice, check_int, check_real
 from prunelab.methods.hiprune.selection import (
@@ -184,7 +185,7 @@ class HiPrune:
         extra = int(span.newline.sum()) if self.keep_newlines and span.newline is not None else 0
         return self._patch_budget(span) + extra
 
-    def vlm_select(self, ctx) -> Sequence[torch.Tensor]:
+    def vlm_select(self, ctx) -> Sequence[Reduction]:
         """Per image: HiPrune on each region of its grid (NeXT: base tile, then the unpadded crops)."""
         if FAMILY_ENCODER.get(ctx.family) != self.encoder:
             raise ValueError(f"encoder: {self.encoder!r} does not match the model family {ctx.family!r}; use "
@@ -199,5 +200,5 @@ class HiPrune:
                      for r, b in zip(regions, budgets) if b > 0]
             if self.keep_newlines and img.span.newline is not None:
                 parts.append(img.span.newline.to(img.token_ids.device).nonzero().flatten())
-            keeps.append(torch.cat(parts).sort().values)
+            keeps.append(Reduction(torch.cat(parts).sort().values[None], img.embeds.shape[0]))
         return keeps

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from prunelab.common.flops import ViTDims
+from prunelab.common.reduction import Reduction
 from prunelab.common.schedule import TokenSchedule, default_prune_blocks
 from prunelab.common.tokens import TokenLayout, topk_sorted
 from prunelab.common.validate import check_bool, check_ints, check_real
@@ -124,11 +125,11 @@ class ZeroTPrune:
         return ViTPlan(requests, select, sched.tokens_per_block(dims.depth, dims.num_tokens))
 
     def _select(self, counts, layout: TokenLayout, depth: int, block: int, x: torch.Tensor,
-                stats: AttnStats) -> torch.Tensor:
+                stats: AttnStats) -> Reduction:
         r_s, r_i = counts[block]
         b, n, _ = x.shape
         if r_s == r_i == 0:
-            return torch.arange(n, device=x.device).expand(b, -1)
+            return Reduction.keep_all(b, n, x.device)
         if not torch.isfinite(x.sum()):  # one reduction: NaN or Inf anywhere makes the sum non-finite
             raise ValueError(f"x: the activations entering Zero-TPrune at block {block} contain NaN or Inf")
         p = layout.num_prefix
@@ -148,37 +149,4 @@ class ZeroTPrune:
             kept_patches = topk_sorted(score[:, p:], m - p - r_i) + p
             prefix = torch.arange(p, device=x.device).expand(b, -1)
             keep = torch.gather(keep, 1, torch.cat([prefix, kept_patches], dim=1))
-        return keep
-
-
-@dataclass(frozen=True)
-class RandomDrop:
-    """Baseline: remove uniformly random patch tokens at the same schedule as Zero-TPrune.
-
-    The generator is reseeded at every forward, so results are reproducible call to call. It asks for
-    no attention statistics, so every block keeps the fused attention path.
-    """
-
-    schedule: TokenSchedule | None = None
-    keep_ratio: float | None = None
-    gflops: float | None = None
-    blocks: tuple[int, ...] | None = None
-    seed: int = 0
-
-    def vit_plan(self, dims: ViTDims, layout: TokenLayout) -> ViTPlan:
-        sched = resolve_schedule(dims, self.schedule, self.keep_ratio, self.gflops, self.blocks)
-        sched.validate(dims.depth, dims.num_tokens, layout.num_prefix)
-        removal = dict(zip(sched.blocks, sched.removals))
-        gen = torch.Generator()
-
-        def select(block: int, x: torch.Tensor, stats: AttnStats) -> torch.Tensor:
-            b, n, _ = x.shape
-            p = layout.num_prefix
-            if block == sched.blocks[0]:
-                gen.manual_seed(self.seed)
-            scores = torch.rand(b, n - p, generator=gen).to(x.device)
-            kept = topk_sorted(scores, n - p - removal[block]) + p
-            return torch.cat([torch.arange(p, device=x.device).expand(b, -1), kept], dim=1)
-
-        return ViTPlan({blk: AttnRequest() for blk in sched.blocks}, select,
-                       sched.tokens_per_block(dims.depth, dims.num_tokens))
+        return Reduction(keep, n)

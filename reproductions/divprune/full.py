@@ -17,5 +17,5 @@ TASKS = ("coco2017_cap_val", "flickr30k_test", "gqa", "mmbench_en_dev", "mme", "
 
 add_arguments, run, default_out = full_preset(
     "divprune", "DivPrune", default_model="llava-hf/llava-1.5-7b-hf", tasks=TASKS,
-    methods=("dense", "divprune", "random"), budgets=lambda model: [DEFAULT_KEEP_RATIO],
+    methods=("dense", "divprune", "random_prune"), budgets=lambda model: [DEFAULT_KEEP_RATIO],
     notes="paper setting: keep ratio 0.098 of every image's visual tokens, batch size 1 (official run_Divprune.sh)")

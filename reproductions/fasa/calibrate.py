@@ -11,21 +11,30 @@ from pathlib import Path
 
 import torch
 
+from prunelab.cli import POSITIVE, existing, model_arg
 from prunelab.common.packaged import load_smollm2, pydoc_tokens
 from prunelab.common.provenance import provenance
 from prunelab.methods.fasa import DEFAULT_KS, FC_LAYOUTS, calibrate
 
 
+def _text(value: str) -> str:
+    return value if value == "pydoc" else existing("file")(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="'smollm2' (packaged), a hub id or a local folder")
+    parser.add_argument("--model", type=model_arg, required=True,
+                        help="'smollm2' (packaged), a hub id or a local folder")
     parser.add_argument("--revision", default=None, help="hub revision of the model")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
-    parser.add_argument("--text", default="pydoc", help="'pydoc' (calibration part of pydoc_data) or a text file")
+    parser.add_argument("--tokenizer", type=model_arg, default=None,
+                        help="tokenizer id or folder (default: the model's)")
+    parser.add_argument("--text", type=_text, default="pydoc",
+                        help="'pydoc' (calibration part of pydoc_data) or a text file")
     parser.add_argument("--out", required=True, help="calibration file to write (JSON)")
-    parser.add_argument("--windows", type=int, default=4, help="calibration windows")
-    parser.add_argument("--window-len", type=int, default=None, help="tokens per window (default max(ks) + queries)")
-    parser.add_argument("--queries", type=int, default=64, help="decode-step queries per window")
-    parser.add_argument("--ks", type=int, nargs="+", default=None,
+    parser.add_argument("--windows", type=POSITIVE, default=4, help="calibration windows")
+    parser.add_argument("--window-len", type=POSITIVE, default=None,
+                        help="tokens per window (default max(ks) + queries)")
+    parser.add_argument("--queries", type=POSITIVE, default=64, help="decode-step queries per window")
+    parser.add_argument("--ks", type=POSITIVE, nargs="+", default=None,
                         help=f"budgets K (default {DEFAULT_KS}; 64..512 for the packaged SmolLM2 run)")
     parser.add_argument("--fc-layout", default="rope_pairs", choices=FC_LAYOUTS)
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import prunelab
+from prunelab.cli import BUDGET, POSITIVE, existing, model_arg
 from prunelab.common.provenance import provenance, write_results
 from prunelab.methods.fasa import DEFAULT_KS, FASA, Calibration, DenseDecode, OracleTopK, SinkRecent, calibrate
 
@@ -26,21 +27,28 @@ METHODS = ("dense", "fasa", "oracle", "sink_recent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id or local folder (e.g. meta-llama/Llama-3.1-8B-Instruct)")
+    parser.add_argument("--model", type=model_arg, required=True,
+                        help="hub id or local folder (e.g. meta-llama/Llama-3.1-8B-Instruct)")
     parser.add_argument("--revision", default=None, help="hub revision (commit) of the model")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
-    parser.add_argument("--longbench", required=True, metavar="DIR", help="LongBench-V1 data folder (*.jsonl)")
+    parser.add_argument("--tokenizer", type=model_arg, default=None,
+                        help="tokenizer id or folder (default: the model's)")
+    parser.add_argument("--longbench", type=existing("dir"), required=True, metavar="DIR",
+                        help="LongBench-V1 data folder (*.jsonl)")
     parser.add_argument("--tasks", nargs="+", default=list(longbench.METRIC), help="LongBench tasks")
-    parser.add_argument("--limit", type=int, default=None, help="samples per task (default: all)")
+    parser.add_argument("--limit", type=POSITIVE, default=None, help="samples per task (default: all)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[256], help="count (>= 1) or fraction (< 1)")
-    parser.add_argument("--n-fc", type=int, default=16, help="FASA's dominant chunks per head (paper: 16)")
-    parser.add_argument("--calibration", default=None, help="FASA calibration file (default: calibrate on qasper)")
-    parser.add_argument("--cal-samples", type=int, default=8, help="qasper samples to calibrate on")
-    parser.add_argument("--cal-ks", type=int, nargs="+", default=list(DEFAULT_KS), help="calibration K grid")
-    parser.add_argument("--prompts", default=None, help="JSON task -> prompt template (LongBench's dataset2prompt)")
-    parser.add_argument("--max-new-tokens", default=None, help="JSON task -> max new tokens (dataset2maxlen)")
-    parser.add_argument("--max-length", type=int, default=31500, help="prompt tokens after middle truncation")
+    parser.add_argument("--budgets", type=BUDGET, nargs="+", default=[256],
+                        help="a token count (256) or a fraction of the context in (0, 1] (0.189)")
+    parser.add_argument("--n-fc", type=POSITIVE, default=16, help="FASA's dominant chunks per head (paper: 16)")
+    parser.add_argument("--calibration", type=existing("file"), default=None,
+                        help="FASA calibration file (default: calibrate on qasper)")
+    parser.add_argument("--cal-samples", type=POSITIVE, default=8, help="qasper samples to calibrate on")
+    parser.add_argument("--cal-ks", type=POSITIVE, nargs="+", default=list(DEFAULT_KS), help="calibration K grid")
+    parser.add_argument("--prompts", type=existing("file"), default=None,
+                        help="JSON task -> prompt template (LongBench's dataset2prompt)")
+    parser.add_argument("--max-new-tokens", type=existing("file"), default=None,
+                        help="JSON task -> max new tokens (dataset2maxlen)")
+    parser.add_argument("--max-length", type=POSITIVE, default=31500, help="prompt tokens after middle truncation")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-progress", action="store_true")
 
@@ -68,7 +76,9 @@ def _load(args):
 
 def _calibration(args, model, tok, out: Path, progress: bool) -> Calibration:
     if args.calibration:
-        return Calibration.load(args.calibration)
+        cal = Calibration.load(args.calibration)
+        FASA(calibration=cal).check_model(model)  # the weights too: apply() itself sees only the config
+        return cal
     need = max(args.cal_ks) + 64
     windows = []
     for s in longbench.load_task(args.longbench, "qasper", args.cal_samples):
@@ -84,9 +94,15 @@ def _calibration(args, model, tok, out: Path, progress: bool) -> Calibration:
     return cal
 
 
+def sink_recent(budget) -> SinkRecent:
+    """The StreamingLLM baseline at ``budget``: 8 sinks, or ``budget - 1`` for a count of at most 8 tokens, so the
+    recent window keeps the current token (``SinkRecent`` refuses a count <= n_sink)."""
+    return SinkRecent(budget=budget, n_sink=min(8, budget - 1) if isinstance(budget, int) else 8)
+
+
 def _method(name: str, budget, cal, n_fc: int):
     return {"dense": lambda: DenseDecode(), "fasa": lambda: FASA(budget=budget, calibration=cal, n_fc=n_fc),
-            "oracle": lambda: OracleTopK(budget=budget), "sink_recent": lambda: SinkRecent(budget=budget)}[name]()
+            "oracle": lambda: OracleTopK(budget=budget), "sink_recent": lambda: sink_recent(budget)}[name]()
 
 
 @torch.no_grad()
@@ -108,7 +124,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else {}
     max_new = json.loads(Path(args.max_new_tokens).read_text()) if args.max_new_tokens else {}
     cal = _calibration(args, model, tok, out, progress) if "fasa" in args.methods else None
-    budgets = [int(b) if b >= 1 else b for b in args.budgets]
+    budgets = list(args.budgets)
     runs = [("dense", "all")] if "dense" in args.methods else []
     runs += [(m, b) for m in args.methods if m != "dense" for b in budgets]
     rows = []

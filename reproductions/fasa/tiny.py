@@ -18,11 +18,14 @@ from pathlib import Path
 
 import torch
 
+from prunelab.cli import BUDGET, POSITIVE, UNIT
+from prunelab.common.decoder import decoder_spec
 from prunelab.common.packaged import default_cache_dir, load_smollm2, pydoc_tokens
 from prunelab.common.provenance import provenance, write_results
-from prunelab.methods.fasa import FASA, Calibration, OracleTopK, SinkRecent, calibrate
+from prunelab.methods.fasa import FASA, Calibration, OracleTopK, calibrate
 
 from . import plots
+from .full import sink_recent
 from .latency import decode_latency
 from .passkey import passkey_table
 from .quality import decode_quality
@@ -33,15 +36,15 @@ BUDGETS = (64, 128, 256, 0.189)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--windows", type=int, default=4, help="held-out windows for perplexity/agreement")
-    parser.add_argument("--prefix", type=int, default=1024, help="dense prefill tokens per window")
-    parser.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per window")
-    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
-                        help="budgets: >= 1 is a token count, < 1 a fraction of the context")
-    parser.add_argument("--passkey-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8000])
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.5, 0.8], help="passkey depths")
-    parser.add_argument("--passkey-budget", type=int, default=256)
-    parser.add_argument("--latency-contexts", type=int, nargs="*", default=[2048, 4096, 8192])
+    parser.add_argument("--windows", type=POSITIVE, default=4, help="held-out windows for perplexity/agreement")
+    parser.add_argument("--prefix", type=POSITIVE, default=1024, help="dense prefill tokens per window")
+    parser.add_argument("--steps", type=POSITIVE, default=64, help="teacher-forced decode steps per window")
+    parser.add_argument("--budgets", type=BUDGET, nargs="+", default=list(BUDGETS),
+                        help="budgets: a token count (64) or a fraction of the context in (0, 1] (0.189)")
+    parser.add_argument("--passkey-contexts", type=POSITIVE, nargs="*", default=[1024, 2048, 4096, 8000])
+    parser.add_argument("--depths", type=UNIT, nargs="+", default=[0.2, 0.5, 0.8], help="passkey depths in [0, 1]")
+    parser.add_argument("--passkey-budget", type=POSITIVE, default=256)
+    parser.add_argument("--latency-contexts", type=POSITIVE, nargs="*", default=[2048, 4096, 8192])
     parser.add_argument("--layouts", nargs="+", default=["rope_pairs", "official_contiguous"],
                         choices=["rope_pairs", "official_contiguous"], help="chunk layouts to compare")
     parser.add_argument("--cache-dir", default=None, help="cache for the model and calibration files")
@@ -49,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
-    budgets = [int(b) if b >= 1 else b for b in args.budgets]
-    return run_tiny(out, windows=args.windows, prefix=args.prefix, steps=args.steps, budgets=budgets,
+    return run_tiny(out, windows=args.windows, prefix=args.prefix, steps=args.steps, budgets=list(args.budgets),
                     passkey_contexts=args.passkey_contexts, depths=args.depths, passkey_budget=args.passkey_budget,
                     latency_contexts=args.latency_contexts, layouts=tuple(args.layouts), cache_dir=args.cache_dir,
                     progress=not args.no_progress)
@@ -66,7 +68,12 @@ def smollm2_calibration(model, tokenizer, fc_layout: str = "rope_pairs", cache_d
     cache = Path(cache_dir) if cache_dir else default_cache_dir("fasa")
     path = cache / f"smollm2-135m-{fc_layout}-w{CAL_WINDOWS}x{CAL_LEN}-q{CAL_QUERIES}.json"
     if path.exists():
-        return Calibration.load(path)
+        try:
+            cal = Calibration.load(path)
+            cal.check(decoder_spec(model), fc_layout, model)
+            return cal
+        except ValueError as err:  # written by an older prunelab, or for other weights: compute it again
+            print(f"FASA tiny: recomputing the cached calibration ({err})")
     ids = pydoc_tokens(tokenizer, "calibration")[: CAL_WINDOWS * CAL_LEN].view(CAL_WINDOWS, CAL_LEN)
     source = {"text": "pydoc_data.topics, calibration part (first 40 % of tokens)",
               "provenance": provenance(step="FASA calibration")}
@@ -110,7 +117,7 @@ def run_tiny(out, *, windows=4, prefix=1024, steps=64, budgets=BUDGETS, passkey_
             methods[(f"FASA 16 FC{tag}", b)] = FASA(budget=b, calibration=c, fc_layout=lay)
         methods[("FASA 8 FC", b)] = FASA(budget=b, calibration=cal, n_fc=8)
         methods[("oracle top-k", b)] = OracleTopK(budget=b)
-        methods[("sink+recent", b)] = SinkRecent(budget=b)
+        methods[("sink+recent", b)] = sink_recent(b)
     q = decode_quality(model, wins, prefix, {k: m for k, m in methods.items()}, progress)
     quality = [{"method": "dense", "budget": "all", "budget_tokens": n, **q["dense"]}]
     for (name, b), stats in ((k, v) for k, v in q.items() if k != "dense"):
@@ -126,7 +133,7 @@ def run_tiny(out, *, windows=4, prefix=1024, steps=64, budgets=BUDGETS, passkey_
     # 2. passkey
     if passkey_contexts:
         pk = {"FASA": FASA(budget=passkey_budget, calibration=cal), "oracle top-k": OracleTopK(budget=passkey_budget),
-              "sink+recent": SinkRecent(budget=passkey_budget)}
+              "sink+recent": sink_recent(passkey_budget)}
         rows = passkey_table(model, tokenizer, passkey_contexts, depths, pk, progress=progress)
         write_results(out, "passkey", rows, {**meta, "budget": passkey_budget},
                       ["context", "depth", "key", "method", "answer", "correct"], "Passkey retrieval (greedy)")

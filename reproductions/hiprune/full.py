@@ -26,6 +26,6 @@ def paper_budgets(model: str) -> list:
 
 add_arguments, run, default_out = full_preset(
     "hiprune", "HiPrune", default_model="llava-hf/llava-1.5-7b-hf", tasks=TASKS,
-    methods=("dense", "hiprune", "random"), budgets=paper_budgets,
+    methods=("dense", "hiprune", "random_prune"), budgets=paper_budgets,
     notes="paper setting: alpha 0.1, object layer 9 (CLIP) / 16 (Qwen2.5-VL), deep layer penultimate / last "
           "(official README, hyperparameter table)")

@@ -8,6 +8,6 @@ measure closeness to the dense random model, not task accuracy; the paper's numb
 
 from prunelab.reproductions.vlm_tiny import tiny_preset
 
-METHODS = ("hiprune", "divprune", "random")  # this paper's method first: the table lists it first
+METHODS = ("hiprune", "divprune", "random_prune")  # this paper's method first: the table lists it first
 
 add_arguments, run, default_out = tiny_preset("hiprune", "HiPrune", METHODS)

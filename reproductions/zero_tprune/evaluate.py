@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 import prunelab
 from prunelab.common.flops import ViTDims, vit_gflops
 from prunelab.common.timing import benchmark
-from prunelab.methods.zero_tprune import RandomDrop, ZeroTPrune
+from prunelab.methods.baselines import RandomDrop
+from prunelab.methods.zero_tprune import ZeroTPrune
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from prunelab.cli import NON_NEGATIVE, POSITIVE, existing
 from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.zero_tprune.method import PAPER_FLOPS_REDUCTION
 from prunelab.reproductions.zero_tprune.evaluate import VARIANTS, model_gflops, standard_error, throughput
@@ -23,12 +24,13 @@ COLUMNS = ["method", "gflops", "throughput_img_s", "throughput_change_%", "top1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--imagenet", type=Path, help="ImageNet-1k validation folder (ImageFolder layout)")
+    parser.add_argument("--imagenet", type=existing("dir"), required=True,
+                        help="ImageNet-1k validation folder (ImageFolder layout: val/<wnid>/*.JPEG)")
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--throughput-batch", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke runs)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=256)
+    parser.add_argument("--throughput-batch", type=POSITIVE, default=256)
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=8, help="data-loading processes")
+    parser.add_argument("--limit", type=POSITIVE, default=None, help="evaluate only the first N images (smoke runs)")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="random weights (pipeline checks only; accuracy is meaningless)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

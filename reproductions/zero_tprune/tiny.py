@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prunelab.cli import POSITIVE, RATIO, existing, int_arg
 from prunelab.common.provenance import markdown_table, provenance, write_results
+from prunelab.common.validate import check_int
 from prunelab.methods.zero_tprune.method import PAPER_FLOPS_REDUCTION
 from prunelab.reproductions.zero_tprune.data import load_fashion_mnist, preprocess
 from prunelab.reproductions.zero_tprune.evaluate import (
@@ -24,17 +26,20 @@ from prunelab.reproductions.zero_tprune.evaluate import (
 from prunelab.reproductions.zero_tprune.tiny_vit import load_or_train_tiny_vit
 
 CURVE_FRACTIONS = (0.9, 0.8, 1 - PAPER_FLOPS_REDUCTION, 0.55, 0.45)  # of dense GFLOPs
+FASHION_TEST = 10_000  # images in Fashion-MNIST's test split
 TABLE_COLUMNS = ["method", "gflops", "flops_change_%", "throughput_img_s", "throughput_change_%", "top1", "top1_se",
                  "top1_change"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
-    parser.add_argument("--n-eval", type=int, default=2000, help="test images to evaluate (max 10000)")
-    parser.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
-    parser.add_argument("--throughput-batch", type=int, default=64, help="batch size for throughput")
-    parser.add_argument("--fractions", type=float, nargs="+", default=list(CURVE_FRACTIONS),
-                        help="FLOPs budgets for the curve, as fractions of dense")
+    parser.add_argument("--data", type=existing("dir"), default=None,
+                        help="Fashion-MNIST folder (default: the Debian package's)")
+    parser.add_argument("--n-eval", type=int_arg(1, FASHION_TEST), default=2000,
+                        help=f"test images to evaluate (1..{FASHION_TEST})")
+    parser.add_argument("--batch-size", type=POSITIVE, default=250, help="evaluation batch size")
+    parser.add_argument("--throughput-batch", type=POSITIVE, default=64, help="batch size for throughput")
+    parser.add_argument("--fractions", type=RATIO, nargs="+", default=list(CURVE_FRACTIONS),
+                        help="FLOPs budgets for the curve, as fractions of dense, in (0, 1]")
     parser.add_argument("--cache-dir", default=None, help="where the trained tiny ViT is cached")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -53,8 +58,7 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_eval: int = 2000, ba
     model, info = load_or_train_tiny_vit(cache_dir=cache_dir, data_root=data, progress=progress)
     model.eval()
     images, labels = load_fashion_mnist("test", data)
-    if not 0 < n_eval <= len(labels):
-        raise ValueError(f"n_eval must be in [1, {len(labels)}], got {n_eval}")
+    n_eval = check_int(n_eval, "n_eval", low=1, high=len(labels))
     x, y = preprocess(images[:n_eval]), labels[:n_eval]
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
     dense_g = model_gflops(model, None)

@@ -1,0 +1,42 @@
+"""The baselines' registry entries (``prunelab.registry``): same budgets, no paper."""
+
+from prunelab.methods.baselines import DenseDecode, OracleTopK, RandomDrop, RandomPrune, SinkRecent
+from prunelab.registry import MethodEntry
+
+_KV_BAD = (({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"gqa_mode": "mean"}, "gqa_mode"),
+           ({"dense_layers": (0.5,)}, "dense_layers"))
+
+ENTRIES = (
+    MethodEntry(
+        name="random_drop", cls=RandomDrop, family="ViT classification", seams=("vit",), budget="keep_ratio",
+        backbones=("timm ViT",), keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
+        bad=(({"keep_ratio": 1.5}, "keep_ratio"), ({"seed": "0"}, "seed")),
+        status="uniformly random patch tokens at Zero-TPrune's schedule; seeded per sample",
+    ),
+    MethodEntry(
+        name="random_prune", cls=RandomPrune, family="VLM", seams=("vlm",),
+        backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"),
+        keep_all={"budget": 1.0}, prune={"budget": 0.25},
+        bad=(({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"seed": 0.5}, "seed")),
+        status="uniformly random visual tokens per image after the projector; seeded per image of a prompt",
+    ),
+    MethodEntry(
+        name="oracle_topk", cls=OracleTopK, family="LLM KV cache", seams=("decoder",),
+        backbones=("transformers Llama", "Qwen2", "Qwen3", "Mistral"),
+        keep_all={"budget": 10**6}, prune={"budget": 6}, bad=_KV_BAD,
+        status="the top budget tokens of the full logits q.k (what FASA approximates)",
+    ),
+    MethodEntry(
+        name="sink_recent", cls=SinkRecent, family="LLM KV cache", seams=("decoder",),
+        backbones=("transformers Llama", "Qwen2", "Qwen3", "Mistral"),
+        keep_all={"budget": 10**6}, prune={"budget": 10, "n_sink": 2},
+        bad=(*_KV_BAD, ({"n_sink": -1}, "n_sink"), ({"budget": 4, "n_sink": 4}, "n_sink")),
+        status="StreamingLLM: attention sinks plus the recent window",
+    ),
+    MethodEntry(
+        name="dense_decode", cls=DenseDecode, family="LLM KV cache", seams=("decoder",),
+        backbones=("transformers Llama", "Qwen2", "Qwen3", "Mistral"), keep_all={}, prune={},
+        bad=_KV_BAD[:2],
+        status="dense attention through the same seam and cache (the fair baseline for decode timings)",
+    ),
+)

@@ -1,0 +1,173 @@
+"""The invariant and bad-input matrix: every registered method and baseline on every backbone of its seams.
+
+Generated from ``prunelab.registry``: a new entry is tested here without a line of its own. For each
+(entry, backbone): keeping every token equals the dense model; applying twice equals once; ``remove()`` restores
+outputs, parameters, hooks and attributes bit for bit; a batch (with padding, ragged image counts) equals one
+sample at a time; the kept tokens obey the contract at every stage; each of the entry's bad settings raises an
+error naming the parameter. Method files keep only what is specific to their paper.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+from decoder_models import padded_batch, tiny_decoder
+from vlm_helpers import generate_tail
+
+import prunelab
+from prunelab import registry
+from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
+from prunelab.common.vit import ViTHandle
+
+# -- backbones: a tiny model, a batch and the output each seam is judged by ---------------------------------------
+VIT = {"vit": "vit_tiny_patch16_224", "deit_distilled": "deit_tiny_distilled_patch16_224"}
+DECODERS = ("llama", "qwen2")
+VLMS = ("llava", "llava_next", "qwen2_5_vl")
+IMAGES = [1, 2]  # ragged image counts per prompt
+
+
+class Backbone:
+    """A tiny model with a padded batch; ``run(model, b)`` is the output of sample ``b`` alone (``None``: batch)."""
+
+    def __init__(self, seam: str, name: str):
+        self.seam, self.name = seam, name
+        if seam == "vit":
+            torch.manual_seed(0)
+            self.model = timm.create_model(VIT[name], pretrained=False, img_size=32, patch_size=4, depth=4,
+                                           num_classes=10).eval()
+            self.x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            self.size = 3
+        elif seam == "decoder":
+            self.model = tiny_decoder(name)
+            self.ids, self.mask = padded_batch((40, 31, 36))
+            self.size = 3
+        else:
+            self.model = tiny_vlm(name)
+            self.x = tiny_inputs(self.model, name, IMAGES, padding_side="left")
+            self.size = len(IMAGES)
+
+    @torch.no_grad()
+    def run(self, b: int | None = None) -> torch.Tensor:
+        m = self.model
+        if self.seam == "vit":
+            return m(self.x if b is None else self.x[b:b + 1])
+        if self.seam == "decoder":
+            ids, mask = (self.ids, self.mask) if b is None else (self.ids[b:b + 1], self.mask[b:b + 1])
+            if b is not None:  # alone, without padding
+                ids = ids[:, mask[0].bool()]
+                mask = torch.ones_like(ids)
+            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+            return torch.stack(out.logits, 1)
+        return generate_tail(m, self.x if b is None else sample_inputs(self.x, b, IMAGES), n=4)  # greedy tokens
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        """Prefill logits of the whole batch (the VLM's prompt; for the other seams, :meth:`run`)."""
+        return self.model(**self.x).logits if self.seam == "vlm" else self.run()
+
+
+BACKBONES = {"vit": list(VIT), "decoder": list(DECODERS), "vlm": list(VLMS)}
+
+
+@functools.cache
+def backbone(seam: str, name: str) -> Backbone:
+    return Backbone(seam, name)
+
+
+CASES = [pytest.param(e.name, seam, bb, id=f"{e.name}-{bb}")
+         for e in registry.entries() for seam in e.seams for bb in BACKBONES[seam]]
+
+
+def _method(entry, bb: Backbone, settings):
+    extra = entry.tiny(bb.model) if entry.tiny else {}
+    return entry.build(bb.model, **{**extra, **settings})
+
+
+def _fingerprint(model) -> tuple:
+    """Everything an installation may touch: parameters, buffers, hooks, instance attributes, attention config."""
+    hooks = tuple((n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules())
+    attrs = tuple((n, tuple(sorted(k for k in vars(m) if not k.startswith("_") or "prunelab" in k)))
+                  for n, m in model.named_modules())
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return hooks, attrs, impl, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_fingerprint(a, b) -> bool:
+    return a[:3] == b[:3] and a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3])
+
+
+def _kept_sets(handle):
+    """``(stage, kept, n)`` for every stage of the last forward that records its kept tokens."""
+    state = getattr(handle, "state", None)
+    if state is None:
+        return []
+    if isinstance(handle, ViTHandle):
+        return [(f"block {b}", ids, None) for b, ids in state.kept]
+    return [(f"image {i}", k[None], None) for i, k in enumerate(state.kept)]
+
+
+@pytest.mark.parametrize("name,seam,bb_name", CASES)
+def test_keep_all_equals_dense(name, seam, bb_name):
+    entry, bb = registry.get(name), backbone(seam, bb_name)
+    dense = bb.logits()
+    with prunelab.apply(bb.model, _method(entry, bb, entry.keep_all)):
+        kept = bb.logits()
+    torch.testing.assert_close(kept, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,seam,bb_name", CASES)
+def test_apply_twice_equals_once_and_remove_is_bit_exact(name, seam, bb_name):
+    entry, bb = registry.get(name), backbone(seam, bb_name)
+    dense, before = bb.logits(), _fingerprint(bb.model)
+    method = _method(entry, bb, entry.prune)
+    with prunelab.apply(bb.model, method) as once:
+        y1 = bb.logits()
+        kept = _kept_sets(once)
+        with prunelab.apply(bb.model, method):
+            y2 = bb.logits()
+        y3 = bb.logits()
+    assert torch.equal(y1, y2) and torch.equal(y1, y3)
+    if entry.prune:  # the pruning settings must prune, or the batch test below proves nothing
+        assert y1.shape != dense.shape or not torch.allclose(y1, dense, atol=1e-4), f"{name} did not prune"
+    for stage, ids, _ in kept:  # the contract at every stage of the pruned forward
+        check_reduction(Reduction(ids, int(ids.max()) + 1), name=f"{name} at {stage}")
+    assert torch.equal(bb.logits(), dense)
+    assert _same_fingerprint(_fingerprint(bb.model), before)
+    assert prunelab.handle_of(bb.model) is None
+
+
+@pytest.mark.parametrize("name,seam,bb_name", CASES)
+def test_batch_equals_one_sample_at_a_time(name, seam, bb_name):
+    entry, bb = registry.get(name), backbone(seam, bb_name)
+    with prunelab.apply(bb.model, _method(entry, bb, entry.prune)):
+        batch = bb.run()
+        singles = [bb.run(b) for b in range(bb.size)]
+    if seam == "vlm":  # greedy tokens of each prompt
+        assert torch.equal(batch, torch.cat(singles))
+    else:
+        for b, single in enumerate(singles):
+            torch.testing.assert_close(batch[b:b + 1], single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [e.name for e in registry.entries() if e.bad])
+def test_bad_settings_name_the_parameter(name):
+    entry = registry.get(name)
+    bb = backbone(entry.seams[0], BACKBONES[entry.seams[0]][0])
+    extra = entry.tiny(bb.model) if entry.tiny else {}
+    for settings, parameter in entry.bad:
+        with pytest.raises((ValueError, TypeError), match=parameter):
+            with prunelab.apply(bb.model, entry.build(bb.model, **{**extra, **settings})):
+                bb.logits()
+        assert prunelab.handle_of(bb.model) is None
+
+
+def test_every_entry_is_covered():
+    covered = {p.values[0] for p in CASES}
+    assert covered == {e.name for e in registry.entries()}
+    assert all(registry.get(b) for e in registry.methods() for b in e.baselines)
