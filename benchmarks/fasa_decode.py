@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from prunelab.common.timing import benchmark
-from prunelab.kernels.fasa_score_topk import fasa_score_topk_ref
+from prunelab.kernels.partial_score_topk import partial_score_topk_ref
 from prunelab.kernels.sparse_decode_attention import sparse_decode_attention_ref
 
 HQ, HKV, D, M = 32, 8, 128, 32
@@ -72,17 +72,17 @@ def _bench(b, t, budget, dtype, device, bw, warmup, repeat) -> None:
         return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
 
     def ref():
-        return sparse_decode_attention_ref(q, k, v, fasa_score_topk_ref(q, k, dims, budget))
+        return sparse_decode_attention_ref(q, k, v, partial_score_topk_ref(q, k, dims, budget))
 
     t_dense = benchmark(dense, **kw).median_s
     t_ref = benchmark(ref, **kw).median_s
     t_tri = err = None
     if device == "cuda":
-        from prunelab.kernels.fasa_score_topk.triton import fasa_score_topk_triton
+        from prunelab.kernels.partial_score_topk.triton import partial_score_topk_triton
         from prunelab.kernels.sparse_decode_attention.triton import sparse_decode_attention_triton
 
         def tri():
-            return sparse_decode_attention_triton(q, k, v, fasa_score_topk_triton(q, k, dims, budget))
+            return sparse_decode_attention_triton(q, k, v, partial_score_topk_triton(q, k, dims, budget))
 
         t_tri = benchmark(tri, **kw).median_s
         err = (tri().float() - ref().float()).abs().max().item()

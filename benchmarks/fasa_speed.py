@@ -15,7 +15,8 @@ import torch
 
 from prunelab.common.packaged import load_smollm2, pydoc_tokens
 from prunelab.common.provenance import markdown_table, provenance
-from prunelab.methods.fasa import FASA, OracleTopK
+from prunelab.methods.baselines import OracleTopK
+from prunelab.methods.fasa import FASA
 from prunelab.reproductions.fasa.latency import decode_latency
 from prunelab.reproductions.fasa.tiny import smollm2_calibration
 

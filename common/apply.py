@@ -6,7 +6,8 @@ suspended (undone) and come back, freshly installed, when the handle above them 
 - applying a method equal to the installed one stacks a copy: applying twice equals applying once, and removing
   the inner handle leaves the outer one working;
 - applying a different method is an explicit choice: ``on_existing="replace"`` runs it in place of the installed
-  one until its handle is removed (nested ``with`` blocks); the default ``"error"`` refuses;
+  one until its handle is removed (nested ``with`` blocks); ``"compose"`` runs both (VLM stage plans: the
+  installed method's stages, then the new one's); the default ``"error"`` refuses;
 - ``copy.deepcopy(model)`` gives a copy with the same methods applied through its own handles
   (:func:`handle_of` returns them), and the original keeps its own.
 """
@@ -20,7 +21,7 @@ from typing import Any
 from prunelab.common.validate import check_choice, check_method
 
 _STACK = "_prunelab_handles"  # instance attribute of the model: its handles, the installed one last
-ON_EXISTING = ("error", "replace")
+ON_EXISTING = ("error", "replace", "compose")
 
 
 class UnsupportedModelError(ValueError):
@@ -122,8 +123,9 @@ def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
         model: a supported model (timm ViT, transformers decoder or VLM).
         method: a method *instance*.
         on_existing: what to do when ``model`` already has a different method applied: ``"error"`` (default)
-            raises; ``"replace"`` suspends it while the new handle lives. An equal method is always stacked
-            (applying twice equals applying once).
+            raises; ``"replace"`` suspends it while the new handle lives; ``"compose"`` installs both (VLMs: the
+            plans run in order) until the new handle is removed. An equal method is always stacked (applying
+            twice equals applying once).
     """
     check_method(method)
     check_choice(on_existing, "on_existing", ON_EXISTING)
@@ -132,8 +134,17 @@ def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
     if top is not None and on_existing == "error" and top.method != method:
         raise ValueError(
             f"method: the model already has {type(top.method).__name__} applied; remove its handle first, or pass "
-            f"on_existing='replace' to run {type(method).__name__} in its place until the new handle is removed"
+            f"on_existing='replace' to run {type(method).__name__} in its place (or 'compose' to run both) until "
+            "the new handle is removed"
         )
+    if top is not None and on_existing == "compose":
+        from prunelab.common.vlm import is_hf_vlm
+        from prunelab.common.vlm_plan import Composed
+
+        if not is_hf_vlm(model):
+            raise ValueError("on_existing: 'compose' combines stage plans, which only the VLM seam has; use "
+                             "'replace' on this model")
+        method = Composed(top.method, method)
     if top is not None:
         top._suspend()
     try:

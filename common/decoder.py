@@ -33,7 +33,7 @@ SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """What a KV-cache method needs to know about a decoder, read from its config."""
+    """The shapes a KV-cache method needs to know about a decoder, read from its config."""
 
     model_type: str
     num_layers: int
@@ -41,8 +41,6 @@ class DecoderSpec:
     num_kv_heads: int  # key/value heads Hkv (grouped-query attention when smaller than Hq)
     head_dim: int
     rope_theta: float
-    name: str  # hub id (or the name a loader gave the weights); keys calibration files
-    revision: str  # commit hash or the loader's description of the weights; "" when unknown
 
     @property
     def group(self) -> int:
@@ -81,8 +79,6 @@ def decoder_spec(model: Any) -> DecoderSpec:
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         head_dim=int(head_dim),
         rope_theta=float(theta),
-        name=str(getattr(config, "_name_or_path", "") or ""),
-        revision=str(getattr(config, "_commit_hash", "") or ""),
     )
 
 

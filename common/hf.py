@@ -2,11 +2,13 @@
 
 The seams run unmodified transformers models, but a few things they need are private or semi-private:
 the attention-function registry's mapping, a config's ``_attn_implementation_internal``, the SDPA attention and
-mask functions, LLaVA-NeXT's tile geometry helpers, Qwen2.5-VL's vision window index and the cache layer classes.
+mask functions, LLaVA-NeXT's tile geometry helpers, Qwen2.5-VL's vision window index, the cache layer classes and
+the name and revision a config records of its weights (``_name_or_path``, ``_commit_hash``).
 They were checked against :data:`CHECKED_VERSION`; ``tests/test_hf_touchpoints.py`` fails loudly when the
 installed version differs, and exercises each touch point so that a behaviour change shows where it breaks.
 
-Methods never import from here; the seams in ``prunelab.common`` do.
+Methods never import from here, except :func:`model_source` (what a model's weights are, to key files computed
+on them); the seams in ``prunelab.common`` do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 __all__ = ["CHECKED_VERSION", "DynamicCache", "DynamicLayer", "llava_next_tiles", "llava_next_unpadded",
-           "register_attention", "sdpa_attention", "switch_attention", "vision_window_index"]
+           "model_source", "register_attention", "sdpa_attention", "set_model_source", "switch_attention",
+           "vision_window_index"]
 
 CHECKED_VERSION = "5.23.0"  # the transformers release these touch points were read against
 
@@ -72,6 +75,23 @@ def switch_attention(configs: Sequence, name: str) -> Callable[[], None]:
                 del vars(c)[_USERS]
 
     return undo
+
+
+def model_source(model) -> tuple[str, str]:
+    """``(name, revision)`` of a transformers model's weights, from its config; ``""`` for what is unknown.
+
+    The name is the config's ``_name_or_path`` (the hub id or folder ``from_pretrained`` was given; ``""`` for a model
+    built from a config). The revision is the config's ``_commit_hash``: transformers 5 no longer fills it in, so it
+    is ``""`` unless a loader recorded one with :func:`set_model_source`.
+    """
+    config = getattr(model, "config", None)
+    return (str(getattr(config, "_name_or_path", "") or ""), str(getattr(config, "_commit_hash", "") or ""))
+
+
+def set_model_source(model, name: str, revision: str) -> None:
+    """Record ``name`` and ``revision`` of the weights in ``model``'s config, where :func:`model_source` reads them."""
+    model.config._name_or_path = str(name)
+    model.config._commit_hash = str(revision)
 
 
 def llava_next_unpadded(size: Sequence[int], pinpoints, image_size: int, side: int) -> tuple[tuple[int, int], int, int]:

@@ -162,10 +162,10 @@ def vlm_prefill_cost(model, inputs: dict, kept, *, logits: int = 1,
     family = require_family(model)
     state = getattr(kept, "state", kept)
     if hasattr(state, "kept"):
-        request = getattr(kept, "request", None)
-        if request is not None and request.llm_layer is not None:
-            raise ValueError("kept: the handle also prunes after LLM layer "
-                             f"{request.llm_layer}; pass per-layer token counts to prefill_macs instead")
+        plan = getattr(kept, "plan", None)
+        if plan is not None and plan.llm_layers:
+            raise ValueError(f"kept: the handle also prunes after LLM layers {list(plan.llm_layers)}; pass "
+                             "per-layer token counts to prefill_macs instead")
         kept = [int(k.numel()) for k in state.kept]
     kept = [int(k) for k in kept]
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")

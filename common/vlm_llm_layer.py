@@ -1,22 +1,40 @@
-"""Hook point (c): drop visual tokens after language-model layer K, at prefill, on an unmodified transformers VLM.
+"""LLM stages: drop visual tokens after language-model layers K1 < K2 < ..., at prefill, on an unmodified VLM.
 
 ``LlamaModel`` / ``Qwen2_5_VLTextModel.forward`` compute one causal mask and one pair of rotary tables for all
 layers and pass them to each decoder layer as keyword arguments. After a drop at layer K the later layers see
-fewer rows, and later their cache is shorter than that of layers 0..K, so:
+fewer rows, and later their cache is shorter than that of the earlier layers, so:
 
-- a forward hook on ``layers[K]`` asks the method (stage "llm") and compacts the hidden states;
-- forward pre-hooks on ``layers[K+1:]`` give those layers a mask built for their own rows (kept-and-valid
-  columns, causal), and at prefill the rotary tables and ``position_ids`` gathered to the kept rows. Kept tokens
-  keep the positions they had in layers 0..K, whose cache already holds them.
+- a forward hook on ``layers[K]`` runs the plan's stages at K (each on what the previous one kept) and compacts
+  the hidden states; the kept rows are recorded as :class:`LayerRows`, composed into rows of the post-projector
+  prompt, so every later layer reads one index map;
+- forward pre-hooks on the layers after the first K give each layer a mask built for its own rows (kept-and-valid
+  columns, causal), and at prefill the rotary tables and ``position_ids`` gathered to its rows. Kept tokens keep
+  the positions they had before, whose cache already holds them.
 
-The decode mask of layers 0..K is the language model's own (rewritten by ``vlm.py``); only K+1.. need this.
+Attention rows of chosen queries (``Needs.rows``) are computed beside SDPA: a uniquely named attention function,
+switched on through the text config while a stage needs rows, computes ``softmax(q_sel k^T)`` for the selected
+queries of the layers that ask, and returns transformers' own SDPA output for every layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from prunelab.common.tokens import gather_tokens
+from prunelab.common.hf import register_attention, sdpa_attention, switch_attention
+
+ROWS_ATTN_NAME = "prunelab_vlm_rows"
+
+
+@dataclass
+class LayerRows:
+    """Rows of the prompt held by the layers after LLM layer ``after``: ``index`` [B, L_k] into the post-projector
+    rows (right-aligned, composed over the stages so far) and ``valid`` [B, L_k]."""
+
+    after: int
+    index: torch.Tensor
+    valid: torch.Tensor
 
 
 def _mask(valid: torch.Tensor, q: int) -> torch.Tensor:
@@ -26,60 +44,97 @@ def _mask(valid: torch.Tensor, q: int) -> torch.Tensor:
     return (valid[:, None, None, :] & causal[None, None]).contiguous()
 
 
-def install_layer_hooks(model, family, method, K, state, select, compact, gather_seq) -> list:
-    from prunelab.common.vlm import ImageContext, VLMContext
+def _rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    sink = getattr(module, "_prunelab_vlm_rows", None)
+    if sink is not None and query.shape[2] > 1 and not module.training:
+        sink(module, query, key, module.scaling if scaling is None else scaling)
+    return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+
+def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, valid: torch.Tensor,
+               select: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sample, the attention probabilities ``[H, S_b, T]`` of the queries at rows ``select[b]`` (causal, over
+    the valid keys), for ``query`` [B, H, T, d] and ``key`` [B, Hkv, T, d] of one layer at prefill."""
+    H, Hkv = query.shape[1], key.shape[1]
+    k = key.repeat_interleave(H // Hkv, dim=1) if H != Hkv else key
+    out = []
+    cols = torch.arange(key.shape[2], device=key.device)
+    for b, rows in enumerate(select):
+        logits = torch.einsum("hsd,htd->hst", query[b][:, rows].float(), k[b].float()) * scaling
+        visible = valid[b][None, None] & (cols[None, None] <= rows[None, :, None])
+        out.append(logits.masked_fill(~visible, float("-inf")).softmax(-1))
+    return out
+
+
+def install_llm_stages(model, plan, state, run_stages, compact, gather_seq) -> list:
+    """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, rows_of) -> keep_mask`` asks the methods.
+
+    Returns undo callables. ``state.prompt`` (the engine's prompt bookkeeping) gains ``llm_rows``: one
+    :class:`LayerRows` per stage layer, in order.
+    """
     layers = model.model.language_model.layers
+    ks = plan.llm_layers  # validated against the depth by the engine before any hook is installed
 
-    def after_k(_module, _args, output):
+    def rows_for(layer_idx: int) -> LayerRows | None:
+        """The rows held by ``layer_idx``: those of the last stage before it."""
+        held = [r for r in state.prompt.llm_rows if r.after < layer_idx] if state.prompt is not None else []
+        return held[-1] if held else None
+
+    def after_k(K, _module, _args, output):
         prompt = state.prompt
         hidden = output[0] if isinstance(output, tuple) else output
-        if prompt is None or prompt.layer_index is not None or hidden.shape[1] != prompt.valid.shape[1]:
-            return None  # a decode step: layers after K already hold the pruned prompt in their cache
-        B, Lc = prompt.valid.shape
-        row_of = torch.full((B, prompt.orig_len), -1, dtype=torch.long, device=hidden.device)
-        rows = torch.arange(Lc, device=hidden.device).expand(B, Lc)
-        row_of[prompt.valid.nonzero(as_tuple=True)[0], prompt.index[prompt.valid]] = rows[prompt.valid]
-        images = []
-        for s, kept in zip(prompt.spans, state.kept):
-            r = row_of[s.sample, s.positions[kept]]
-            images.append(ImageContext(s, hidden[s.sample, r], kept))
-        keeps = select(method, VLMContext(family, "llm", images, B, layer=K))
-        keep_mask = prompt.valid.clone()
-        for img, keep in zip(images, keeps):
-            drop = torch.ones(img.token_ids.numel(), dtype=torch.bool, device=hidden.device)
-            drop[keep] = False
-            keep_mask[img.span.sample, row_of[img.span.sample, img.span.positions[img.token_ids[drop]]]] = False
-        state.kept = [img.token_ids[keep] for img, keep in zip(images, keeps)]
-        index, valid = compact(keep_mask)
-        prompt.layer_index, prompt.layer_valid = index, valid & prompt.valid.gather(1, index)
-        state.positions = torch.where(prompt.layer_valid, state.positions.gather(1, index), -1)
-        hidden = gather_tokens(hidden, index)
+        current = rows_for(K + 1) if prompt is not None else None
+        if prompt is None or any(r.after == K for r in prompt.llm_rows):
+            return None  # a decode step: the layers after K already hold the pruned prompt in their cache
+        index = current.index if current is not None else None
+        valid = current.valid if current is not None else prompt.valid
+        if hidden.shape[1] != valid.shape[1]:
+            return None
+        keep_mask = run_stages(K, hidden, index, valid)
+        local, local_valid = compact(keep_mask)
+        base = index if index is not None else torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+        prompt.llm_rows.append(LayerRows(K, base.gather(1, local), local_valid & valid.gather(1, local)))
+        state.positions = torch.where(prompt.llm_rows[-1].valid, state.positions.gather(1, local), -1)
+        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], local]
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def later(layer_idx, _module, args, kwargs):
-        prompt = state.prompt
-        if prompt is None or prompt.layer_index is None:
+        rows = rows_for(layer_idx) if state.prompt is not None else None
+        if rows is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(layer_idx) if cache is not None else 0
-        if past == 0:  # prefill: gather the shared per-row tensors to the kept rows
-            index = prompt.layer_index
+        if past == 0:  # prefill: gather the shared per-row tensors to this layer's rows
             cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (gather_seq(cos, index, 1), gather_seq(sin, index, 1))
+            kwargs["position_embeddings"] = (gather_seq(cos, rows.index, 1), gather_seq(sin, rows.index, 1))
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
-                kwargs["position_ids"] = gather_seq(kwargs["position_ids"], index, 1)
-            kwargs["attention_mask"] = _mask(prompt.layer_valid, q)
+                kwargs["position_ids"] = gather_seq(kwargs["position_ids"], rows.index, 1)
+            kwargs["attention_mask"] = _mask(rows.valid, q)
         else:
-            ones = torch.ones(hidden.shape[0], past + q - prompt.layer_valid.shape[1], dtype=torch.bool,
-                              device=hidden.device)
-            kwargs["attention_mask"] = _mask(torch.cat([prompt.layer_valid, ones], dim=1), q)
+            ones = torch.ones(hidden.shape[0], past + q - rows.valid.shape[1], dtype=torch.bool, device=hidden.device)
+            kwargs["attention_mask"] = _mask(torch.cat([rows.valid, ones], dim=1), q)
         return args, kwargs
 
-    undo = [layers[K].register_forward_hook(after_k).remove]
-    for i in range(K + 1, len(layers)):
+    undo = []
+    for K in ks:
+        undo.append(layers[K].register_forward_hook(lambda m, a, o, _k=K: after_k(_k, m, a, o)).remove)
+    for i in range(ks[0] + 1 if ks else len(layers), len(layers)):
         hook = layers[i].register_forward_pre_hook(lambda m, a, k, _i=i: later(_i, m, a, k), with_kwargs=True)
         undo.append(hook.remove)
+    row_layers = sorted({s.layer for s in plan.stages if s.where == "llm" and s.needs.rows})
+    if row_layers:
+        register_attention(ROWS_ATTN_NAME, _rows_attention)
+        undo.append(switch_attention([model.model.language_model.config], ROWS_ATTN_NAME))
+        for K in row_layers:
+            attn = layers[K].self_attn
+
+            def sink(module, query, key, scaling, _k=K):
+                rows = rows_for(_k) if state.prompt is not None else None
+                valid = rows.valid if rows is not None else state.prompt.valid
+                state.rows[_k] = (query.detach(), key.detach(), scaling, valid)
+
+            attn._prunelab_vlm_rows = sink
+            undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_rows"))
     return undo

@@ -1,13 +1,15 @@
 """Hook point (a): statistics from inside a VLM's vision encoder, with the tower kept on SDPA.
 
-Two statistics, at the encoder layers a method asks for (0-based):
+Raw, per-head statistics at the encoder layers a plan reads (0-based); any averaging a paper defines (HiPrune's
+mean over heads) belongs to the method:
 
 - ``hidden``: the layer's output hidden states, from a forward hook on the layer module;
-- ``received``: the mean attention each patch receives at that layer (HiPrune's ``g^l_j = mean_h mean_i
-  A_h[i, j]``, as in the official ``encode_images``), through ``prunelab.kernels.attention_received`` so no ``[N, N]``
-  softmax is materialised on the fused path.
+- ``received``: the attention each patch receives at that layer, per head, averaged over the queries
+  (``mean_i A_h[i, j]``), through ``prunelab.kernels.attention_received`` so no ``[N, N]`` softmax is
+  materialised on the fused path;
+- ``cls_row``: the CLS query's attention row over the patches, per head (``A_h[0, j]``; CLIP towers only).
 
-``received`` uses one attention function registered under the new name ``"prunelab_vlm_vision"`` in
+``received`` and ``cls_row`` use one attention function registered under the new name ``"prunelab_vlm_vision"`` in
 transformers' ``AttentionInterface`` (no entry is replaced) and switched on through the vision config's own
 ``_attn_implementation`` (CLIPAttention and Qwen2_5_VLVisionAttention both dispatch through
 ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)``). Layers without a request fall
@@ -15,13 +17,13 @@ through to transformers' ``sdpa_attention_forward``, so the tower's maths is unc
 
 Layout of the results, per prompt image (the model's own order):
 
-- LLaVA / NeXT (CLIP): ``[tiles, P]`` received and ``[tiles, P, C]`` hidden, patches only: the CLS column /
-  row is dropped when ``vision_feature_select_strategy="default"``, as the projector drops it; queries include
-  the CLS, as in HiPrune's code.
-- Qwen2.5-VL: ``[N]`` received and ``[N, m*m, C]`` hidden in the raster order of the merged LLM tokens. The tower
-  runs on merge units permuted into attention windows (``get_vision_window_index``); the stats are averaged over
-  each 2x2 merge unit and un-permuted with that same index. At window-attention blocks the sums are local to a
-  window; HiPrune uses full-attention blocks (``fullatt_block_indexes``).
+- LLaVA / NeXT (CLIP): ``[tiles, H, P]`` received and CLS row, ``[tiles, P, C]`` hidden, patches only: the CLS
+  column / row is dropped when ``vision_feature_select_strategy="default"``, as the projector drops it; queries
+  include the CLS, as in HiPrune's code.
+- Qwen2.5-VL: ``[H, N, m*m]`` received and ``[N, m*m, C]`` hidden, in the raster order of the merged LLM tokens,
+  one entry per patch of each 2x2 merge unit. The tower runs on merge units permuted into attention windows
+  (``get_vision_window_index``); the stats are un-permuted with that same index. At window-attention blocks the
+  means are local to a window; HiPrune uses full-attention blocks (``fullatt_block_indexes``).
 """
 
 from __future__ import annotations
@@ -39,12 +41,16 @@ def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     from prunelab.kernels.attention_received import attention_received
 
-    store, layers = sink
+    store, layers, cls_row = sink
     out, received = attention_received(query, key, value, scale=scaling)
-    # [B, H, Nk] column sums over queries -> mean over queries and heads (HiPrune's g^l).
-    g = received.mean(dim=1) / query.shape[2]
+    mean = received / query.shape[2]  # [B, H, Nk] column sums -> mean over the queries, per head
+    row = None
+    if cls_row:  # the CLS query (position 0) over every key, per head
+        row = ((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)[:, :, 0]
     for layer in layers:
-        store.setdefault(layer, []).append(g)
+        store.setdefault("received", {}).setdefault(layer, []).append(mean)
+        if row is not None:
+            store.setdefault("cls_row", {}).setdefault(layer, []).append(row)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -56,9 +62,11 @@ def vision_layers(model, family: str) -> list:
     return list(tower.encoder.layers)
 
 
-def install_vision_hooks(model, family: str, layers, received: bool, hidden: bool, store: dict) -> list:
+def install_vision_hooks(model, family: str, layers, received: bool, hidden: bool, store: dict, *,
+                         cls_row: bool = False) -> list:
     """Install the requested statistics at ``layers``; returns undo callables. ``store`` fills per forward:
-    ``store["received"][layer]`` (list of per-call tensors) and ``store["hidden"][layer]``.
+    ``store["received"][layer]`` and ``store["cls_row"][layer]`` (lists of per-call ``[B, H, Nk]`` tensors) and
+    ``store["hidden"][layer]``.
 
     A negative layer counts from the end (``layer + depth``, as Python indexing): the request carries no model, so
     methods can ask for "the last block" before they see one. Statistics stay keyed by the layer as requested, so
@@ -78,26 +86,28 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
         for layer in layers:
             hook = blocks[layer % depth].register_forward_hook(lambda m, a, o, _l=layer: grab(_l, m, a, o))
             undo.append(hook.remove)
-    if received:
+    if cls_row and family == "qwen2_5_vl":
+        raise ValueError("cls_row: Qwen2.5-VL's vision tower has no CLS token")
+    if received or cls_row:
         register_attention(VISION_ATTN_NAME, _vision_attention)
         config = blocks[0].attn.config if family == "qwen2_5_vl" else blocks[0].self_attn.config
         restore = switch_attention([config], VISION_ATTN_NAME)
-        sink = store.setdefault("received", {})
         keys: dict[int, list[int]] = {}  # resolved block -> the requested keys it reports under
         for layer in layers:
             keys.setdefault(layer % depth, []).append(layer)
         for block, names in keys.items():
             attn = blocks[block].attn if family == "qwen2_5_vl" else blocks[block].self_attn
-            attn._prunelab_vlm_sink = (sink, tuple(dict.fromkeys(names)))
+            attn._prunelab_vlm_sink = (store, tuple(dict.fromkeys(names)), cls_row)
             undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_sink"))
         undo.append(restore)
     return undo
 
 
 def per_image_stats(model, family: str, store: dict, tiles: list[int], image_grid_thw=None) -> list[dict]:
-    """Split the store of one vision forward into per-image ``{"received": {l: ..}, "hidden": {l: ..}}``."""
+    """Split the store of one vision forward into per-image ``{"received": {l: ..}, "cls_row": .., "hidden": ..}``."""
     n = len(tiles)
-    out = [{"received": {}, "hidden": {}} for _ in range(n)]
+    kinds = ("received", "cls_row", "hidden")
+    out = [{kind: {} for kind in kinds} for _ in range(n)]
     if family == "qwen2_5_vl":
         v = model.config.vision_config
         m2 = v.spatial_merge_size ** 2
@@ -106,17 +116,22 @@ def per_image_stats(model, family: str, store: dict, tiles: list[int], image_gri
         counts = (image_grid_thw.prod(-1) // m2).tolist()
         for kind in ("received", "hidden"):
             for layer, value in store.get(kind, {}).items():
-                if kind == "received":  # chunks [1, n_chunk] in window order -> mean over each merge unit
-                    value = torch.cat([c.flatten() for c in value]).view(-1, m2).mean(-1)[restore]
+                if kind == "received":  # chunks [1, H, n_chunk] in window order -> [H, N, m*m] in raster order
+                    value = torch.cat([c[0] for c in value], dim=-1)
+                    value = value.view(value.shape[0], -1, m2)[:, restore]
+                    parts = value.split(counts, dim=1)
                 else:
-                    value = value.view(-1, m2, value.shape[-1])[restore]
-                for i, part in enumerate(value.split(counts)):
+                    parts = value.view(-1, m2, value.shape[-1])[restore].split(counts)
+                for i, part in enumerate(parts):
                     out[i][kind][layer] = part
         return out
     drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
-    for kind in ("received", "hidden"):
+    for kind in kinds:
         for layer, value in store.get(kind, {}).items():
-            value = torch.cat(value) if kind == "received" else value  # [tiles_total, 1 + P(, C)]
-            for i, part in enumerate(value[:, drop:].split(tiles)):
+            if kind == "hidden":  # [tiles_total, 1 + P, C]
+                value = value[:, drop:]
+            else:  # per call [tiles, H, 1 + P]
+                value = torch.cat(value)[..., drop:]
+            for i, part in enumerate(value.split(tiles)):
                 out[i][kind][layer] = part
     return out

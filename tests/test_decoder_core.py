@@ -10,7 +10,7 @@ from transformers import DynamicCache
 import prunelab
 from prunelab.common.decoder import ATTN_NAME, attend_selected, decoder_spec, gather_rows
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
-from prunelab.methods.fasa import DenseDecode, OracleTopK
+from prunelab.methods.baselines import DenseDecode, OracleTopK
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -59,6 +59,17 @@ def test_registered_attention_and_config_switch():
     assert "_attn_implementation_internal" not in model.config.to_dict()
 
 
+def test_model_source_reads_the_name_and_revision(tmp_path):
+    model = tiny_decoder("llama")
+    assert hf.model_source(model) == ("", "")  # built from a config: nothing known
+    model.save_pretrained(tmp_path / "m")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert hf.model_source(loaded) == (str(tmp_path / "m"), "")  # transformers 5 records no commit hash
+    hf.set_model_source(loaded, "org/name", "abc123")
+    assert hf.model_source(loaded) == ("org/name", "abc123") and loaded.config.name_or_path == "org/name"
+    assert hf.model_source(torch.nn.Linear(2, 2)) == ("", "")
+
+
 def test_llava_next_geometry():
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     assert hf.llava_next_tiles((32, 64), pinpoints, 32) == 3  # an exact pinpoint: base + a 1x2 grid of crops

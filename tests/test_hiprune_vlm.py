@@ -11,6 +11,7 @@ from prunelab.common.apply import UnsupportedModelError
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import install_vlm
 from prunelab.methods.hiprune import HiPrune, hiprune_select
+from prunelab.methods.hiprune.vlm import received_scores
 
 RAGGED = [1, 2]
 OBJECT_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}  # tiny towers: 3 CLIP blocks; Qwen full blocks 1, 3
@@ -22,21 +23,9 @@ def _method(model, family, **kw):
     return HiPrune.for_model(model, object_block=OBJECT_BLOCK[family], **kw)
 
 
-class Recorder:
-    """Delegates to a method and keeps the contexts the seam gave it (the statistics it selected on)."""
-
-    def __init__(self, method):
-        self.method, self.ctx = method, None
-
-    def vlm_request(self):
-        return self.method.vlm_request()
-
-    def vlm_budget(self, image, stage):
-        return self.method.vlm_budget(image, stage)
-
-    def vlm_select(self, ctx):
-        self.ctx = ctx
-        return self.method.vlm_select(ctx)
+def _scores(family, img) -> dict:
+    """HiPrune's scores per block from the statistics the engine recorded for ``img`` (``handle.state.images``)."""
+    return {b: received_scores(family, v) for b, v in img.received.items()}
 
 
 def _expected_next(model, method, img, size):
@@ -48,7 +37,8 @@ def _expected_next(model, method, img, size):
     side = v.image_size // v.patch_size
     rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, v.image_size)
     obj, deep = method.blocks
-    maps = [img.received[b][1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
+    g = _scores("llava_next", img)
+    maps = [g[b][1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
             for b in (obj, deep)]
     mid, dp = (unpad_image(m, torch.tensor(size))[0] for m in maps)
     ur, uc = mid.shape
@@ -56,7 +46,7 @@ def _expected_next(model, method, img, size):
     n_patch = side * side + ur * uc
     budget = method.budget if isinstance(method.budget, int) else round(method.budget * n_patch)
     base_k = budget // tiles  # the official per-crop share for the base tile, the rest to the crops
-    keep = [hiprune_select(img.received[obj][:1], img.received[deep][:1], (side, side), base_k)[0]] if base_k else []
+    keep = [hiprune_select(g[obj][:1], g[deep][:1], (side, side), base_k)[0]] if base_k else []
     crop = hiprune_select(mid.reshape(1, -1), dp.reshape(1, -1), (ur, uc), budget - base_k)[0]
     keep.append(side * side + (crop // uc) * (uc + 1) + crop % uc)
     return torch.cat(keep).sort().values
@@ -78,19 +68,18 @@ def test_kept_set_is_hiprune_select(family_model, budget):
     family, model = family_model
     x = tiny_inputs(model, family, RAGGED, padding_side="right")
     method = _method(model, family, budget=budget)
-    rec = Recorder(method)
-    with torch.no_grad(), install_vlm(model, rec) as h:
+    with torch.no_grad(), install_vlm(model, method) as h:
         model(**x)
     obj, deep = method.blocks
-    assert obj != deep and len(h.state.kept) == len(rec.ctx.images) == 3
-    for i, (img, kept) in enumerate(zip(rec.ctx.images, h.state.kept)):
+    assert obj != deep and len(h.state.kept) == len(h.state.images) == 3
+    for i, (img, kept) in enumerate(zip(h.state.images, h.state.kept)):
         span = img.span
         if family == "llava_next":
             expected = _expected_next(model, method, img, x["image_sizes"][i].tolist())
             n_patch = span.num_tokens - int(span.newline.sum())
             assert not span.newline[kept].any()  # newlines dropped by default
         else:
-            g = img.received  # LLaVA: [1, P]; Qwen: [N] per merged token
+            g = _scores(family, img)  # LLaVA: [1, P]; Qwen: [N] per merged token
             mid, dp = (g[b].reshape(1, -1) for b in (obj, deep))
             n_patch = span.num_tokens
             k = budget if isinstance(budget, int) else round(budget * n_patch)
@@ -108,10 +97,9 @@ def test_kept_set_is_hiprune_select(family_model, budget):
 def test_next_keep_newlines_keeps_every_newline():
     model = tiny_vlm("llava_next")
     x = tiny_inputs(model, "llava_next", RAGGED)
-    rec = Recorder(_method(model, "llava_next", budget=4, keep_newlines=True))
-    with torch.no_grad(), install_vlm(model, rec) as h:
+    with torch.no_grad(), install_vlm(model, _method(model, "llava_next", budget=4, keep_newlines=True)) as h:
         model(**x)
-    for img, kept in zip(rec.ctx.images, h.state.kept):
+    for img, kept in zip(h.state.images, h.state.kept):
         nl = img.span.newline
         assert kept.numel() == 4 + int(nl.sum()) and bool(nl[kept].sum() == nl.sum())
 

@@ -16,9 +16,8 @@ from decoder_models import padded_batch, tiny_decoder
 import prunelab
 from prunelab.common.decoder import ATTN_NAME
 from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
-from prunelab.methods.baselines import RandomDrop
+from prunelab.methods.baselines import OracleTopK, RandomDrop, SinkRecent
 from prunelab.methods.divprune import DivPrune
-from prunelab.methods.fasa import OracleTopK, SinkRecent
 from prunelab.methods.hiprune import HiPrune
 from prunelab.methods.zero_tprune import ZeroTPrune
 

@@ -100,7 +100,7 @@ def test_calibrate_command_keys_the_file_by_model(local_model, tmp_path):
     same = AutoModelForCausalLM.from_pretrained(local_model / "model")
     assert full._calibration(args, same, None, tmp_path, False).ks == (8, 16)
     other = tiny_decoder("qwen2", seed=5)
-    other.config._name_or_path = str(local_model / "model")
+    other.config.name_or_path = str(local_model / "model")  # the same name: only the weights differ
     with pytest.raises(ValueError, match=r"calibration: .*weights"):
         full._calibration(args, other, None, tmp_path, False)
 
@@ -108,6 +108,7 @@ def test_calibrate_command_keys_the_file_by_model(local_model, tmp_path):
 def test_smollm2_keeps_dense_output_with_every_token():
     """Real weights: FASA with a budget above the length generates exactly the dense tokens."""
     pytest.importorskip("gguf")
+    from prunelab.common.hf import model_source
     from prunelab.common.packaged import load_smollm2
     from prunelab.methods.fasa import FASA, Calibration
     from prunelab.methods.fasa.calibration import spec_fingerprint, weights_fingerprint
@@ -121,7 +122,7 @@ def test_smollm2_keeps_dense_output_with_every_token():
     spec = decoder_spec(model)
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (30, 9, 3, 64)
     fingerprint = {**spec_fingerprint(spec), "weights": weights_fingerprint(model)}
-    cal = Calibration(spec.name, spec.revision, "rope_pairs", (64,), torch.rand(1, 30, 9, 32), {}, fingerprint)
+    cal = Calibration(*model_source(model), "rope_pairs", (64,), torch.rand(1, 30, 9, 32), {}, fingerprint)
     ids = tok(["def main():", "The pass key is"], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         ref = model.generate(**ids, max_new_tokens=8, do_sample=False)

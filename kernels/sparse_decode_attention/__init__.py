@@ -1,8 +1,8 @@
 """Decode attention over a per-head subset of the KV cache (indexed flash-decoding).
 
 *FASA: Frequency-aware Sparse Attention* (Wang et al., ICLR 2026, arXiv 2602.03152) replaces decode-time
-attention in layers >= 1 by two steps: :func:`prunelab.kernels.fasa_score_topk.fasa_score_topk` picks the
-top-N cached positions per query head from partial-dim scores, and this op, the "focused attention", runs
+attention in layers >= 1 by two steps: :func:`prunelab.kernels.partial_score_topk.partial_score_topk` picks
+the top-N cached positions per query head from partial-dim scores, and this op, the "focused attention", runs
 exact attention (full head dim, softmax with ``1 / sqrt(d)``) of the decode query over just those keys and
 values. It reads ``2 * N * d`` elements per query head instead of ``2 * T * d`` per kv head, which is where
 FASA's decode speed-up comes from. With every position selected (a budget ``>= T`` and all dims) it equals
@@ -81,7 +81,7 @@ def sparse_decode_attention(
         k_cache: Cached keys, shape ``[B, Hkv, T, d]`` with ``Hkv`` dividing ``Hq``, same dtype and device.
         v_cache: Cached values, same shape, dtype and device as ``k_cache``.
         indices: Positions per query head, int64 ``[B, Hq, N]`` in ``[0, T-1]``, ``-1`` for padding (for
-            example the output of ``fasa_score_topk``). Every row needs at least one valid entry.
+            example the output of ``partial_score_topk``). Every row needs at least one valid entry.
         scale: Logit multiplier; ``None`` means ``1 / sqrt(d)`` (as in SDPA).
         impl: ``"torch"`` (float32 reference), ``"triton"`` (fused gather + online softmax; CPU tensors
             need ``TRITON_INTERPRET=1``), or ``"auto"`` (Triton on CUDA when available, else torch).

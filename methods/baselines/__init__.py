@@ -1,11 +1,11 @@
 """Baselines every paper is compared against at the same budget: random drop/prune, sink+recent, oracle top-k.
 
-The KV-cache baselines share FASA's decode-step machinery (``KVSelection``) and are defined beside it; they are
-exported here so that every baseline has one home.
+The KV-cache baselines (``kv.py``) are ``prunelab.common.kv_selection.KVSelection`` subclasses, the decode-step
+machinery they share with FASA; the random baselines draw per sample, so a batch keeps what each sample keeps.
 """
 
+from prunelab.methods.baselines.kv import DenseDecode, OracleTopK, SinkRecent
 from prunelab.methods.baselines.random_drop import RandomDrop
 from prunelab.methods.baselines.random_prune import RandomPrune
-from prunelab.methods.fasa.method import DenseDecode, OracleTopK, SinkRecent
 
 __all__ = ["RandomDrop", "RandomPrune", "OracleTopK", "SinkRecent", "DenseDecode"]

@@ -4,7 +4,8 @@ from prunelab.methods.baselines import DenseDecode, OracleTopK, RandomDrop, Rand
 from prunelab.registry import MethodEntry
 
 _KV_BAD = (({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"gqa_mode": "mean"}, "gqa_mode"),
-           ({"dense_layers": (0.5,)}, "dense_layers"))
+           ({"dense_layers": (0.5,)}, "dense_layers"),
+           ({"dense_layers": (0, 7)}, "dense_layers"))  # a layer the 3-layer tiny models lack: refused at install
 
 ENTRIES = (
     MethodEntry(

@@ -31,7 +31,12 @@ class RandomPrune:
         object.__setattr__(self, "budget", check_budget(self.budget))
         object.__setattr__(self, "seed", check_int(self.seed, "seed"))
 
-    def vlm_budget(self, image, stage: str) -> int:
+    def vlm_plan(self):
+        from prunelab.common.vlm_plan import Stage, VLMPlan
+
+        return VLMPlan((Stage("projector", self.vlm_select, budget=self.vlm_budget, name="random"),))
+
+    def vlm_budget(self, image) -> int:
         n = int(image.embeds.shape[0])
         if isinstance(self.budget, int):
             if self.budget > n:

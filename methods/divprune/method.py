@@ -95,9 +95,14 @@ class DivPrune:
             return self.budget
         return divprune_keep_count(n, self.budget, self.rounding)
 
-    # --- VLM seam (prunelab.common.vlm): the default request (prune after the projector, no statistics).
+    # --- VLM seam (prunelab.common.vlm): one stage after the projector, no statistics.
 
-    def vlm_budget(self, image, stage: str) -> int:
+    def vlm_plan(self):
+        from prunelab.common.vlm_plan import Stage, VLMPlan
+
+        return VLMPlan((Stage("projector", self.vlm_select, budget=self.vlm_budget, name="DivPrune"),))
+
+    def vlm_budget(self, image) -> int:
         """k for one image: ``M`` is every visual token of its span (NeXT newlines included)."""
         return self.keep_for(int(image.embeds.shape[0]))
 

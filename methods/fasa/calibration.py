@@ -16,10 +16,10 @@ Where we differ from the official profiler (``identify_important_fre.py`` of ``A
   queries and windows.
 
 The file is JSON. It records the chunk layout and a fingerprint of the model it was computed on: the model's name
-and revision, its ``model_type``, shapes and RoPE base, and 64 entries of each of layer 0's ``q_proj`` /
-``k_proj`` weights (:func:`weights_fingerprint`). Installing FASA with the calibration of another model raises an
-error naming ``calibration`` and what differs. Files written before the fingerprint existed are refused with the
-command that rewrites them.
+and revision (``prunelab.common.hf.model_source``), its ``model_type``, shapes and RoPE base, and 64 entries of
+each of layer 0's ``q_proj`` / ``k_proj`` weights (:func:`weights_fingerprint`). Installing FASA with the
+calibration of another model raises an error naming ``calibration`` and what differs. Files written before the
+fingerprint existed are refused with the command that rewrites them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from prunelab.common.decoder import AttentionCall, DecoderSpec
+from prunelab.common.hf import model_source
 from prunelab.common.validate import check_choice, check_int, check_ints
 
 from .chunks import FC_LAYOUTS, chunk_logits, contextual_agreement
@@ -102,8 +103,9 @@ def same_weights(a: dict, b: dict) -> bool:
 class Calibration:
     """Mean contextual agreement ``agreement[k, l, h, j]`` for budgets ``ks[k]`` of one model and chunk layout.
 
-    ``fingerprint`` is the model it was computed on: :func:`spec_fingerprint` plus ``"weights"``
-    (:func:`weights_fingerprint`); :func:`calibrate` fills it in. A calibration without one cannot be installed.
+    ``model`` and ``revision`` name the weights it was computed on (``prunelab.common.hf.model_source``; ``""`` when
+    unknown). ``fingerprint`` is :func:`spec_fingerprint` plus ``"weights"`` (:func:`weights_fingerprint`);
+    :func:`calibrate` fills it in. A calibration without one cannot be installed.
     """
 
     model: str
@@ -133,14 +135,18 @@ class Calibration:
     def check(self, spec: DecoderSpec, fc_layout: str, model=None) -> None:
         """Raise ``ValueError`` naming ``calibration`` and what differs unless this belongs to the model and layout.
 
-        Compared: the name and revision, :func:`spec_fingerprint`, the agreement's shape, and, when ``model`` is
-        given and both sides have them, the weights (:func:`same_weights`).
+        Always compared: :func:`spec_fingerprint` and the agreement's shape. When ``model`` is given, also its name
+        and revision (``prunelab.common.hf.model_source``) and, when both sides have them, the weights
+        (:func:`same_weights`).
         """
         if self.fingerprint is None:
             raise ValueError(f"calibration: computed for {self.model!r} without a fingerprint of the model's "
                              f"weights and shapes (an older file or a hand-made Calibration); {RERUN}")
-        theirs = {"name": spec.name, "revision": spec.revision, **spec_fingerprint(spec)}
-        ours = {"name": self.model, "revision": self.revision, **self.fingerprint}
+        theirs, ours = spec_fingerprint(spec), self.fingerprint
+        if model is not None:
+            name, revision = model_source(model)
+            theirs = {"name": name, "revision": revision, **theirs}
+            ours = {"name": self.model, "revision": self.revision, **ours}
         diff = [f"{key} {ours.get(key)!r} != {value!r}" for key, value in theirs.items() if ours.get(key) != value]
         shape = [spec.num_layers, spec.num_heads, spec.head_dim // 2]
         if list(self.agreement.shape[1:]) != shape:
@@ -277,4 +283,5 @@ def calibrate(model, windows: torch.Tensor, *, ks: tuple[int, ...] = DEFAULT_KS,
     src = {"windows": int(windows.shape[0]), "window_len": int(windows.shape[1]), "n_queries": n_queries,
            **(source or {})}
     fingerprint = {**spec_fingerprint(spec), "weights": weights_fingerprint(model)}
-    return Calibration(spec.name, spec.revision, fc_layout, ks, agreement, src, fingerprint)
+    name, revision = model_source(model)
+    return Calibration(name, revision, fc_layout, ks, agreement, src, fingerprint)

@@ -22,8 +22,14 @@ ENTRIES = (
         backbones=("transformers Llama", "Qwen2", "Qwen3", "Mistral"),
         baselines=("oracle_topk", "sink_recent", "dense_decode"), reproduction="fasa", tiny=tiny_calibration,
         keep_all={"budget": 10**6}, prune={"budget": 6},
-        bad=(({"budget": 0}, "budget"), ({"budget": "8"}, "budget"), ({"n_fc": 0}, "n_fc"),
-             ({"fc_layout": "blocks"}, "fc_layout")),
+        bad=(({"budget": 0}, "budget"), ({"budget": -3}, "budget"), ({"budget": 1.5}, "budget"),
+             ({"budget": True}, "budget"), ({"budget": float("nan")}, "budget"), ({"budget": "8"}, "budget"),
+             ({"budget": "0.5"}, "budget"), ({"n_fc": 0}, "n_fc"), ({"n_fc": 2.0}, "n_fc"),
+             ({"n_fc": 9}, "n_fc"),  # above d/2 = 8 of the tiny models: refused at install
+             ({"fc_layout": "blocks"}, "fc_layout"), ({"gqa_mode": "mean"}, "gqa_mode"),
+             ({"dense_layers": (0.5,)}, "dense_layers"), ({"dense_layers": 1}, "dense_layers"),
+             ({"tau": 2.0}, "tau"), ({"tau": "0.8"}, "tau"), ({"fallback_k": 0}, "fallback_k"),
+             ({"fallback_k": 512.0}, "fallback_k"), ({"calibration": 3}, "calibration")),
         status="tiny on SmolLM2-135M (real weights); full preset needs the paper's models + LongBench-V1",
     ),
 )

@@ -1,11 +1,11 @@
-"""FASA and its baselines as decoder methods: ``with prunelab.apply(model, FASA(...)): model.generate(...)``.
+"""FASA as a decoder method: ``with prunelab.apply(model, FASA(...)): model.generate(...)``.
 
 *FASA: Frequency-aware Sparse Attention* (Wang et al., ICLR 2026, arXiv 2602.03152); official code
 ``AMAP-ML/FASA-ICLR2026`` (Apache-2.0), read for behaviour, not copied. Differences are listed in README.md.
 
 At a decode step in a layer >= 1, FASA scores every cached token with the partial logit over the dominant dims
 of each query head (no softmax, no scaling), keeps the top ``budget`` tokens and attends exactly over them
-(:class:`~prunelab.methods.fasa.select.KVSelection`).
+(:class:`~prunelab.common.kv_selection.KVSelection`).
 
 Layout of the partial logit (CPU- and memory-friendly, exact): for each key/value head the union ``U`` of its
 query heads' dominant dims is kept as a contiguous derived cache ``k_dom [B, Hkv, T, |U|]``; each query head
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from prunelab.common.decoder import AttentionCall, DecoderSpec
+from prunelab.common.kv_selection import KVSelection
 from prunelab.common.validate import check_choice, check_int, check_real
 
 from .calibration import Calibration
 from .chunks import FC_LAYOUTS, dominant_chunks, dominant_dims
-from .select import FiniteQueries, KVSelection
 
-__all__ = ["FASA", "OracleTopK", "SinkRecent", "DenseDecode"]
+__all__ = ["FASA"]
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,22 @@ class FASA(KVSelection):
         check_choice(self.impl, "impl", ("auto", "torch", "triton"))
 
     def calibration_for(self, spec: DecoderSpec, model=None) -> Calibration:
-        """The calibration, loaded if it is a path and checked against the model (its weights too, given ``model``)."""
+        """The calibration, loaded if it is a path and checked against the shapes (and, given ``model``, against its
+        name, revision and weights: :meth:`Calibration.check`)."""
         cal = self.calibration
         if cal is None:
-            raise ValueError(f"calibration: FASA needs the chunk agreement of {spec.name!r}; compute it with "
-                             "`prunelab calibrate fasa` (or methods.fasa.calibrate) and pass the file")
+            raise ValueError(f"calibration: FASA needs the chunk agreement of this {spec.model_type} model; compute "
+                             "it with `prunelab calibrate fasa` (or methods.fasa.calibrate) and pass the file")
         cal = cal if isinstance(cal, Calibration) else Calibration.load(cal)
         cal.check(spec, self.fc_layout, model)
         return cal
 
     def check_model(self, model) -> None:
-        """Raise ``ValueError`` naming ``calibration`` unless it was computed on ``model``, weights included.
+        """Raise ``ValueError`` naming ``calibration`` unless it was computed on ``model``: name, revision, shapes
+        and weights.
 
-        :meth:`decoder_handler` sees only the config (:class:`DecoderSpec`), so at install the weights are compared
-        only where the seam passes the model here; call this yourself to compare them otherwise.
+        :meth:`decoder_handler` sees only the shapes (:class:`DecoderSpec`) and compares only those; the decoder seam
+        (``install_decoder``) calls this with the model before it builds the handler.
         """
         from prunelab.common.decoder import decoder_spec
 
@@ -132,11 +134,11 @@ class _PartialScorer:
 
         if self.dim_index is None or call.valid is not None or resolve_impl(self.impl, call.query) != "triton":
             return None
-        from prunelab.kernels.fasa_score_topk import fasa_score_topk
+        from prunelab.kernels.partial_score_topk import partial_score_topk
         from prunelab.kernels.sparse_decode_attention import sparse_decode_attention
 
         q = call.query[:, :, 0]
-        index = fasa_score_topk(q, call.keys, self.dim_index.to(q.device), int(n), impl="triton")
+        index = partial_score_topk(q, call.keys, self.dim_index.to(q.device), int(n), impl="triton")
         out = sparse_decode_attention(q, call.keys, call.values, index, scale=call.scaling, impl="triton")
         return out[:, :, None]
 
@@ -148,66 +150,3 @@ class _PartialScorer:
         q_dom = q.gather(3, self.u_index.to(q.device)[None, :, None, :].expand(B, hkv, hq // hkv, self.width))
         q_dom = q_dom * self.q_mask.to(q.device, q.dtype)
         return torch.matmul(q_dom, k_dom.transpose(-1, -2)).float()  # [B, Hkv, g, T]
-
-
-@dataclass(frozen=True)
-class OracleTopK(KVSelection):
-    """Keeps the top ``budget`` tokens of the full logits ``q . k`` (the selection FASA approximates)."""
-
-    def layer_scorer(self, spec: DecoderSpec, layer_idx: int):
-        def scores(call: AttentionCall) -> torch.Tensor:
-            B, hq, _, d = call.query.shape
-            hkv = call.keys.shape[1]
-            return torch.matmul(call.query.view(B, hkv, hq // hkv, d), call.keys.transpose(-1, -2)).float()
-
-        return scores
-
-
-@dataclass(frozen=True)
-class SinkRecent(KVSelection):
-    """StreamingLLM-style: the first ``n_sink`` tokens plus the most recent ``budget - n_sink`` (no scoring).
-
-    ``n_sink`` defaults to 8, the StreamingLLM setting of the official repository's baselines. Padding is
-    skipped: sinks are the first real tokens of each sequence.
-
-    The recent window always holds the current token: a token count ``budget <= n_sink`` is refused at
-    construction, and when a step keeps ``n <= n_sink`` tokens (a fraction of a short context, or a context shorter
-    than the budget) it keeps the current token and the first ``n - 1`` sinks.
-    """
-
-    n_sink: int = 8
-
-    def __post_init__(self):
-        super().__post_init__()
-        object.__setattr__(self, "n_sink", check_int(self.n_sink, "n_sink", low=0))
-        if isinstance(self.budget, int) and self.budget <= self.n_sink:
-            raise ValueError(f"n_sink: {self.n_sink} sinks leave no room for the current token in budget="
-                             f"{self.budget}; use n_sink < budget")
-
-    def layer_scorer(self, spec: DecoderSpec, layer_idx: int):
-        def scores(call: AttentionCall) -> torch.Tensor:
-            B, hkv, T, _ = call.keys.shape
-            valid = call.valid if call.valid is not None else torch.ones(B, T, dtype=torch.bool,
-                                                                          device=call.keys.device)
-            rank = valid.cumsum(dim=-1) - 1  # position among real tokens
-            recency = rank.float()
-            # The current token (the step's own key, always the last position) first, then the sinks in order,
-            # then the most recent tokens.
-            s = torch.where(rank < self.n_sink, 3.0 * T - recency, recency)
-            s[:, -1] = 4.0 * T
-            return s[:, None, None, :].expand(B, hkv, spec.group, T)
-
-        return scores
-
-
-@dataclass(frozen=True)
-class DenseDecode(KVSelection):
-    """Dense attention through the same seam and cache: the fair baseline for decode-step timings."""
-
-    def decoder_handler(self, spec: DecoderSpec):
-        check_finite = FiniteQueries(spec.num_layers)
-
-        def handler(call: AttentionCall) -> None:
-            check_finite(call)  # the same NaN/inf check as the pruning methods, so timings compare like with like
-
-        return handler

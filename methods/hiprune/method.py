@@ -166,20 +166,21 @@ class HiPrune:
 
     # --- VLM seam (prunelab.common.vlm) ---
 
-    def vlm_request(self):
-        """Received attention at the object and deep blocks; prune after the projector."""
-        from prunelab.common.vlm import VLMRequest
+    def vlm_plan(self):
+        """One stage after the projector, reading the received attention at the object and deep blocks."""
+        from prunelab.common.vlm_plan import Needs, Stage, VLMPlan
 
         # Negative blocks count from the end; the seam resolves them against the encoder's depth and reports the
         # statistics under these same keys, so the defaults work without for_model.
-        return VLMRequest(vision_layers=tuple(sorted(set(self.blocks))), received=True)
+        needs = Needs(vision_layers=tuple(sorted(set(self.blocks))), received=True)
+        return VLMPlan((Stage("projector", self.vlm_select, needs=needs, budget=self.vlm_budget, name="HiPrune"),))
 
     def _patch_budget(self, span) -> int:
         """N' of one image: its patch tokens (NeXT newlines excluded) give the count a ratio applies to."""
         newlines = 0 if span.newline is None else int(span.newline.sum())
         return self.budget_for(span.num_tokens - newlines)
 
-    def vlm_budget(self, image, stage: str) -> int:
+    def vlm_budget(self, image) -> int:
         """Tokens the seam keeps for ``image``: N', plus the NeXT newlines when ``keep_newlines``."""
         span = image.span
         extra = int(span.newline.sum()) if self.keep_newlines and span.newline is not None else 0

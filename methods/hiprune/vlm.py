@@ -1,10 +1,11 @@
 """HiPrune's VLM adapter helpers: the seam's received-attention statistics mapped onto token grids.
 
-The seam (:mod:`prunelab.common.vlm_vision`) gives, per prompt image, the mean attention received per patch at
-each requested encoder block: ``[tiles, P]`` for CLIP towers (LLaVA-1.5: one tile; LLaVA-NeXT: the base tile,
-then the crops in row-major order), CLS column dropped; ``[N]`` per merged token in raster order for
-Qwen2.5-VL. Each image becomes one or two :class:`Region` s, each a raster grid of scores plus the span
-index of every cell, on which :func:`~prunelab.methods.hiprune.selection.hiprune_select` runs.
+The seam (:mod:`prunelab.common.vlm_vision`) gives, per prompt image, the attention received per patch and head
+(averaged over the queries) at each requested encoder block: ``[tiles, H, P]`` for CLIP towers (LLaVA-1.5: one
+tile; LLaVA-NeXT: the base tile, then the crops in row-major order), CLS column dropped; ``[H, N, m*m]`` per patch
+of each merged token in raster order for Qwen2.5-VL. :func:`received_scores` applies HiPrune's own averaging.
+Each image becomes one or two :class:`Region` s, each a raster grid of scores plus the span index of every cell,
+on which :func:`~prunelab.methods.hiprune.selection.hiprune_select` runs.
 
 LLaVA-NeXT (our choice; the official code forces ``mm_patch_merge_type="spatial"`` in ``llava_arch.py``): the base
 tile is one region (``side x side``); the crops are stitched into the image-sized grid that
@@ -30,13 +31,21 @@ class Region:
     index: torch.Tensor
 
 
+def received_scores(family: str, value: torch.Tensor) -> torch.Tensor:
+    """HiPrune's ``g^l_j = mean_h mean_i A_h[i, j]`` from the seam's per-head query means: the mean over heads
+    (``[tiles, H, P]`` -> ``[tiles, P]``); on Qwen2.5-VL also over the 2x2 merge unit of each LLM token
+    (``[H, N, m*m]`` -> ``[N]``), as the official Qwen code pools patch scores into merged tokens."""
+    value = value.detach().float()
+    return value.mean(dim=(0, 2)) if family == "qwen2_5_vl" else value.mean(dim=1)
+
+
 def image_regions(family: str, span, received: dict, blocks: tuple[int, int]) -> list[Region]:
     """The regions of one image (:class:`~prunelab.common.vlm_layout.ImageSpan`) with its received stats."""
     obj, deep = blocks
     missing = [b for b in blocks if b not in received]
     if missing:
         raise ValueError(f"received: the seam gave no attention statistics for encoder blocks {missing}")
-    mid_all, deep_all = received[obj].detach().float(), received[deep].detach().float()
+    mid_all, deep_all = received_scores(family, received[obj]), received_scores(family, received[deep])
     n = span.num_tokens
     dev = mid_all.device
     if family == "qwen2_5_vl":  # [N] per merged token, raster order of the merged grid

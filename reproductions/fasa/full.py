@@ -19,7 +19,8 @@ import yaml
 import prunelab
 from prunelab.cli import BUDGET, POSITIVE, existing, model_arg
 from prunelab.common.provenance import provenance, write_results
-from prunelab.methods.fasa import DEFAULT_KS, FASA, Calibration, DenseDecode, OracleTopK, SinkRecent, calibrate
+from prunelab.methods.baselines import DenseDecode, OracleTopK, SinkRecent
+from prunelab.methods.fasa import DEFAULT_KS, FASA, Calibration, calibrate
 
 from . import longbench
 

@@ -27,7 +27,8 @@ from transformers import DynamicCache
 import prunelab
 from prunelab.common.decoder import decoder_spec
 from prunelab.common.timing import benchmark
-from prunelab.methods.fasa import FASA, DenseDecode, OracleTopK
+from prunelab.methods.baselines import DenseDecode, OracleTopK
+from prunelab.methods.fasa import FASA
 
 
 def weight_bytes(model) -> int:

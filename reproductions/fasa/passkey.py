@@ -13,7 +13,7 @@ import random
 import torch
 
 import prunelab
-from prunelab.methods.fasa import DenseDecode
+from prunelab.methods.baselines import DenseDecode
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "\nWhat is the pass key? The pass key is"

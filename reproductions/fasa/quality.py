@@ -14,7 +14,7 @@ import copy
 import torch
 
 import prunelab
-from prunelab.methods.fasa import DenseDecode
+from prunelab.methods.baselines import DenseDecode
 
 
 @torch.no_grad()

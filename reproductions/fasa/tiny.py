@@ -20,9 +20,11 @@ import torch
 
 from prunelab.cli import BUDGET, POSITIVE, UNIT
 from prunelab.common.decoder import decoder_spec
+from prunelab.common.hf import model_source
 from prunelab.common.packaged import default_cache_dir, load_smollm2, pydoc_tokens
 from prunelab.common.provenance import provenance, write_results
-from prunelab.methods.fasa import FASA, Calibration, OracleTopK, calibrate
+from prunelab.methods.baselines import OracleTopK
+from prunelab.methods.fasa import FASA, Calibration, calibrate
 
 from . import plots
 from .full import sink_recent
@@ -97,7 +99,8 @@ def run_tiny(out, *, windows=4, prefix=1024, steps=64, budgets=BUDGETS, passkey_
     model, tokenizer = load_smollm2(cache_dir=Path(cache_dir) / "models" if cache_dir else None)
     cals = {lay: smollm2_calibration(model, tokenizer, lay, cache_dir, progress) for lay in layouts}
     cal = cals[layouts[0]]
-    meta = provenance(preset="tiny", model=f"{model.config._name_or_path} ({model.config._commit_hash}), float32",
+    name, revision = model_source(model)
+    meta = provenance(preset="tiny", model=f"{name} ({revision}), float32",
                       calibration=f"{CAL_WINDOWS} windows x {CAL_LEN} tokens, last {CAL_QUERIES} positions as "
                                   "decode queries, K grid " + "/".join(map(str, CAL_KS)))
     results: dict = {}

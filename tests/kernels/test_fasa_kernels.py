@@ -1,4 +1,4 @@
-"""Tests for the FASA decode kernels: fasa_score_topk (partial-dim scores + top-N) and sparse_decode_attention.
+"""Tests for the FASA decode kernels: partial_score_topk (partial-dim scores + top-N) and sparse_decode_attention.
 
 Triton runs under ``TRITON_INTERPRET=1`` here (tests/conftest.py sets it when CUDA is absent), so shapes are
 small and odd to hit the masked tails. The Triton wrappers allocate indices filled with ``-2`` and outputs
@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prunelab.kernels.fasa_score_topk as st_mod
+import prunelab.kernels.partial_score_topk as st_mod
 import prunelab.kernels.sparse_decode_attention as sd_mod
 from prunelab.kernels import dispatch
-from prunelab.kernels.fasa_score_topk import fasa_score_topk, fasa_score_topk_ref, partial_scores_ref
+from prunelab.kernels.partial_score_topk import partial_score_topk, partial_score_topk_ref, partial_scores_ref
 from prunelab.kernels.sparse_decode_attention import sparse_decode_attention, sparse_decode_attention_ref
 
 needs_triton = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
@@ -79,7 +79,7 @@ def test_ref_keep_all_equals_dense(use_lengths, extra):
     q, k, v, _ = _inputs(2, 4, 2, 37, 32, 32)
     all_dims = torch.stack([torch.randperm(32) for _ in range(4)])
     lengths = _lengths(2, 37) if use_lengths else None
-    idx = fasa_score_topk(q, k, all_dims, 37 + extra, lengths=lengths, impl="torch")
+    idx = partial_score_topk(q, k, all_dims, 37 + extra, lengths=lengths, impl="torch")
     out = sparse_decode_attention(q, k, v, idx, impl="torch")
     torch.testing.assert_close(out, _dense(q, k, v, lengths), atol=1e-5, rtol=0)
 
@@ -88,7 +88,7 @@ def test_ref_keep_all_equals_dense(use_lengths, extra):
 def test_ref_all_dims_is_oracle_topk(budget):
     q, k, _, _ = _inputs(2, 4, 2, 41, 16, 16)
     full = torch.einsum("bhd,bhtd->bht", q, k.repeat_interleave(2, 1))
-    idx = fasa_score_topk_ref(q, k, torch.arange(16).repeat(4, 1), budget)
+    idx = partial_score_topk_ref(q, k, torch.arange(16).repeat(4, 1), budget)
     oracle = full.topk(budget, dim=-1).indices.sort(-1).values
     _assert_selection(idx, oracle, full, torch.full((2,), 41), budget)
     torch.testing.assert_close(partial_scores_ref(q, k, torch.arange(16).flip(0).repeat(4, 1)), full)
@@ -99,7 +99,7 @@ def test_ref_lengths_padding_and_ties():
     k = k.round()  # integer scores: many exact ties, broken towards the lower position
     q = q.round()
     lengths = torch.tensor([30, 9])
-    idx = fasa_score_topk_ref(q, k, dims, 12, lengths=lengths)
+    idx = partial_score_topk_ref(q, k, dims, 12, lengths=lengths)
     _assert_kept_contract(idx, lengths, 12)
     assert (idx[1, :, 9:] == -1).all() and torch.equal(idx[1, :, :9], torch.arange(9).expand(4, 9))
     s = partial_scores_ref(q, k, dims)[0]
@@ -110,9 +110,9 @@ def test_ref_lengths_padding_and_ties():
 @pytest.mark.parametrize("hkv", [1, 2])
 def test_ref_gqa_equals_repeated_kv(hkv):
     q, k, v, dims = _inputs(2, 4, hkv, 45, 32, 8)
-    idx = fasa_score_topk_ref(q, k, dims, 10, lengths=_lengths(2, 45))
+    idx = partial_score_topk_ref(q, k, dims, 10, lengths=_lengths(2, 45))
     kr, vr = k.repeat_interleave(4 // hkv, 1), v.repeat_interleave(4 // hkv, 1)
-    assert torch.equal(idx, fasa_score_topk_ref(q, kr, dims, 10, lengths=_lengths(2, 45)))
+    assert torch.equal(idx, partial_score_topk_ref(q, kr, dims, 10, lengths=_lengths(2, 45)))
     torch.testing.assert_close(sparse_decode_attention_ref(q, k, v, idx), sparse_decode_attention_ref(q, kr, vr, idx))
 
 
@@ -146,8 +146,8 @@ CASE_IDS = [f"hkv{c[0]}-d{c[1]}-T{c[2]}-N{c[3]}-m{c[4]}-{str(c[5])[6:]}{'-len' i
 def _check_pair(q, k, v, dims, budget, lengths):
     """Both ops with Triton against the reference, each fed the same indices."""
     lens = lengths if lengths is not None else torch.full((q.shape[0],), k.shape[2], device=q.device)
-    idx = fasa_score_topk(q, k, dims, budget, lengths=lengths, impl="triton")
-    ref_idx = fasa_score_topk_ref(q, k, dims, budget, lengths=lengths)
+    idx = partial_score_topk(q, k, dims, budget, lengths=lengths, impl="triton")
+    ref_idx = partial_score_topk_ref(q, k, dims, budget, lengths=lengths)
     _assert_selection(idx, ref_idx, partial_scores_ref(q, k, dims), lens, budget)
     out = sparse_decode_attention(q, k, v, ref_idx, impl="triton")
     ref = sparse_decode_attention_ref(q, k, v, ref_idx)
@@ -170,15 +170,15 @@ def test_triton_bf16_and_budget_above_t():
 
 @needs_triton
 def test_triton_scores_and_exact_ties_many_blocks():
-    from prunelab.kernels.fasa_score_topk.triton import fasa_score_topk_triton
+    from prunelab.kernels.partial_score_topk.triton import partial_score_topk_triton
 
     q, k, _, dims = _inputs(2, 4, 2, 197, 32, 8)
     q, k = q.round(), k.round()  # integer scores: exact ties, so the tie rule must match bit for bit
     lengths = torch.tensor([197, 100])
-    idx, scores = fasa_score_topk_triton(q, k, dims, 40, lengths=lengths, block_t=16, return_scores=True)
+    idx, scores = partial_score_topk_triton(q, k, dims, 40, lengths=lengths, block_t=16, return_scores=True)
     ref = partial_scores_ref(q, k, dims).masked_fill(torch.arange(197) >= lengths[:, None, None], float("-inf"))
     assert torch.equal(scores, ref)
-    assert torch.equal(idx, fasa_score_topk_ref(q, k, dims, 40, lengths=lengths))
+    assert torch.equal(idx, partial_score_topk_ref(q, k, dims, 40, lengths=lengths))
 
 
 @needs_triton
@@ -187,8 +187,8 @@ def test_triton_noncontiguous_gqa_and_scale():
     k = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, Hkv, d] storage, as some caches use
     q = q.transpose(0, 1).contiguous().transpose(0, 1)
     dims = dims.t().contiguous().t()
-    idx = fasa_score_topk(q, k, dims, 17, impl="triton")
-    ref_idx = fasa_score_topk_ref(q, k, dims, 17)
+    idx = partial_score_topk(q, k, dims, 17, impl="triton")
+    ref_idx = partial_score_topk_ref(q, k, dims, 17)
     _assert_selection(idx, ref_idx, partial_scores_ref(q, k, dims), torch.full((2,), 63), 17)
     padded = torch.cat([idx, torch.full((2, 4, 9), -1)], -1)[..., torch.randperm(26)]  # scattered -1
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
@@ -215,7 +215,7 @@ def test_triton_split_n(dtype):
 def test_triton_keep_all_equals_dense():
     q, k, v, _ = _inputs(2, 4, 1, 63, 32, 32)
     lengths = _lengths(2, 63)
-    idx = fasa_score_topk(q, k, torch.arange(32).repeat(4, 1), 63, lengths=lengths, impl="triton")
+    idx = partial_score_topk(q, k, torch.arange(32).repeat(4, 1), 63, lengths=lengths, impl="triton")
     out = sparse_decode_attention(q, k, v, idx, impl="triton")
     torch.testing.assert_close(out, _dense(q, k, v, lengths), atol=1e-5, rtol=0)
 
@@ -227,10 +227,10 @@ def test_triton_keep_all_equals_dense():
 
 def test_dispatch_auto_on_cpu_picks_torch(monkeypatch):
     calls = []
-    monkeypatch.setattr(st_mod, "fasa_score_topk_ref", lambda *a, **kw: calls.append("st") or -1)
+    monkeypatch.setattr(st_mod, "partial_score_topk_ref", lambda *a, **kw: calls.append("st") or -1)
     monkeypatch.setattr(sd_mod, "sparse_decode_attention_ref", lambda *a, **kw: calls.append("sd") or -1)
     q, k, v, dims = _inputs(1, 2, 1, 9, 8, 2)
-    fasa_score_topk(q, k, dims, 3)
+    partial_score_topk(q, k, dims, 3)
     sparse_decode_attention(q, k, v, torch.zeros(1, 2, 3, dtype=torch.int64))
     assert calls == ["st", "sd"]
 
@@ -238,7 +238,7 @@ def test_dispatch_auto_on_cpu_picks_torch(monkeypatch):
 @pytest.mark.parametrize("mod", [st_mod, sd_mod])
 def test_dispatch_triton_missing_or_no_interpreter(monkeypatch, mod):
     q, k, v, dims = _inputs(1, 2, 1, 9, 8, 2)
-    call = (lambda: fasa_score_topk(q, k, dims, 3, impl="triton")) if mod is st_mod else (
+    call = (lambda: partial_score_topk(q, k, dims, 3, impl="triton")) if mod is st_mod else (
         lambda: sparse_decode_attention(q, k, v, torch.zeros(1, 2, 3, dtype=torch.int64), impl="triton"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET" if dispatch.triton_available() else "triton"):
@@ -275,7 +275,7 @@ _IDX = torch.zeros(2, 4, 3, dtype=torch.int64)
 def test_score_topk_bad_inputs(kw, param):
     args = {"q": _Q, "k_cache": _K, "dims": _DIMS, "budget": 3, "lengths": None, "impl": "torch"} | kw
     with pytest.raises(ValueError, match=param):
-        fasa_score_topk(args.pop("q"), args.pop("k_cache"), args.pop("dims"), args.pop("budget"), **args)
+        partial_score_topk(args.pop("q"), args.pop("k_cache"), args.pop("dims"), args.pop("budget"), **args)
 
 
 @pytest.mark.parametrize(
@@ -317,8 +317,8 @@ def test_gpu_real_shapes(t, frac, use_lengths, dtype):
     q, k, v, dims = _inputs(4, 32, 8, t, 128, 32, dtype, device="cuda")
     lengths = torch.tensor([t, t - 1000, t // 2, 200], device="cuda") if use_lengths else None
     lens = lengths if use_lengths else torch.full((4,), t, device="cuda")
-    idx = fasa_score_topk(q, k, dims, budget, lengths=lengths, impl="auto")
-    ref_idx = fasa_score_topk_ref(q, k, dims, budget, lengths=lengths)
+    idx = partial_score_topk(q, k, dims, budget, lengths=lengths, impl="auto")
+    ref_idx = partial_score_topk_ref(q, k, dims, budget, lengths=lengths)
     _assert_selection(idx, ref_idx, partial_scores_ref(q, k, dims), lens, budget)
     out = sparse_decode_attention(q, k, v, ref_idx, impl="auto")
     ref = sparse_decode_attention_ref(q, k, v, ref_idx)

@@ -1,4 +1,4 @@
-"""FASA token-importance prediction: partial-dim scores over the KV cache and the top-N positions per head.
+"""Partial-dim scores over the KV cache and the top-N positions per head (FASA's token-importance prediction).
 
 *FASA: Frequency-aware Sparse Attention* (Wang et al., ICLR 2026, arXiv 2602.03152) replaces decode-time
 attention in layers >= 1 by two steps. This op is the first: every query head scores every cached key with
@@ -12,8 +12,8 @@ decode attention.
 Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``; selection is per query head.
 
 The Triton path writes fp32 scores to a scratch buffer, then selects exactly (radix select) and emits the
-positions already sorted ascending; see :mod:`.triton` for the supported sizes. Use :func:`fasa_score_topk`
-(dispatch) rather than the implementations directly.
+positions already sorted ascending; see :mod:`.triton` for the supported sizes. Use
+:func:`partial_score_topk` (dispatch) rather than the implementations directly.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 
 from prunelab.kernels.dispatch import check_decode_qk, check_impl, resolve_impl
 
-from .reference import fasa_score_topk_ref, partial_scores_ref
+from .reference import partial_score_topk_ref, partial_scores_ref
 
-__all__ = ["fasa_score_topk", "fasa_score_topk_ref", "partial_scores_ref"]
+__all__ = ["partial_score_topk", "partial_score_topk_ref", "partial_scores_ref"]
 
 
 
@@ -59,7 +59,7 @@ def _validate(q, k_cache, dims, budget, lengths, impl) -> None:
             raise ValueError(f"lengths: entries must lie in [1, T] = [1, {T}], got {lengths.tolist()}")
 
 
-def fasa_score_topk(
+def partial_score_topk(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     dims: torch.Tensor,
@@ -96,7 +96,7 @@ def fasa_score_topk(
     """
     _validate(q, k_cache, dims, budget, lengths, impl)
     if resolve_impl(impl, q) == "torch":
-        return fasa_score_topk_ref(q, k_cache, dims, budget, lengths=lengths)
-    from .triton import fasa_score_topk_triton
+        return partial_score_topk_ref(q, k_cache, dims, budget, lengths=lengths)
+    from .triton import partial_score_topk_triton
 
-    return fasa_score_topk_triton(q, k_cache, dims, budget, lengths=lengths)
+    return partial_score_topk_triton(q, k_cache, dims, budget, lengths=lengths)

@@ -1,4 +1,4 @@
-"""Plain float32 PyTorch reference for :func:`prunelab.kernels.fasa_score_topk.fasa_score_topk`.
+"""Plain float32 PyTorch reference for :func:`prunelab.kernels.partial_score_topk.partial_score_topk`.
 
 It materialises the gathered key dimensions of every query head (``[Hq, m, B, T]``) and sorts every score
 row, so it is the readable definition of the op and the oracle the Triton kernels are tested against, not a
@@ -32,7 +32,7 @@ def partial_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, dims: torch.Tenso
     return torch.einsum("bhm,hmbt->bht", q_dom, k_dom)
 
 
-def fasa_score_topk_ref(
+def partial_score_topk_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     dims: torch.Tensor,

@@ -126,7 +126,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def fasa_score_topk_triton(
+def partial_score_topk_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     dims: torch.Tensor,
@@ -136,7 +136,7 @@ def fasa_score_topk_triton(
     block_t: int | None = None,
     return_scores: bool = False,
 ):
-    """Triton scoring + selection; same contract as :func:`fasa_score_topk_ref` (inputs assumed validated).
+    """Triton scoring + selection; same contract as :func:`partial_score_topk_ref` (inputs assumed validated).
 
     Args:
         q: Decode queries, shape ``[B, Hq, d]`` (fp32/fp16/bf16, any strides).

@@ -1,9 +1,12 @@
 """Decode-time KV selection in the decoder seam: score cached tokens, keep the top budget, attend exactly.
 
-FASA, the oracle top-k and the sink + recent window differ only in how they score cached tokens, so they share
-this class: the budget rule, the dense fallbacks, padding, grouped-query modes and the focused attention.
+KV-cache methods that differ only in how they score cached tokens share :class:`KVSelection`: the budget rule,
+the dense fallbacks, padding, grouped-query modes, the NaN/inf check of decode queries (:class:`FiniteQueries`)
+and the focused attention. A subclass defines :meth:`KVSelection.layer_scorer` (FASA in
+``prunelab.methods.fasa``; the oracle top-k and the sink + recent window in ``prunelab.methods.baselines.kv``).
 
-Budget (FASA's decode step, as in the official ``monkey_patch/frequency/utils.py``): ``N = budget`` for an int,
+Budget (FASA's decode step, as in the official ``monkey_patch/frequency/utils.py`` of ``AMAP-ML/FASA-ICLR2026``,
+*FASA: Frequency-aware Sparse Attention*, Wang et al., ICLR 2026): ``N = budget`` for an int,
 ``floor(budget * t)`` for a fraction, where ``t`` is the sequence's cache length without padding; then
 ``N = min(N, t)`` and at least 1. When every sequence keeps its whole cache the layer runs transformers' dense
 SDPA path unchanged, so a budget above the length is exactly dense. Prefill (more than one query) and the

@@ -1,0 +1,180 @@
+"""What a VLM method asks of the stage engine (``prunelab.common.vlm``): a plan of stages.
+
+A :class:`VLMPlan` lists :class:`Stage` s. Each stage sits at one point of the forward:
+
+- ``"projector"``: after the projector, on the projected visual tokens (the LLM's layer-0 input);
+- ``"llm"`` with ``layer=K``: after language-model layer ``K`` (0-based), on the image tokens still in the prompt.
+
+and names what it reads (:class:`Needs`): vision-encoder statistics at given encoder layers (hidden states, the
+attention each patch receives, the CLS query's attention row; raw, per head), and at an LLM stage the attention
+rows of chosen queries at that layer, computed beside SDPA. The engine calls ``stage.select(ctx)`` with a
+:class:`~prunelab.common.vlm.VLMContext` and applies one :class:`~prunelab.common.reduction.Reduction` per image;
+``stage.budget(image)`` (optional) is the exact count the engine enforces. Stages run in forward order; two
+methods' plans compose (:meth:`VLMPlan.then`): at the same point, the first method's stage runs first and the
+second sees what it kept.
+
+Methods written against the first version of the seam (``vlm_select`` with an optional ``vlm_request`` and
+``vlm_budget``) are converted by :func:`plan_of`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunelab.common.validate import check_choice, check_int, check_ints
+
+__all__ = ["QUERIES", "Composed", "Needs", "Stage", "VLMPlan", "VLMRequest", "plan_of"]
+
+WHERE = ("projector", "llm")
+QUERIES = ("last", "text_mean")
+"""Query selectors of LLM attention rows: ``last``, the prompt's last token (the last instruction token at
+prefill); ``text_mean``, the mean of the rows of every text token after the sample's first image. A marked token
+is selected by its id: an ``int`` (e.g. LISA's ``[SEG]``) selects every position holding it."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Statistics a stage reads.
+
+    Attributes:
+        vision_layers: vision-encoder layers (0-based; negative counts from the end) whose statistics it reads.
+        received: per layer, each patch's attention received, per head and averaged over the queries
+            (``[tiles, H, P]`` for CLIP towers, ``[H, N, m*m]`` per merge unit for Qwen2.5-VL).
+        cls_row: per layer, the CLS query's attention row over the patches, per head (CLIP towers only).
+        hidden: per layer, the encoder's hidden states of the image's patches.
+        rows: at an LLM stage, attention rows of these query selectors (see :data:`QUERIES`) at its layer, per
+            head, restricted to each image's token columns (``[H, S, N]``, S queries per selector).
+    """
+
+    vision_layers: tuple[int, ...] = ()
+    received: bool = False
+    cls_row: bool = False
+    hidden: bool = False
+    rows: tuple[str | int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "vision_layers", check_ints(self.vision_layers, "vision_layers"))
+        for q in self.rows:
+            if not isinstance(q, int) or isinstance(q, bool):
+                check_choice(q, "rows", QUERIES)
+
+    def merged(self, other: Needs) -> Needs:
+        return Needs(tuple(sorted(set(self.vision_layers) | set(other.vision_layers))),
+                     self.received or other.received, self.cls_row or other.cls_row, self.hidden or other.hidden,
+                     tuple(dict.fromkeys((*self.rows, *other.rows))))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning point of a plan (see the module docstring)."""
+
+    where: str
+    select: Callable[[Any], Sequence[Any]]
+    layer: int | None = None
+    needs: Needs = field(default_factory=Needs)
+    budget: Callable[[Any], int] | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        check_choice(self.where, "where", WHERE)
+        if self.where == "llm":
+            object.__setattr__(self, "layer", check_int(self.layer, "layer", low=0))
+        elif self.layer is not None:
+            raise ValueError(f"layer: a {self.where!r} stage takes no layer, got {self.layer}")
+        if self.needs.rows and self.where != "llm":
+            raise ValueError("rows: attention rows of LLM queries are read at an 'llm' stage")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (0, -1) if self.where == "projector" else (1, self.layer)
+
+
+@dataclass(frozen=True)
+class VLMPlan:
+    """The stages of one or more methods, in forward order."""
+
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages: a plan needs at least one stage")
+        object.__setattr__(self, "stages", tuple(sorted(self.stages, key=lambda s: s.order)))  # stable
+
+    def then(self, other: VLMPlan) -> VLMPlan:
+        """Both plans; at the same point this plan's stage runs first."""
+        return VLMPlan(self.stages + other.stages)
+
+    @property
+    def needs(self) -> Needs:
+        out = Needs()
+        for s in self.stages:
+            out = out.merged(s.needs)
+        return out
+
+    @property
+    def llm_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({s.layer for s in self.stages if s.where == "llm"}))
+
+
+@dataclass(frozen=True)
+class VLMRequest:
+    """The first seam's request of a ``vlm_select`` method (converted by :func:`plan_of`).
+
+    Attributes:
+        vision_layers / received / hidden: vision statistics, as in :class:`Needs`.
+        prune_projector: select after the projector.
+        llm_layer: also select after this 0-based language-model layer; ``None``: never.
+    """
+
+    vision_layers: tuple[int, ...] = ()
+    received: bool = False
+    hidden: bool = False
+    prune_projector: bool = True
+    llm_layer: int | None = None
+
+
+def plan_of(method) -> VLMPlan:
+    """``method.vlm_plan()``, or the plan of a ``vlm_select`` method (same select and budget at each stage)."""
+    if hasattr(method, "vlm_plan"):
+        plan = method.vlm_plan()
+        if not isinstance(plan, VLMPlan):
+            raise TypeError(f"method: {type(method).__name__}.vlm_plan() must return a VLMPlan, got "
+                            f"{type(plan).__name__}")
+        return plan
+    if not hasattr(method, "vlm_select"):
+        raise TypeError(f"method: {type(method).__name__} has no VLM adapter (it needs vlm_plan or vlm_select)")
+    req = method.vlm_request() if hasattr(method, "vlm_request") else VLMRequest()
+    needs = Needs(tuple(req.vision_layers), req.received, False, req.hidden)
+    stages = []
+    for where, layer in (("projector", None), ("llm", req.llm_layer)):
+        if (where == "projector" and not req.prune_projector) or (where == "llm" and layer is None):
+            continue
+        budget = (lambda img, _w=where: method.vlm_budget(img, _w)) if hasattr(method, "vlm_budget") else None
+        stages.append(Stage(where, method.vlm_select, layer, needs, budget, type(method).__name__))
+    if not stages:  # statistics only: a projector stage that keeps everything
+        stages.append(Stage("projector", _keep_all, None, needs, None, type(method).__name__))
+    return VLMPlan(tuple(stages))
+
+
+def _keep_all(ctx) -> list:
+    from prunelab.common.reduction import Reduction
+
+    return [Reduction(img.token_ids.new_tensor(range(img.embeds.shape[0]))[None], img.embeds.shape[0])
+            for img in ctx.images]
+
+
+@dataclass(frozen=True)
+class Composed:
+    """Two methods applied together, ``first``'s plan then ``second``'s: ``apply(..., on_existing="compose")``.
+
+    E.g. DivPrune after the projector composed with a random drop after LLM layer 8; at a point where both have a
+    stage, ``first`` selects and ``second`` selects among what it kept.
+    """
+
+    first: Any
+    second: Any
+
+    def vlm_plan(self) -> VLMPlan:
+        return plan_of(self.first).then(plan_of(self.second))

@@ -1,0 +1,181 @@
+"""The VLM stage engine carries multi-stage plans: vision statistics, the projector and several LLM layers.
+
+A toy plan prunes after the projector (scored by the CLS query's row in the vision tower, or by the received
+attention on Qwen2.5-VL, which has no CLS) and after LLM layers 0 and 1 (scored by the attention rows of the last
+prompt token and of the mean text query, computed beside SDPA), on all three families, batch 2 with left padding,
+under ``generate()``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_helpers import generate_tail
+
+import prunelab
+from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
+from prunelab.common.vlm import Needs, Stage, VLMPlan
+from prunelab.methods.baselines import RandomPrune
+from prunelab.methods.divprune import DivPrune
+
+IMAGES = [1, 2]
+
+
+def _top(scores: torch.Tensor, k: int) -> Reduction:
+    keep = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+    return Reduction(keep[None], scores.numel())
+
+
+class ToyPlan:
+    """Keeps ``share`` of the image tokens at each of three stages (1.0: keeps everything, statistics still read)."""
+
+    def __init__(self, family: str, share: float = 0.5):
+        self.family, self.share, self.seen = family, share, []
+
+    def vlm_plan(self) -> VLMPlan:
+        qwen = self.family == "qwen2_5_vl"
+        vision = Needs(vision_layers=(-1,), received=qwen, cls_row=not qwen)
+        return VLMPlan((
+            Stage("projector", self.by_vision, needs=vision, budget=self.budget, name="toy projector"),
+            Stage("llm", self.by_rows("last"), layer=0, needs=Needs(rows=("last",)), budget=self.budget),
+            Stage("llm", self.by_rows("text_mean"), layer=1, needs=Needs(rows=("text_mean",)), budget=self.budget),
+        ))
+
+    def budget(self, img) -> int:
+        return max(1, round(self.share * img.embeds.shape[0]))
+
+    def by_vision(self, ctx):
+        self.seen.append(ctx)
+        out = []
+        for img in ctx.images:
+            if self.family == "qwen2_5_vl":
+                s = img.received[-1].mean(dim=(0, 2))  # [H, N, 4] -> [N]
+            else:
+                s = img.cls_row[-1].mean(dim=1).flatten()  # [tiles, H, P] -> tiles * P (NeXT newlines: 0)
+                if img.span.newline is not None:
+                    full = torch.zeros(img.span.num_tokens)
+                    full[~img.span.newline] = s[: int((~img.span.newline).sum())]
+                    s = full
+            out.append(_top(s[img.token_ids], img.budget))
+        return out
+
+    def by_rows(self, selector):
+        def select(ctx):
+            self.seen.append(ctx)
+            return [_top(img.rows[selector].mean(dim=(0, 1)), img.budget) for img in ctx.images]
+
+        return select
+
+
+def _model(family):
+    from prunelab.common.tiny_vlm import tiny_vlm
+
+    return tiny_vlm(family)
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl"])
+def family_model(request):
+    return request.param, _model(request.param)
+
+
+@torch.no_grad()
+def test_keep_all_plan_is_dense_under_forward_and_generate(family_model):
+    family, model = family_model
+    x = tiny_inputs(model, family, IMAGES, padding_side="left")
+    dense_logits, dense_tail = model(**x).logits, generate_tail(model, x, n=4)
+    plan = ToyPlan(family, share=1.0)
+    with prunelab.apply(model, plan) as h:
+        logits, tail = model(**x).logits, generate_tail(model, x, n=4)
+    valid = x["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], dense_logits[valid], atol=1e-5, rtol=0)
+    assert torch.equal(tail, dense_tail)
+    assert [name for name, _ in h.state.history][:1] == ["toy projector"] and len(h.state.history) == 3
+
+
+@torch.no_grad()
+def test_three_stages_prune_in_order_and_batch_equals_per_sample(family_model):
+    family, model = family_model
+    x = tiny_inputs(model, family, IMAGES, padding_side="left")
+    plan = ToyPlan(family)
+    with prunelab.apply(model, plan) as h:
+        batch = generate_tail(model, x, n=4)
+        history = [(name, [k.clone() for k in kept]) for name, kept in h.state.history]
+        singles = torch.cat([generate_tail(model, sample_inputs(x, b, IMAGES), n=4) for b in range(2)])
+    assert torch.equal(batch, singles)
+    assert len(history) == 3
+    spans = plan.seen[0].images
+    previous = [torch.arange(img.span.num_tokens) for img in spans]
+    for name, kept in history:  # each stage keeps a sorted, unique subset of what the previous one kept
+        for prev, k in zip(previous, kept):
+            check_reduction(Reduction(k[None], int(prev.max()) + 1), name=name)
+            assert bool(torch.isin(k, prev).all()) and k.numel() == max(1, round(0.5 * prev.numel()))
+        previous = kept
+    assert [ctx.stage for ctx in plan.seen[:3]] == ["projector", "llm", "llm"]
+    assert [ctx.layer for ctx in plan.seen[1:3]] == [0, 1]
+
+
+@torch.no_grad()
+def test_last_token_rows_are_the_models_attention(family_model):
+    """The rows computed beside SDPA equal the eager attention probabilities of the same layer (keep-all)."""
+    family, model = family_model
+    x = tiny_inputs(model, family, IMAGES, padding_side="left")
+    plan = ToyPlan(family, share=1.0)
+    with prunelab.apply(model, plan) as h:
+        model(**x)
+    text = model.config.get_text_config()
+    previous = text._attn_implementation
+    text._attn_implementation_internal = "eager"
+    try:
+        attn = model(**x, output_attentions=True).attentions[0]  # layer 0: [B, H, L, L]
+    finally:
+        text._attn_implementation_internal = previous
+    ctx = plan.seen[1]  # the stage after layer 0
+    for img in ctx.images:
+        b, cols = img.span.sample, img.span.positions
+        expected = attn[b, :, -1, cols]  # the last prompt token's row over the image's tokens
+        torch.testing.assert_close(img.rows["last"][:, 0], expected, atol=1e-5, rtol=1e-4)
+    assert h.state.prompt is not None
+
+
+@torch.no_grad()
+def test_two_methods_compose_their_plans():
+    model = _model("llava")
+    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
+
+    class LateRandom(RandomPrune):
+        def vlm_plan(self):
+            return VLMPlan((Stage("llm", self.vlm_select, layer=1, budget=self.vlm_budget, name="late random"),))
+
+    with prunelab.apply(model, DivPrune(budget=8)):
+        alone = model(**x).logits
+        with prunelab.apply(model, LateRandom(budget=0.5), on_existing="compose") as both:
+            composed = model(**x).logits
+            names = [name for name, _ in both.state.history]
+            counts = [[k.numel() for k in kept] for _, kept in both.state.history]
+        assert torch.equal(model(**x).logits, alone)  # the composition's removal restores DivPrune alone
+    assert names == ["DivPrune", "late random"] and counts == [[8, 8, 8], [4, 4, 4]]
+    assert composed.shape[1] < alone.shape[1] and not torch.allclose(composed[:, -1], alone[:, -1])
+    with pytest.raises(ValueError, match="on_existing: 'compose'"):
+        import timm
+
+        from prunelab.methods.zero_tprune import ZeroTPrune
+
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4)
+        with prunelab.apply(vit, ZeroTPrune(keep_ratio=0.5)):
+            prunelab.apply(vit, ZeroTPrune(keep_ratio=0.7), on_existing="compose")
+
+
+def test_plan_validation_names_the_field():
+    with pytest.raises(ValueError, match="where"):
+        Stage("vision", lambda ctx: [])
+    with pytest.raises(ValueError, match="layer"):
+        Stage("llm", lambda ctx: [], layer=-1)
+    with pytest.raises(ValueError, match="layer"):
+        Stage("projector", lambda ctx: [], layer=2)
+    with pytest.raises(ValueError, match="rows"):
+        Needs(rows=("first",))
+    with pytest.raises(ValueError, match="rows"):
+        Stage("projector", lambda ctx: [], needs=Needs(rows=("last",)))
+    with pytest.raises(ValueError, match="stages"):
+        VLMPlan(())
