@@ -297,7 +297,7 @@ def install_vlm(model, method) -> VLMHandle:
         stats = per_image_stats(model, family, state.stats, state.tiles, state.grid_thw) if has_stats else None
         state.images = [ImageContext(s, embeds[s.sample, s.positions], torch.arange(s.num_tokens, device=embeds.device),
                                      **(stats[i] if stats else {})) for i, s in enumerate(spans)]
-        state.history = []
+        state.history, state.rows = [], {}
         keeps = [img.token_ids for img in state.images]
         for stage in (s for s in plan.stages if s.where == "projector"):
             images = [_at(img, img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
