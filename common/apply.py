@@ -15,74 +15,22 @@ suspended (undone) and come back, freshly installed, when the handle above them 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
+from prunelab.common.decoder import install_decoder, is_hf_decoder
+from prunelab.common.handle import STACK, Handle, UnsupportedModelError, forget, handle_of
 from prunelab.common.validate import check_choice, check_method
+from prunelab.common.vit import install_vit, is_timm_vit
+from prunelab.common.vlm import install_vlm, is_hf_vlm
+from prunelab.common.vlm_plan import Composed
 
-_STACK = "_prunelab_handles"  # instance attribute of the model: its handles, the installed one last
+__all__ = ["ON_EXISTING", "Handle", "UnsupportedModelError", "apply", "handle_of"]
+
 ON_EXISTING = ("error", "replace", "compose")
-
-
-class UnsupportedModelError(ValueError):
-    """Raised when no adapter in prunelab knows how to install a method into ``model``."""
-
-
-class Handle:
-    """What :func:`apply` returns: ``remove()`` restores the model bit for bit; usable as a context manager."""
-
-    def __init__(self, model: Any, method: Any, undo: Callable[[], None]):
-        self.model = model
-        self.method = method
-        self._undo = undo
-        self.removed = False
-        self.suspended = False
-
-    def remove(self) -> None:
-        """Undo this installation; if it was on top of another handle, that one is installed again."""
-        if self.removed:
-            return
-        stack = vars(self.model).get(_STACK, [])
-        top = bool(stack) and stack[-1] is self
-        if not self.suspended:
-            self._undo()
-        self.removed = True
-        if self in stack:
-            stack.remove(self)
-        if top and stack:
-            stack[-1]._resume()
-        if not stack:
-            _forget(self.model)
-
-    def _suspend(self) -> None:
-        self._undo()
-        self.suspended = True
-
-    def _resume(self) -> None:
-        fresh = _install(self.model, self.method)  # the seam's own install; its state replaces the old one
-        keep = {"model", "method", "removed"}
-        vars(self).update({k: v for k, v in vars(fresh).items() if k not in keep})
-        self.suspended = False
-
-    def __enter__(self) -> Handle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def handle_of(model: Any) -> Handle | None:
-    """The installed (top) handle of ``model``, or ``None`` when no method is applied."""
-    stack = vars(model).get(_STACK) if hasattr(model, "__dict__") else None
-    return stack[-1] if stack else None
 
 
 def _install(model: Any, method: Any) -> Handle:
     """Pick the seam for ``model`` and install ``method`` through it."""
-    from prunelab.common.decoder import install_decoder, is_hf_decoder
-    from prunelab.common.vit import install_vit, is_timm_vit
-    from prunelab.common.vlm import install_vlm, is_hf_vlm
-
     if is_timm_vit(model):
         return install_vit(model, method)
     if is_hf_vlm(model):  # before the decoder check, which any transformers model passes
@@ -98,9 +46,9 @@ def _install(model: Any, method: Any) -> Handle:
 
 def _deepcopy(model: Any, memo: dict) -> Any:
     """``copy.deepcopy`` of a model with methods applied: copy it clean, then apply the same stack to the copy."""
-    stack = list(vars(model)[_STACK])
+    stack = list(vars(model)[STACK])
     stack[-1]._suspend()
-    saved = _forget(model)
+    saved = forget(model)
     try:
         clone = copy.deepcopy(model, memo)
     finally:
@@ -109,11 +57,6 @@ def _deepcopy(model: Any, memo: dict) -> Any:
     for i, h in enumerate(stack):
         apply(clone, h.method, on_existing="replace" if i else "error")
     return clone
-
-
-def _forget(model: Any) -> dict:
-    """Remove the stack and the copy hook from the model's attributes; return them."""
-    return {k: vars(model).pop(k) for k in (_STACK, "__deepcopy__") if k in vars(model)}
 
 
 def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
@@ -129,7 +72,7 @@ def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
     """
     check_method(method)
     check_choice(on_existing, "on_existing", ON_EXISTING)
-    stack = vars(model).setdefault(_STACK, [])
+    stack = vars(model).setdefault(STACK, [])
     top = stack[-1] if stack else None
     if top is not None and on_existing == "error" and top.method != method:
         raise ValueError(
@@ -138,9 +81,6 @@ def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
             "the new handle is removed"
         )
     if top is not None and on_existing == "compose":
-        from prunelab.common.vlm import is_hf_vlm
-        from prunelab.common.vlm_plan import Composed
-
         if not is_hf_vlm(model):
             raise ValueError("on_existing: 'compose' combines stage plans, which only the VLM seam has; use "
                              "'replace' on this model")
@@ -153,8 +93,9 @@ def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
         if top is not None:
             top._resume()
         elif not stack:
-            _forget(model)
+            forget(model)
         raise
+    handle._reinstall = lambda: _install(model, handle.method)
     stack.append(handle)
     # copy.deepcopy looks __deepcopy__ up on the instance: a copy gets its own installation, not our hooks
     vars(model)["__deepcopy__"] = lambda memo: _deepcopy(model, memo)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from prunelab.common.apply import Handle, UnsupportedModelError
+from prunelab.common.handle import Handle, UnsupportedModelError
 from prunelab.common.hf import DynamicCache, register_attention, sdpa_attention, switch_attention
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
 

@@ -24,8 +24,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from prunelab.common.apply import Handle, UnsupportedModelError
 from prunelab.common.flops import ViTDims
+from prunelab.common.handle import Handle, UnsupportedModelError
 from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.tokens import TokenLayout
 

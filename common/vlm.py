@@ -41,61 +41,30 @@ handle.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from prunelab.common.apply import Handle
 from prunelab.common.decoder import require_eval
-from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.handle import Handle
 from prunelab.common.vlm_layout import ImageSpan, crops_per_image, find_image_spans, require_family, vlm_family
-from prunelab.common.vlm_llm_layer import LayerRows, install_llm_stages, query_rows
-from prunelab.common.vlm_plan import Needs, Stage, VLMPlan, VLMRequest, plan_of
+from prunelab.common.vlm_llm_layer import install_llm_stages, selector_rows
+from prunelab.common.vlm_plan import (
+    ImageContext,
+    Needs,
+    Stage,
+    VLMContext,
+    VLMPlan,
+    VLMRequest,
+    plan_of,
+    run_stage,
+)
+from prunelab.common.vlm_prompt import Prompt, compact_prompt, decode_kwargs, record_image_sizes
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
 
 __all__ = ["ImageContext", "Needs", "Stage", "VLMContext", "VLMHandle", "VLMPlan", "VLMPruner", "VLMRequest",
            "install_vlm", "is_hf_vlm"]
-
-
-@dataclass
-class ImageContext:
-    """One image as a method sees it at one hook point.
-
-    Attributes:
-        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grids and NeXT newlines.
-        embeds: [N, C] the image's visual tokens at this stage (projected embeddings at hook b, the hidden
-            states of its remaining tokens after layer K at hook c).
-        token_ids: [N] which of the span's original tokens these rows are (arange at the first stage).
-        budget: tokens the stage must keep (from its ``budget``; validated to lie in [1, N]).
-        received / cls_row / hidden: vision statistics by encoder layer, raw and per head (see ``vlm_vision``),
-            of all the image's tokens (index them with ``token_ids``).
-        rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
-    """
-
-    span: ImageSpan
-    embeds: torch.Tensor
-    token_ids: torch.Tensor
-    budget: int = 0
-    received: dict[int, torch.Tensor] = field(default_factory=dict)
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    cls_row: dict[int, torch.Tensor] = field(default_factory=dict)
-    rows: dict = field(default_factory=dict)
-
-
-@dataclass
-class VLMContext:
-    """All images of one forward at one stage: ``stage`` is "projector" (hook b) or "llm" (hook c, after ``layer``).
-    ``input_ids`` [B, L] is the prompt (for methods that read the text)."""
-
-    family: str
-    stage: str
-    images: list[ImageContext]
-    batch_size: int
-    layer: int | None = None
-    input_ids: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -118,20 +87,6 @@ def is_hf_vlm(model: Any) -> bool:
 
 
 @dataclass
-class _Prompt:
-    """The pruned prompt of the cache in flight (lives on the handle, never on a module)."""
-
-    cache: Any
-    orig_len: int  # L: prompt length as generate() counts it
-    valid: torch.Tensor  # [B, L'] kept, non-padding slots of the compacted prompt
-    next_pos: torch.Tensor  # [R, B] next position per sample (R rows of position_ids; R = 1 for 2-D ids)
-    two_d: bool  # position_ids came as [B, L] (LLaVA) rather than [R, B, L] (Qwen2.5-VL)
-    spans: list[ImageSpan]
-    index: torch.Tensor  # [B, L'] prompt position of each compacted row (valid rows only)
-    llm_rows: list[LayerRows] = field(default_factory=list)  # rows held after each LLM stage, in order
-
-
-@dataclass
 class VLMState:
     """Per-forward bookkeeping. ``positions`` [B, L'] maps each output row to its prompt position (-1: pad)."""
 
@@ -139,7 +94,7 @@ class VLMState:
     stats: dict = field(default_factory=dict)
     tiles: list[int] = field(default_factory=list)
     grid_thw: torch.Tensor | None = None
-    prompt: _Prompt | None = None
+    prompt: Prompt | None = None
     positions: torch.Tensor | None = None
     kept: list[torch.Tensor] = field(default_factory=list)  # per image, kept token ids of its span
     history: list[tuple[str, list[torch.Tensor]]] = field(default_factory=list)  # (stage, kept ids per image)
@@ -155,82 +110,6 @@ class VLMHandle(Handle):
     def __init__(self, model, method, undo, *, family: str, plan: VLMPlan, state: VLMState):
         super().__init__(model, method, undo)
         self.family, self.plan, self.state = family, plan, state
-
-
-def _select(stage: Stage, ctx: VLMContext) -> list[torch.Tensor]:
-    """Run one stage, and enforce the kept-token contract and the exact budget for each image."""
-    for i, img in enumerate(ctx.images):
-        n = img.embeds.shape[0]
-        img.budget = int(stage.budget(img)) if stage.budget is not None else n
-        if not 1 <= img.budget <= n:
-            raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
-                             f"[1, {n}] (its visual token count)")
-    reds = list(stage.select(ctx))
-    if len(reds) != len(ctx.images):
-        raise ValueError(f"vlm_select returned {len(reds)} reductions for {len(ctx.images)} images")
-    keeps = []
-    for i, (img, red) in enumerate(zip(ctx.images, reds)):
-        if not isinstance(red, Reduction):
-            raise TypeError(f"method: stage {stage.name or stage.where!r} must return one Reduction per image, got "
-                            f"{type(red).__name__} for image {i}")
-        if red.keep.shape[0] != 1 or red.valid is not None or red.merge is not None:
-            raise ValueError(f"kept indices of image {i}: the VLM seam takes one row per image, without merges")
-        check_reduction(red, img.embeds.shape[0], name=f"kept indices of image {i}")
-        if red.keep.shape[1] != img.budget:
-            raise ValueError(f"kept indices of image {i}: {red.keep.shape[1]} kept, budget is {img.budget}")
-        keeps.append(red.keep[0])
-    return keeps
-
-
-def _compact(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows to gather [B, L'] (kept rows right-aligned, in order) and their validity, from ``keep_mask`` [B, L]."""
-    counts = keep_mask.sum(-1)
-    width = int(counts.max())
-    order = torch.sort((~keep_mask).long(), dim=-1, stable=True).indices[:, :width]  # kept rows first, in order
-    shift = (width - counts)[:, None]  # right-align: pad slots first
-    slot = torch.arange(width, device=keep_mask.device)[None] - shift
-    valid = slot >= 0
-    index = torch.where(valid, order.gather(1, slot.clamp(min=0)), torch.zeros_like(order))
-    return index, valid
-
-
-def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x`` gathered along sequence ``dim`` with per-batch ``index`` [B, L'] (batch is the dim before)."""
-    x = x.movedim(dim, -1).movedim(dim - 1, -2)  # [..., B, L]
-    x = x.expand(*x.shape[:-2], index.shape[0], x.shape[-1])
-    out = x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
-    return out.movedim(-2, dim - 1).movedim(-1, dim)
-
-
-def _positions_like(position_ids, inputs_embeds, family):
-    """The language model's own default when ``position_ids`` is None: arange from an empty cache."""
-    B, L = inputs_embeds.shape[:2]
-    pos = torch.arange(L, device=inputs_embeds.device).expand(B, L)
-    return pos.expand(3, B, L) if family == "qwen2_5_vl" else pos
-
-
-def _record_image_sizes(base, state: VLMState) -> Callable[[], None]:
-    """Wrap ``base.get_image_features`` (an instance attribute) to keep the ``image_sizes`` generate() drops."""
-    name = "get_image_features"
-    before = vars(base).get(name)  # normally absent: the class method is what runs
-    original = getattr(base, name)
-
-    @functools.wraps(original)
-    def get_image_features(*args, **kwargs):
-        out = original(*args, **kwargs)
-        state.encoded = (out, kwargs["image_sizes"] if "image_sizes" in kwargs else args[1])
-        return out
-
-    object.__setattr__(base, name, get_image_features)
-
-    def undo():
-        if before is None:
-            vars(base).pop(name, None)
-        else:
-            object.__setattr__(base, name, before)
-        state.encoded = None
-
-    return undo
 
 
 def install_vlm(model, method) -> VLMHandle:
@@ -282,10 +161,9 @@ def install_vlm(model, method) -> VLMHandle:
 
     undo.append(model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True).remove)
     if family == "llava_next":
-        undo.append(_record_image_sizes(model.model, state))
+        undo.append(record_image_sizes(model.model, state))
 
     def prefill(kwargs):
-        from transformers import DynamicCache
 
         spans, state.spans = state.spans, None
         state.encoded = None  # a forward with pixel_values recorded its own encoding after the outer pre-hook
@@ -300,8 +178,8 @@ def install_vlm(model, method) -> VLMHandle:
         state.history, state.rows = [], {}
         keeps = [img.token_ids for img in state.images]
         for stage in (s for s in plan.stages if s.where == "projector"):
-            images = [_at(img, img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
-            local = _select(stage, VLMContext(family, "projector", images, B, input_ids=state.input_ids))
+            images = [img.at(img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
+            local = run_stage(stage, VLMContext(family, "projector", images, B, input_ids=state.input_ids))
             keeps = [keep[k] for keep, k in zip(keeps, local)]
             state.history.append((stage.name or "projector", keeps))
         state.kept = keeps
@@ -315,49 +193,8 @@ def install_vlm(model, method) -> VLMHandle:
             state.prompt = None  # nothing dropped: the model runs exactly as it would without the method
             state.positions = torch.where(valid, torch.arange(L, device=valid.device), -1)
             return kwargs
-        index, new_valid = _compact(keep_mask)
-        pos = kwargs.get("position_ids")
-        pos = _positions_like(pos, embeds, family) if pos is None else pos
-        two_d = pos.dim() == 2
-        pos3 = pos[None] if two_d else pos
-        new_pos = _gather_seq(pos3, index, 2)
-        # LLaVA (and Qwen's text row 0): renumber contiguously over the kept tokens, from the first one's id.
-        # Qwen's M-RoPE rows keep their ids; decoding continues from the prompt's max id + 1 (rope_deltas' rule).
-        renumber = 0 if (two_d or pos3.shape[0] == 4) else -1
-        next_pos = torch.empty(pos3.shape[:2], dtype=pos3.dtype, device=pos3.device)
-        for r in range(pos3.shape[0]):
-            if r == renumber:
-                first = torch.gather(new_pos[r], 1, new_valid.long().argmax(-1, keepdim=True))
-                new_pos[r] = torch.where(new_valid, first + new_valid.long().cumsum(-1) - 1, 0)
-                next_pos[r] = new_pos[r].masked_fill(~new_valid, -1).amax(-1) + 1
-            else:
-                next_pos[r] = pos3[r].expand(B, L).masked_fill(~valid, -1).amax(-1) + 1
-        if renumber == -1 or pos3.shape[0] == 4:  # the three M-RoPE rows share one next id, as in get_rope_index
-            next_pos[-3:] = next_pos[-3:].amax(0, keepdim=True)
-        kwargs["inputs_embeds"] = _gather_seq(embeds, index, 1)
-        kwargs["position_ids"] = new_pos[0] if two_d else new_pos
-        kwargs["attention_mask"] = new_valid.long()
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache", getattr(lm.config, "use_cache", True))
-        if cache is None and use_cache is not False:
-            cache = DynamicCache(config=lm.config)
-            kwargs["past_key_values"] = cache
-        state.prompt = _Prompt(cache, L, new_valid, next_pos, two_d, spans, index)
-        state.positions = torch.where(new_valid, index, -1)
-        return kwargs
-
-    def decode(kwargs, prompt: _Prompt):
-        embeds = kwargs["inputs_embeds"]
-        B, q = embeds.shape[:2]
-        steps = prompt.cache.get_seq_length() - prompt.valid.shape[1]
-        mask = kwargs.get("attention_mask")
-        tail = (mask[:, prompt.orig_len:].bool() if mask is not None and mask.dim() == 2
-                else torch.ones(B, steps + q, dtype=torch.bool, device=embeds.device))
-        if tail.shape[1] != steps + q:
-            raise RuntimeError(f"attention_mask: {tail.shape[1]} columns after the prompt, expected {steps + q}")
-        kwargs["attention_mask"] = torch.cat([prompt.valid, tail], dim=1).long()
-        pos = prompt.next_pos[:, :, None] + steps + torch.arange(q, device=embeds.device)  # [R, B, q]
-        kwargs["position_ids"] = pos[0] if prompt.two_d else pos
+        kwargs, state.prompt = compact_prompt(kwargs, keep_mask, valid, family, lm.config, spans)
+        state.positions = torch.where(state.prompt.valid, state.prompt.index, -1)
         return kwargs
 
     def lm_pre_hook(_module, args, kwargs):
@@ -367,7 +204,7 @@ def install_vlm(model, method) -> VLMHandle:
             return args, prefill(kwargs)
         prompt = state.prompt
         if prompt is not None and kwargs.get("past_key_values") is prompt.cache and prompt.cache is not None:
-            return args, decode(kwargs, prompt)
+            return args, decode_kwargs(kwargs, prompt)
         return None
 
     def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor) -> torch.Tensor:
@@ -381,14 +218,15 @@ def install_vlm(model, method) -> VLMHandle:
         attn = state.rows.pop(K, None)
         keep_mask, keeps = valid.clone(), state.kept
         for stage in (s for s in plan.stages if s.where == "llm" and s.layer == K):
-            probs = _query_probs(stage.needs.rows, attn, where, valid) if stage.needs.rows else {}
+            probs = (selector_rows(stage.needs.rows, attn, where, valid, state.input_ids, model.config.image_token_id)
+                     if stage.needs.rows else {})
             images = []
             for img, kept in zip(state.images, keeps):
                 r = row_of[img.span.sample, img.span.positions[kept]]
-                view = _at(img, hidden[img.span.sample, r], kept)
+                view = img.at(hidden[img.span.sample, r], kept)
                 view.rows = {q: p[img.span.sample][:, :, r] for q, p in probs.items()}
                 images.append(view)
-            local = _select(stage, VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids))
+            local = run_stage(stage, VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids))
             for img, kept, k in zip(images, keeps, local):
                 drop = torch.ones(kept.numel(), dtype=torch.bool, device=hidden.device)
                 drop[k] = False
@@ -398,31 +236,8 @@ def install_vlm(model, method) -> VLMHandle:
         state.kept = keeps
         return keep_mask
 
-    def _query_probs(selectors, attn, where: torch.Tensor, valid: torch.Tensor) -> dict:
-        """``{selector: per sample [H, S_b, L_k]}`` attention rows of the selected queries at this layer."""
-        if attn is None:
-            raise RuntimeError("rows: no attention was recorded at this layer (the engine's rows function did not run)")
-        query, key, scaling, _ = attn
-        ids = state.input_ids.gather(1, where.clamp(min=0))  # token id of each row
-        image = ids == model.config.image_token_id
-        first_image = torch.where(image & valid, where, where.new_full((), 1 << 40)).amin(-1, keepdim=True)
-        out = {}
-        for q in selectors:
-            if q == "last":  # rows are right-aligned: the prompt's last token is the last row of every sample
-                select = [torch.tensor([valid.shape[1] - 1], device=valid.device)] * valid.shape[0]
-            elif q == "text_mean":
-                select = [(valid[b] & ~image[b] & (where[b] > first_image[b])).nonzero().flatten()
-                          for b in range(valid.shape[0])]
-            else:  # a marked token id
-                select = [(valid[b] & (ids[b] == q)).nonzero().flatten() for b in range(valid.shape[0])]
-            if any(s.numel() == 0 for s in select):
-                raise ValueError(f"rows: no query of selector {q!r} in some prompt of the batch")
-            p = query_rows(query, key, scaling, valid, select)
-            out[q] = [x.mean(1, keepdim=True) for x in p] if q == "text_mean" else p
-        return out
-
     undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
-    undo += install_llm_stages(model, plan, state, run_stages, _compact, _gather_seq)
+    undo += install_llm_stages(model, plan, state, run_stages)
 
     def remove():
         for fn in reversed(undo):
@@ -430,7 +245,3 @@ def install_vlm(model, method) -> VLMHandle:
 
     return VLMHandle(model, method, remove, family=family, plan=plan, state=state)
 
-
-def _at(img: ImageContext, embeds: torch.Tensor, token_ids: torch.Tensor) -> ImageContext:
-    """``img`` at a later stage: its remaining rows ``embeds`` and their ``token_ids``, the same statistics."""
-    return ImageContext(img.span, embeds, token_ids, received=img.received, hidden=img.hidden, cls_row=img.cls_row)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prunelab.common.apply import UnsupportedModelError
+from prunelab.common.handle import UnsupportedModelError
 from prunelab.common.hf import llava_next_tiles, llava_next_unpadded
 
 FAMILY_CLASSES = {

@@ -18,23 +18,12 @@ queries of the layers that ask, and returns transformers' own SDPA output for ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from prunelab.common.hf import register_attention, sdpa_attention, switch_attention
+from prunelab.common.vlm_prompt import LayerRows, compact, gather_seq
 
 ROWS_ATTN_NAME = "prunelab_vlm_rows"
-
-
-@dataclass
-class LayerRows:
-    """Rows of the prompt held by the layers after LLM layer ``after``: ``index`` [B, L_k] into the post-projector
-    rows (right-aligned, composed over the stages so far) and ``valid`` [B, L_k]."""
-
-    after: int
-    index: torch.Tensor
-    valid: torch.Tensor
 
 
 def _mask(valid: torch.Tensor, q: int) -> torch.Tensor:
@@ -66,7 +55,36 @@ def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, valid: to
     return out
 
 
-def install_llm_stages(model, plan, state, run_stages, compact, gather_seq) -> list:
+def selector_rows(selectors, attn, where: torch.Tensor, valid: torch.Tensor, input_ids: torch.Tensor,
+                  image_token_id: int) -> dict:
+    """``{selector: per sample [H, S_b, L_k]}`` attention rows of the selected queries at one layer.
+
+    ``attn`` is what the layer recorded at prefill (query, key, scaling, valid); ``where`` [B, L_k] the prompt
+    position of each of its rows; ``input_ids`` [B, L] the prompt.
+    """
+    if attn is None:
+        raise RuntimeError("rows: no attention was recorded at this layer (the engine's rows function did not run)")
+    query, key, scaling, _ = attn
+    ids = input_ids.gather(1, where.clamp(min=0))  # token id of each row
+    image = ids == image_token_id
+    first_image = torch.where(image & valid, where, where.new_full((), 1 << 40)).amin(-1, keepdim=True)
+    out = {}
+    for q in selectors:
+        if q == "last":  # rows are right-aligned: the prompt's last token is the last row of every sample
+            select = [torch.tensor([valid.shape[1] - 1], device=valid.device)] * valid.shape[0]
+        elif q == "text_mean":
+            select = [(valid[b] & ~image[b] & (where[b] > first_image[b])).nonzero().flatten()
+                      for b in range(valid.shape[0])]
+        else:  # a marked token id
+            select = [(valid[b] & (ids[b] == q)).nonzero().flatten() for b in range(valid.shape[0])]
+        if any(s.numel() == 0 for s in select):
+            raise ValueError(f"rows: no query of selector {q!r} in some prompt of the batch")
+        p = query_rows(query, key, scaling, valid, select)
+        out[q] = [x.mean(1, keepdim=True) for x in p] if q == "text_mean" else p
+    return out
+
+
+def install_llm_stages(model, plan, state, run_stages) -> list:
     """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, rows_of) -> keep_mask`` asks the methods.
 
     Returns undo callables. ``state.prompt`` (the engine's prompt bookkeeping) gains ``llm_rows``: one

@@ -23,15 +23,64 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prunelab.common.validate import check_choice, check_int, check_ints
+import torch
 
-__all__ = ["QUERIES", "Composed", "Needs", "Stage", "VLMPlan", "VLMRequest", "plan_of"]
+from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.validate import check_choice, check_int, check_ints
+from prunelab.common.vlm_layout import ImageSpan
+
+__all__ = ["QUERIES", "Composed", "ImageContext", "Needs", "Stage", "VLMContext", "VLMPlan", "VLMRequest", "plan_of",
+           "run_stage"]
 
 WHERE = ("projector", "llm")
 QUERIES = ("last", "text_mean")
 """Query selectors of LLM attention rows: ``last``, the prompt's last token (the last instruction token at
 prefill); ``text_mean``, the mean of the rows of every text token after the sample's first image. A marked token
 is selected by its id: an ``int`` (e.g. LISA's ``[SEG]``) selects every position holding it."""
+
+
+@dataclass
+class ImageContext:
+    """One image as a method sees it at one hook point.
+
+    Attributes:
+        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grids and NeXT newlines.
+        embeds: [N, C] the image's visual tokens at this stage (projected embeddings at hook b, the hidden
+            states of its remaining tokens after layer K at hook c).
+        token_ids: [N] which of the span's original tokens these rows are (arange at the first stage).
+        budget: tokens the stage must keep (from its ``budget``; validated to lie in [1, N]).
+        received / cls_row / hidden: vision statistics by encoder layer, raw and per head (see ``vlm_vision``),
+            of all the image's tokens (index them with ``token_ids``).
+        rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
+    """
+
+    span: ImageSpan
+    embeds: torch.Tensor
+    token_ids: torch.Tensor
+    budget: int = 0
+    received: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    cls_row: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+    def at(self, embeds: torch.Tensor, token_ids: torch.Tensor) -> ImageContext:
+        """This image at a later stage: its remaining rows ``embeds`` and their ``token_ids``, same statistics."""
+        return ImageContext(self.span, embeds, token_ids, received=self.received, hidden=self.hidden,
+                            cls_row=self.cls_row)
+
+
+@dataclass
+class VLMContext:
+    """All images of one forward at one stage: ``stage`` is "projector" (hook b) or "llm" (hook c, after ``layer``).
+    ``input_ids`` [B, L] is the prompt (for methods that read the text)."""
+
+    family: str
+    stage: str
+    images: list[ImageContext]
+    batch_size: int
+    layer: int | None = None
+    input_ids: torch.Tensor | None = None
+
 
 
 @dataclass(frozen=True)
@@ -159,8 +208,6 @@ def plan_of(method) -> VLMPlan:
 
 
 def _keep_all(ctx) -> list:
-    from prunelab.common.reduction import Reduction
-
     return [Reduction(img.token_ids.new_tensor(range(img.embeds.shape[0]))[None], img.embeds.shape[0])
             for img in ctx.images]
 
@@ -178,3 +225,28 @@ class Composed:
 
     def vlm_plan(self) -> VLMPlan:
         return plan_of(self.first).then(plan_of(self.second))
+
+
+def run_stage(stage: Stage, ctx: VLMContext) -> list[torch.Tensor]:
+    """Run one stage, and enforce the kept-token contract and the exact budget for each image."""
+    for i, img in enumerate(ctx.images):
+        n = img.embeds.shape[0]
+        img.budget = int(stage.budget(img)) if stage.budget is not None else n
+        if not 1 <= img.budget <= n:
+            raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
+                             f"[1, {n}] (its visual token count)")
+    reds = list(stage.select(ctx))
+    if len(reds) != len(ctx.images):
+        raise ValueError(f"vlm_select returned {len(reds)} reductions for {len(ctx.images)} images")
+    keeps = []
+    for i, (img, red) in enumerate(zip(ctx.images, reds)):
+        if not isinstance(red, Reduction):
+            raise TypeError(f"method: stage {stage.name or stage.where!r} must return one Reduction per image, got "
+                            f"{type(red).__name__} for image {i}")
+        if red.keep.shape[0] != 1 or red.valid is not None or red.merge is not None:
+            raise ValueError(f"kept indices of image {i}: the VLM seam takes one row per image, without merges")
+        check_reduction(red, img.embeds.shape[0], name=f"kept indices of image {i}")
+        if red.keep.shape[1] != img.budget:
+            raise ValueError(f"kept indices of image {i}: {red.keep.shape[1]} kept, budget is {img.budget}")
+        keeps.append(red.keep[0])
+    return keeps

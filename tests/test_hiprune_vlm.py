@@ -7,7 +7,7 @@ import torch
 from vlm_helpers import generate_tail
 
 import prunelab
-from prunelab.common.apply import UnsupportedModelError
+from prunelab.common.handle import UnsupportedModelError
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import install_vlm
 from prunelab.methods.hiprune import HiPrune, hiprune_select

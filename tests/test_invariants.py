@@ -109,7 +109,7 @@ def _kept_sets(handle):
         return []
     if isinstance(handle, ViTHandle):
         return [(f"block {b}", ids, None) for b, ids in state.kept]
-    return [(f"image {i}", k[None], None) for i, k in enumerate(state.kept)]
+    return [(f"{stage}, image {i}", k[None], None) for stage, kept in state.history for i, k in enumerate(kept)]
 
 
 @pytest.mark.parametrize("name,seam,bb_name", CASES)
@@ -135,6 +135,7 @@ def test_apply_twice_equals_once_and_remove_is_bit_exact(name, seam, bb_name):
     assert torch.equal(y1, y2) and torch.equal(y1, y3)
     if entry.prune:  # the pruning settings must prune, or the batch test below proves nothing
         assert y1.shape != dense.shape or not torch.allclose(y1, dense, atol=1e-4), f"{name} did not prune"
+    assert kept or seam == "decoder", "a ViT or VLM method must record the tokens each stage kept"
     for stage, ids, _ in kept:  # the contract at every stage of the pruned forward
         check_reduction(Reduction(ids, int(ids.max()) + 1), name=f"{name} at {stage}")
     assert torch.equal(bb.logits(), dense)

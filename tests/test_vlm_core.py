@@ -6,7 +6,7 @@ import pytest
 import torch
 from vlm_helpers import generate_tail
 
-from prunelab.common.apply import UnsupportedModelError
+from prunelab.common.handle import UnsupportedModelError
 from prunelab.common.reduction import Reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vlm import VLMRequest, install_vlm, is_hf_vlm

@@ -1,0 +1,148 @@
+"""Prompt bookkeeping of the VLM engine: the pruned prompt of the cache in flight, for prefill and generate().
+
+At prefill the kept rows are compacted to the right (left padding) and their positions rewritten; at every later
+forward on the same cache the attention mask and positions are derived from this state (see ``prunelab.common.vlm``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prunelab.common.hf import DynamicCache
+from prunelab.common.vlm_layout import ImageSpan
+
+__all__ = ["LayerRows", "Prompt", "compact", "compact_prompt", "decode_kwargs", "gather_seq", "positions_like",
+           "record_image_sizes"]
+
+
+@dataclass
+class LayerRows:
+    """Rows of the prompt held by the layers after LLM layer ``after``: ``index`` [B, L_k] into the post-projector
+    rows (right-aligned, composed over the stages so far) and ``valid`` [B, L_k]."""
+
+    after: int
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class Prompt:
+    """The pruned prompt of the cache in flight (lives on the handle, never on a module)."""
+
+    cache: Any
+    orig_len: int  # L: prompt length as generate() counts it
+    valid: torch.Tensor  # [B, L'] kept, non-padding slots of the compacted prompt
+    next_pos: torch.Tensor  # [R, B] next position per sample (R rows of position_ids; R = 1 for 2-D ids)
+    two_d: bool  # position_ids came as [B, L] (LLaVA) rather than [R, B, L] (Qwen2.5-VL)
+    spans: list[ImageSpan]
+    index: torch.Tensor  # [B, L'] prompt position of each compacted row (valid rows only)
+    llm_rows: list[LayerRows] = field(default_factory=list)  # rows held after each LLM stage, in order
+
+
+def compact(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows to gather [B, L'] (kept rows right-aligned, in order) and their validity, from ``keep_mask`` [B, L]."""
+    counts = keep_mask.sum(-1)
+    width = int(counts.max())
+    order = torch.sort((~keep_mask).long(), dim=-1, stable=True).indices[:, :width]  # kept rows first, in order
+    shift = (width - counts)[:, None]  # right-align: pad slots first
+    slot = torch.arange(width, device=keep_mask.device)[None] - shift
+    valid = slot >= 0
+    index = torch.where(valid, order.gather(1, slot.clamp(min=0)), torch.zeros_like(order))
+    return index, valid
+
+
+def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` gathered along sequence ``dim`` with per-batch ``index`` [B, L'] (batch is the dim before)."""
+    x = x.movedim(dim, -1).movedim(dim - 1, -2)  # [..., B, L]
+    x = x.expand(*x.shape[:-2], index.shape[0], x.shape[-1])
+    out = x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
+    return out.movedim(-2, dim - 1).movedim(-1, dim)
+
+
+def positions_like(position_ids, inputs_embeds, family):
+    """The language model's own default when ``position_ids`` is None: arange from an empty cache."""
+    B, L = inputs_embeds.shape[:2]
+    pos = torch.arange(L, device=inputs_embeds.device).expand(B, L)
+    return pos.expand(3, B, L) if family == "qwen2_5_vl" else pos
+
+
+def record_image_sizes(base, state) -> Callable[[], None]:
+    """Wrap ``base.get_image_features`` (an instance attribute) to keep the ``image_sizes`` generate() drops."""
+    name = "get_image_features"
+    before = vars(base).get(name)  # normally absent: the class method is what runs
+    original = getattr(base, name)
+
+    @functools.wraps(original)
+    def get_image_features(*args, **kwargs):
+        out = original(*args, **kwargs)
+        state.encoded = (out, kwargs["image_sizes"] if "image_sizes" in kwargs else args[1])
+        return out
+
+    object.__setattr__(base, name, get_image_features)
+
+    def undo():
+        if before is None:
+            vars(base).pop(name, None)
+        else:
+            object.__setattr__(base, name, before)
+        state.encoded = None
+
+    return undo
+
+
+def compact_prompt(kwargs: dict, keep_mask: torch.Tensor, valid: torch.Tensor, family: str, lm_config,
+                   spans: list[ImageSpan]) -> tuple[dict, Prompt]:
+    """The language model's prefill kwargs with only ``keep_mask`` [B, L]'s rows, right-aligned, and their
+    positions: LLaVA's renumbered contiguously over the kept tokens, Qwen2.5-VL's M-RoPE ids kept."""
+    embeds = kwargs["inputs_embeds"]
+    B, L = embeds.shape[:2]
+    index, new_valid = compact(keep_mask)
+    pos = kwargs.get("position_ids")
+    pos = positions_like(pos, embeds, family) if pos is None else pos
+    two_d = pos.dim() == 2
+    pos3 = pos[None] if two_d else pos
+    new_pos = gather_seq(pos3, index, 2)
+    # LLaVA (and Qwen's text row 0): renumber contiguously over the kept tokens, from the first one's id.
+    # Qwen's M-RoPE rows keep their ids; decoding continues from the prompt's max id + 1 (rope_deltas' rule).
+    renumber = 0 if (two_d or pos3.shape[0] == 4) else -1
+    next_pos = torch.empty(pos3.shape[:2], dtype=pos3.dtype, device=pos3.device)
+    for r in range(pos3.shape[0]):
+        if r == renumber:
+            first = torch.gather(new_pos[r], 1, new_valid.long().argmax(-1, keepdim=True))
+            new_pos[r] = torch.where(new_valid, first + new_valid.long().cumsum(-1) - 1, 0)
+            next_pos[r] = new_pos[r].masked_fill(~new_valid, -1).amax(-1) + 1
+        else:
+            next_pos[r] = pos3[r].expand(B, L).masked_fill(~valid, -1).amax(-1) + 1
+    if renumber == -1 or pos3.shape[0] == 4:  # the three M-RoPE rows share one next id, as in get_rope_index
+        next_pos[-3:] = next_pos[-3:].amax(0, keepdim=True)
+    kwargs["inputs_embeds"] = gather_seq(embeds, index, 1)
+    kwargs["position_ids"] = new_pos[0] if two_d else new_pos
+    kwargs["attention_mask"] = new_valid.long()
+    cache = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache", getattr(lm_config, "use_cache", True))
+    if cache is None and use_cache is not False:
+        cache = DynamicCache(config=lm_config)
+        kwargs["past_key_values"] = cache
+    return kwargs, Prompt(cache, L, new_valid, next_pos, two_d, spans, index)
+
+
+def decode_kwargs(kwargs: dict, prompt: Prompt) -> dict:
+    """A decode step on the pruned cache: the mask over the kept prompt rows and the steps, positions from the
+    prompt's next position plus the steps taken."""
+    embeds = kwargs["inputs_embeds"]
+    B, q = embeds.shape[:2]
+    steps = prompt.cache.get_seq_length() - prompt.valid.shape[1]
+    mask = kwargs.get("attention_mask")
+    tail = (mask[:, prompt.orig_len:].bool() if mask is not None and mask.dim() == 2
+            else torch.ones(B, steps + q, dtype=torch.bool, device=embeds.device))
+    if tail.shape[1] != steps + q:
+        raise RuntimeError(f"attention_mask: {tail.shape[1]} columns after the prompt, expected {steps + q}")
+    kwargs["attention_mask"] = torch.cat([prompt.valid, tail], dim=1).long()
+    pos = prompt.next_pos[:, :, None] + steps + torch.arange(q, device=embeds.device)  # [R, B, q]
+    kwargs["position_ids"] = pos[0] if prompt.two_d else pos
+    return kwargs
