@@ -189,3 +189,46 @@ def crops_per_image(model, family: str, image_sizes=None, n_images: int = 0) -> 
         return [1] * n_images
     return [llava_next_tiles(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
             for size in image_sizes.tolist()]
+
+
+@dataclass(frozen=True)
+class CropGrid:
+    """LLaVA-NeXT: where one image's crop-tile patches land in its span, as ``pack_image_features`` lays them out.
+
+    The crops form a ``tiles = (rows, cols)`` grid of ``side x side`` patch tiles; ``unpad_image`` keeps the
+    centred ``height x width`` window of it (offsets ``top``, ``left``), and each kept row is followed by one
+    ``image_newline`` token. The span starts with the base tile's ``base`` tokens.
+    """
+
+    tiles: tuple[int, int]
+    side: int
+    height: int
+    width: int
+    top: int
+    left: int
+    base: int
+
+    def stitch(self, per_crop: torch.Tensor) -> torch.Tensor:
+        """Values per crop patch ``[crops, side * side, ...]`` -> the unpadded grid ``[height * width, ...]``."""
+        (rows, cols), s, rest = self.tiles, self.side, per_crop.shape[2:]
+        full = per_crop.reshape(rows, cols, s, s, *rest).transpose(1, 2).reshape(rows * s, cols * s, *rest)
+        window = full[self.top:self.top + self.height, self.left:self.left + self.width]
+        return window.reshape(self.height * self.width, *rest)
+
+    def index(self, device=None) -> torch.Tensor:
+        """[height * width] the span token of each unpadded cell (one newline skipped per row)."""
+        cell = torch.arange(self.height * self.width, device=device)
+        return self.base + (cell // self.width) * (self.width + 1) + cell % self.width
+
+
+def crop_grid(span: ImageSpan, crops: int) -> CropGrid:
+    """The :class:`CropGrid` of a LLaVA-NeXT span whose image was encoded as a base tile and ``crops`` crops."""
+    base, side = span.base_tokens, span.grid[1]
+    height = int(span.newline.sum())
+    width = (span.num_tokens - base) // height - 1  # each unpadded row is ``width`` cells and one newline
+    if span.tiles is None or span.tiles[0] * span.tiles[1] != crops:
+        # The tile grid is only defined by image_sizes; the seam sets span.tiles whenever it has them.
+        raise ValueError(f"image_sizes: the crop-tile grid of a LLaVA-NeXT image is unknown (span tiles "
+                         f"{span.tiles}, {crops} crops); pass image_sizes with the images")
+    rows, cols = span.tiles
+    return CropGrid(span.tiles, side, height, width, (rows * side - height) // 2, (cols * side - width) // 2, base)

@@ -265,3 +265,35 @@ def test_next_generate_with_vision_stats_and_remove():
     assert "get_image_features" not in vars(model.model) and h.state.encoded is None
     with torch.no_grad():
         assert torch.equal(model(**x).logits, before)
+
+
+def test_next_crop_grid_places_every_cell_on_a_span_token():
+    """The NeXT geometry: stitched crop patches land on the span's non-newline tokens, row by row, exactly once."""
+    from prunelab.common.vlm_layout import crop_grid
+
+    model = tiny_vlm("llava_next")
+    x = tiny_inputs(model, "llava_next", RAGGED)
+    spans = find_image_spans(model, "llava_next", x["input_ids"], x["attention_mask"], x["image_sizes"])
+    v = model.config.vision_config
+    for span, size in zip(spans, x["image_sizes"].tolist()):
+        from prunelab.common.hf import llava_next_tiles
+
+        crops = llava_next_tiles(size, model.config.image_grid_pinpoints, v.image_size) - 1
+        grid = crop_grid(span, crops)
+        index = grid.index()
+        cells = torch.zeros(span.num_tokens, dtype=torch.bool)
+        cells[index] = True
+        assert torch.equal(cells[span.base_tokens:], ~span.newline[span.base_tokens:])  # every patch token, once
+        assert index.unique().numel() == index.numel() == grid.height * grid.width
+        # stitching the crops' own patch coordinates gives a raster of the unpadded window
+        rows, cols = grid.tiles
+        coords = torch.stack(torch.meshgrid(torch.arange(rows * grid.side), torch.arange(cols * grid.side),
+                                            indexing="ij"), -1)  # [R, C, 2] (row, col) of each patch
+        per_crop = coords.view(rows, grid.side, cols, grid.side, 2).permute(0, 2, 1, 3, 4).reshape(
+            rows * cols, grid.side * grid.side, 2)
+        stitched = grid.stitch(per_crop).view(grid.height, grid.width, 2)
+        assert torch.equal(stitched[..., 0], torch.arange(grid.top, grid.top + grid.height)[:, None].expand(-1,
+                                                                                                    grid.width))
+        assert torch.equal(stitched[..., 1], torch.arange(grid.left, grid.left + grid.width).expand(grid.height, -1))
+    with pytest.raises(ValueError, match="image_sizes"):
+        crop_grid(spans[0], 99)

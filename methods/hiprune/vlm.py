@@ -9,8 +9,9 @@ on which :func:`~prunelab.methods.hiprune.selection.hiprune_select` runs.
 
 LLaVA-NeXT (our choice; the official code forces ``mm_patch_merge_type="spatial"`` in ``llava_arch.py``): the base
 tile is one region (``side x side``); the crops are stitched into the image-sized grid that
-``LlavaNextModel.pack_image_features`` builds, centre-cropped exactly as ``unpad_image`` crops it, and form
-the second region, so buffers are true image neighbours across tile seams and padding is never a candidate.
+``LlavaNextModel.pack_image_features`` builds, centre-cropped exactly as ``unpad_image`` crops it (the family
+geometry ``prunelab.common.vlm_layout.crop_grid``), and form the second region, so buffers are true image
+neighbours across tile seams and padding is never a candidate.
 ``image_newline`` tokens have no encoder attention and are never scored (see ``HiPrune.keep_newlines``).
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from prunelab.common.vlm_layout import crop_grid
 
 
 @dataclass(frozen=True)
@@ -55,23 +58,9 @@ def image_regions(family: str, span, received: dict, blocks: tuple[int, int]) ->
     tiles = mid_all.shape[0]
     if family == "llava" or tiles == 1:
         return regions
-    side = span.grid[1]
-    ur = int(span.newline.sum())
-    uc = (n - base) // ur - 1  # each unpadded row is uc cells and one newline
-    if span.tiles is None or span.tiles[0] * span.tiles[1] != tiles - 1:
-        # The tile grid is only defined by image_sizes; the seam sets span.tiles whenever it has them.
-        raise ValueError(f"image_sizes: the crop-tile grid of a LLaVA-NeXT image is unknown (span tiles "
-                         f"{span.tiles}, {tiles - 1} crops); pass image_sizes with the images")
-    rows, cols = span.tiles
-    top, left = (rows * side - ur) // 2, (cols * side - uc) // 2  # unpad_image's centre crop
-
-    def stitch(s: torch.Tensor) -> torch.Tensor:  # [tiles-1, P] -> the unpadded [ur, uc] grid
-        full = s.view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
-        return full[top:top + ur, left:left + uc].reshape(-1)
-
-    cell = torch.arange(ur * uc, device=dev)
-    index = base + (cell // uc) * (uc + 1) + cell % uc  # skip one newline per row
-    regions.append(Region(stitch(mid_all[1:]), stitch(deep_all[1:]), (ur, uc), index))
+    grid = crop_grid(span, tiles - 1)  # the family's geometry: crop patches -> the unpadded grid of the span
+    regions.append(Region(grid.stitch(mid_all[1:]), grid.stitch(deep_all[1:]), (grid.height, grid.width),
+                          grid.index(dev)))
     return regions
 
 
