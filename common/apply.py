@@ -7,7 +7,8 @@ suspended (undone) and come back, freshly installed, when the handle above them 
   the inner handle leaves the outer one working;
 - applying a different method is an explicit choice: ``on_existing="replace"`` runs it in place of the installed
   one until its handle is removed (nested ``with`` blocks); ``"compose"`` runs both (VLM stage plans: the
-  installed method's stages, then the new one's); the default ``"error"`` refuses;
+  installed method's stages, then the new one's; and at most one KV-cache method on a VLM's language model,
+  through the decoder seam beside the engine, e.g. HiPrune with FASA); the default ``"error"`` refuses;
 - ``copy.deepcopy(model)`` gives a copy with the same methods applied through its own handles
   (:func:`handle_of` returns them), and the original keeps its own.
 """
@@ -15,6 +16,7 @@ suspended (undone) and come back, freshly installed, when the handle above them 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from prunelab.common.decoder import install_decoder, is_hf_decoder
@@ -34,7 +36,7 @@ def _install(model: Any, method: Any) -> Handle:
     if is_timm_vit(model):
         return install_vit(model, method)
     if is_hf_vlm(model):  # before the decoder check, which any transformers model passes
-        return install_vlm(model, method)
+        return _install_on_vlm(model, method)
     if is_hf_decoder(model):
         return install_decoder(model, method)
     raise UnsupportedModelError(
@@ -42,6 +44,41 @@ def _install(model: Any, method: Any) -> Handle:
         "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral "
         "decoders; LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL"
     )
+
+
+def _parts(method: Any) -> list:
+    return _parts(method.first) + _parts(method.second) if isinstance(method, Composed) else [method]
+
+
+def _is_kv(method: Any) -> bool:
+    """A decode-time KV-cache method (the decoder seam) rather than a visual-token one."""
+    return hasattr(method, "decoder_handler") and not (hasattr(method, "vlm_plan") or hasattr(method, "vlm_select"))
+
+
+def _install_on_vlm(model: Any, method: Any) -> Handle:
+    """Visual-token methods through the VLM engine; a KV-cache method on the VLM's language model through the
+    decoder seam, beside them (e.g. HiPrune composed with FASA)."""
+    parts = _parts(method)
+    kv = [p for p in parts if _is_kv(p)]
+    if not kv:
+        return install_vlm(model, method)
+    if len(kv) > 1:
+        raise ValueError(f"method: {len(kv)} KV-cache methods ({', '.join(type(p).__name__ for p in kv)}) cannot "
+                         "share one language model's cache; compose at most one")
+    visual = [p for p in parts if not _is_kv(p)]
+    seams = []
+    try:
+        if visual:
+            seams.append(install_vlm(model, functools.reduce(Composed, visual)))
+        seams.append(install_decoder(model, kv[0]))
+    except BaseException:
+        for h in reversed(seams):
+            h._undo()
+        raise
+    handle = Handle(model, method, lambda: [h._undo() for h in reversed(seams)])
+    for h in seams:  # the VLM engine's state and plan, the decoder's spec and handler
+        vars(handle).update({k: v for k, v in vars(h).items() if k in ("family", "plan", "state", "spec", "handler")})
+    return handle
 
 
 def _deepcopy(model: Any, memo: dict) -> Any:
@@ -82,8 +119,8 @@ def apply(model: Any, method: Any, *, on_existing: str = "error") -> Handle:
         )
     if top is not None and on_existing == "compose":
         if not is_hf_vlm(model):
-            raise ValueError("on_existing: 'compose' combines stage plans, which only the VLM seam has; use "
-                             "'replace' on this model")
+            raise ValueError("on_existing: 'compose' combines VLM stage plans (and one KV-cache method on a VLM's "
+                             "language model); use 'replace' on this model")
         method = Composed(top.method, method)
     if top is not None:
         top._suspend()

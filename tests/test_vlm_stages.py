@@ -16,6 +16,7 @@ import prunelab
 from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
 from prunelab.common.vlm import Needs, Stage, VLMPlan
+from prunelab.common.vlm_plan import Composed
 from prunelab.methods.baselines import RandomPrune
 from prunelab.methods.divprune import DivPrune
 
@@ -179,3 +180,30 @@ def test_plan_validation_names_the_field():
         Stage("projector", lambda ctx: [], needs=Needs(rows=("last",)))
     with pytest.raises(ValueError, match="stages"):
         VLMPlan(())
+
+
+@torch.no_grad()
+def test_a_visual_method_composes_with_a_kv_method_on_the_language_model():
+    """HiPrune on the image tokens and a KV-cache method on the LLM's decode steps, together."""
+    from prunelab.methods.baselines import OracleTopK
+    from prunelab.methods.hiprune import HiPrune
+
+    model = _model("llava")
+    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    dense = model.generate(**x, **gen)
+    hiprune = HiPrune.for_model(model, object_block=0, budget=0.5)
+    with prunelab.apply(model, hiprune):
+        alone = model.generate(**x, **gen)
+        with prunelab.apply(model, OracleTopK(budget=10**6), on_existing="compose") as both:
+            assert torch.equal(model.generate(**x, **gen), alone)  # a budget above the cache is exactly dense
+            assert [name for name, _ in both.state.history] == ["HiPrune"] and both.spec.num_layers == 3
+        with prunelab.apply(model, OracleTopK(budget=4), on_existing="compose"):
+            small = model.generate(**x, **gen)
+        assert torch.equal(model.generate(**x, **gen), alone)
+        with pytest.raises(ValueError, match="KV-cache methods"):
+            prunelab.apply(model, Composed(OracleTopK(budget=4), OracleTopK(budget=8)), on_existing="compose")
+        assert torch.equal(model.generate(**x, **gen), alone)  # the refused composition left HiPrune installed
+    assert not torch.equal(alone, dense) and not torch.equal(small, alone)
+    assert torch.equal(model.generate(**x, **gen), dense)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
