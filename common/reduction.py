@@ -96,8 +96,9 @@ class Reduction:
         """Inverse of :meth:`gather`: a copy of ``base`` [B, N, ...] with ``values`` [B, K, ...] at the kept rows
         (padding slots of ragged rows are not written)."""
         out = base.clone()
+        B, K, dev = *self.keep.shape, self.keep.device
         b, k = (self.valid.nonzero(as_tuple=True) if self.valid is not None
-                else torch.meshgrid(torch.arange(self.keep.shape[0]), torch.arange(self.keep.shape[1]), indexing="ij"))
+                else torch.meshgrid(torch.arange(B, device=dev), torch.arange(K, device=dev), indexing="ij"))
         out[b, self.keep[b, k]] = values[b, k].to(out.dtype)
         return out
 

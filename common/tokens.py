@@ -96,12 +96,6 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], keep]
 
 
-def scatter_tokens(base: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`gather_tokens`: a copy of ``base`` [B, N, ...] with ``values`` [B, K, ...] at ``keep``."""
-    idx = keep.reshape(*keep.shape, *([1] * (base.dim() - 2))).expand(-1, -1, *base.shape[2:])
-    return base.scatter(1, idx, values)
-
-
 def topk_sorted(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
     """Indices [B, k] of the k best scores per row, sorted ascending by index (the kept-token order).
 

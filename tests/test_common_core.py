@@ -10,7 +10,7 @@ import prunelab
 from prunelab.common.flops import ViTDims, vit_gflops, vit_macs
 from prunelab.common.reduction import Reduction
 from prunelab.common.schedule import TokenSchedule, default_prune_blocks
-from prunelab.common.tokens import gather_tokens, keep_count, scatter_tokens, topk_sorted
+from prunelab.common.tokens import gather_tokens, keep_count, topk_sorted
 from prunelab.common.vit import AttentionRecorder, AttnRequest, ViTPlan, vit_layout
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"]
@@ -43,13 +43,15 @@ def test_keep_count_rounds_half_up_and_validates():
             keep_count(10, bad)
 
 
-def test_gather_scatter_roundtrip_batch():
+def test_gather_tokens_per_batch_row():
     x = torch.randn(3, 7, 5)
     keep = torch.tensor([[0, 2, 4], [0, 1, 6], [0, 5, 6]])
     got = gather_tokens(x, keep)
     for b in range(3):
         torch.testing.assert_close(got[b], x[b, keep[b]])
-    back = scatter_tokens(torch.zeros_like(x), keep, got)
+    # the inverse is Reduction.scatter (tests/test_reduction.py)
+    red = Reduction(keep, 7)
+    back = red.scatter(torch.zeros_like(x), got)
     torch.testing.assert_close(gather_tokens(back, keep), got)
     torch.testing.assert_close(back.abs().sum(), got.abs().sum())  # nothing else was written
 
