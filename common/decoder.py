@@ -183,7 +183,7 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
         use_cache = kwargs.get("use_cache")
         use_cache = model.config.use_cache if use_cache is None else use_cache
         empty_default = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
-        if use_cache and empty_default and not model.training:
+        if use_cache and empty_default:  # training mode was refused above
             cache = PrunelabCache(spec.num_layers)
             kwargs["past_key_values"] = cache
         state.cache = cache
