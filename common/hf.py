@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 __all__ = ["CHECKED_VERSION", "DynamicCache", "DynamicLayer", "llava_next_tiles", "llava_next_unpadded",
            "model_source", "register_attention", "sdpa_attention", "set_model_source", "switch_attention",
-           "vision_window_index"]
+           "vision_window_index", "vision_windows"]
 
 CHECKED_VERSION = "5.23.0"  # the transformers release these touch points were read against
 
@@ -114,6 +114,11 @@ def llava_next_tiles(size: Sequence[int], pinpoints, image_size: int) -> int:
 
 def vision_window_index(grid_thw: torch.Tensor, merge: int, window: int, patch: int) -> torch.Tensor:
     """Qwen2.5-VL's permutation of merge units into attention windows (``vision_utils.get_vision_window_index``)."""
+    return vision_windows(grid_thw, merge, window, patch)[0]
+
+
+def vision_windows(grid_thw: torch.Tensor, merge: int, window: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's window permutation of merge units and its window boundaries (cumulative, in patch rows)."""
     from transformers.vision_utils import get_vision_window_index
 
-    return get_vision_window_index(grid_thw, merge, window, patch)[0]
+    return get_vision_window_index(grid_thw, merge, window, patch)

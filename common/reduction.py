@@ -7,7 +7,9 @@ Every method returns one per pruning step, and every seam applies it the same wa
   the real slots, which come first in each row; the padding slots repeat the row's last kept index so that a
   gather stays in range, and their rows are to be ignored.
 - ``merge`` (optional): dropped tokens folded into kept ones, as ToMe-style and VisionDrop-style merging do; each
-  kept token becomes the weighted mean of itself (weight 1) and the tokens merged into it.
+  kept token becomes the weighted mean of itself (weight 1) and the tokens merged into it, or with
+  ``average=False`` itself plus the weighted sum of them (VisionDrop's "target + mean of its members" is weights
+  ``1 / members``).
 - :meth:`Reduction.gather` applies the step to any tensor laid out along the same sequence (hidden states,
   residuals, positions, token ids); :meth:`Reduction.scatter` is its inverse (a DToP canvas, re-activated tokens);
   :meth:`Reduction.then` composes two steps into indices of the original sequence.
@@ -34,11 +36,14 @@ class Merge:
         src: [B, D] int64 positions (in the step's input) of dropped tokens that are merged.
         dst: [B, D] int64 slots in ``keep`` (0..K-1) they merge into.
         weight: [B, D] float weights (>= 0); a kept token has weight 1. Zero weight ignores an entry (padding).
+        average: True: the kept token becomes the weighted mean of itself and its merged tokens; False: itself
+            plus their weighted sum.
     """
 
     src: torch.Tensor
     dst: torch.Tensor
     weight: torch.Tensor
+    average: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,12 +132,15 @@ class Reduction:
 
 
 def _fold(kept: torch.Tensor, x: torch.Tensor, merge: Merge) -> torch.Tensor:
-    """Kept tokens [B, K, ...] averaged with the tokens merged into them (weight 1 for the kept token)."""
+    """Kept tokens [B, K, ...] averaged with the tokens merged into them (weight 1 for the kept token), or plus
+    their weighted sum (``merge.average`` False)."""
     B, K = kept.shape[:2]
     rows = torch.arange(B, device=x.device)[:, None]
     w = merge.weight.to(kept.dtype)
     extra = w.view(*w.shape, *[1] * (kept.dim() - 2)) * x[rows, merge.src]
     total = torch.zeros_like(kept).index_put_((rows.expand_as(merge.dst), merge.dst), extra, accumulate=True)
+    if not merge.average:
+        return kept + total
     norm = torch.ones(B, K, dtype=kept.dtype, device=x.device).index_put_((rows.expand_as(merge.dst), merge.dst), w,
                                                                            accumulate=True)
     return (kept + total) / norm.view(B, K, *[1] * (kept.dim() - 2))

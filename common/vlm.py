@@ -1,9 +1,15 @@
 """The VLM stage engine: visual-token pruning on unmodified transformers LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
 
+The engine is written once; every family branch lives in the family's adapter (``vlm_family.py``, ``vlm_clip.py``,
+``vlm_qwen.py``).
+
 A method declares a :class:`~prunelab.common.vlm_plan.VLMPlan` (``vlm_plan()``; the first seam's ``vlm_select``
 methods are converted). The engine runs its stages at these hook points:
 
-(a) inside the vision encoder: per-head statistics at the layers the plan reads (``vlm_vision.py``);
+(a) inside the vision encoder: per-head statistics at the layers the plan reads (``vlm_vision.py``), and the plan's
+    vision stages after encoder layers l (a pre-hook of layer l + 1 drops patches; the family adapter scatters the
+    tower's outputs back to full length so the projector and ``masked_scatter`` run unchanged, and the prompt's
+    pruning starts from the tokens the tower kept);
 (b) after the projector, before language-model layer 0: a forward pre-hook on ``model.model.language_model``
     sees the ``inputs_embeds`` into which ``LlavaModel`` / ``Qwen2_5_VLModel.forward`` has just
     ``masked_scatter``-ed the projected image features, so each span's rows are the projected visual embeddings;
@@ -48,19 +54,12 @@ import torch
 
 from prunelab.common.decoder import require_eval
 from prunelab.common.handle import Handle
-from prunelab.common.vlm_layout import ImageSpan, crops_per_image, find_image_spans, require_family, vlm_family
+from prunelab.common.vlm_family import Family, Tower
+from prunelab.common.vlm_layout import ImageSpan, adapter, find_image_spans, require_family, vlm_family
 from prunelab.common.vlm_llm_layer import install_llm_stages, selector_rows
-from prunelab.common.vlm_plan import (
-    ImageContext,
-    Needs,
-    Stage,
-    VLMContext,
-    VLMPlan,
-    VLMRequest,
-    plan_of,
-    run_stage,
-)
+from prunelab.common.vlm_plan import ImageContext, Needs, Stage, VLMContext, VLMPlan, VLMRequest, plan_of
 from prunelab.common.vlm_prompt import Prompt, compact_prompt, decode_kwargs, record_image_sizes
+from prunelab.common.vlm_run import run_llm, run_projector, run_tower
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
 
 __all__ = ["ImageContext", "Needs", "Stage", "VLMContext", "VLMHandle", "VLMPlan", "VLMPruner", "VLMRequest",
@@ -102,6 +101,7 @@ class VLMState:
     input_ids: torch.Tensor | None = None
     images: list[ImageContext] = field(default_factory=list)  # the last prefill's images with their statistics
     rows: dict = field(default_factory=dict)  # LLM layer -> (query, key, scaling, valid) at prefill
+    tower: Tower | None = None  # what the vision-encoder stages of the last tower forward kept
 
 
 class VLMHandle(Handle):
@@ -111,10 +111,16 @@ class VLMHandle(Handle):
         super().__init__(model, method, undo)
         self.family, self.plan, self.state = family, plan, state
 
+    @property
+    def adapter(self) -> Family:
+        """The family adapter (:class:`~prunelab.common.vlm_family.Family`) the engine runs on."""
+        return adapter(self.family)
+
 
 def install_vlm(model, method) -> VLMHandle:
     """Install ``method`` (a :class:`VLMPruner`) into a supported transformers VLM; see ``prunelab.apply``."""
     family = require_family(model)
+    fam = adapter(family)
     plan = plan_of(method)
     lm = model.model.language_model
     ks = plan.llm_layers
@@ -144,24 +150,29 @@ def install_vlm(model, method) -> VLMHandle:
         state.encoded = None  # consumed: an output from an earlier call must never be matched to a later one
         state.spans = find_image_spans(model, family, input_ids, kwargs.get("attention_mask"), sizes, state.grid_thw,
                                        None if encoded is None else encoded.pooler_output, kwargs.get("position_ids"))
-        if family == "qwen2_5_vl" and state.grid_thw is None:  # generate() path: t = 1 images
-            m = model.config.vision_config.spatial_merge_size
-            state.grid_thw = torch.tensor([[1, s.grid[0] * m, s.grid[1] * m] for s in state.spans])
-        if family == "llava_next" and sizes is None and any(state.stats.values()):
-            raise ValueError("image_sizes: vision statistics on LLaVA-NeXT need image_sizes in the forward call")
-        state.tiles = crops_per_image(model, family, sizes, len(state.spans))
+        if state.grid_thw is None:  # generate() path
+            state.grid_thw = fam.grid_from_spans(model, state.spans)
+        if fam.tiles_from_sizes and sizes is None and (any(state.stats.values()) or plan.layers("vision")):
+            raise ValueError(f"image_sizes: vision statistics and stages on {family} need image_sizes in the "
+                             "forward call")
+        state.tiles = fam.crops(model, sizes, len(state.spans))
         return None
 
-    def clear_stats(_module, _args):
+    def on_tower(_module, args, kwargs):
         for per_layer in state.stats.values():  # in place: the vision hooks hold these dicts
             per_layer.clear()
+        state.tower = Tower()
+        fam.on_tower_call(state, args, kwargs)
 
-    tower = model.model.visual if family == "qwen2_5_vl" else model.model.vision_tower
-    undo.append(tower.register_forward_pre_hook(clear_stats).remove)
+    def run_tower_stages(layer: int, images: list[ImageContext]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return run_tower(plan, family, state.tower.history, layer, images)
 
+    undo.append(fam.tower(model).register_forward_pre_hook(on_tower, with_kwargs=True).remove)
+    if plan.layers("vision"):
+        undo += fam.install_tower_stages(model, plan.layers("vision"), state, run_tower_stages)
     undo.append(model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True).remove)
-    if family == "llava_next":
-        undo.append(record_image_sizes(model.model, state))
+    if fam.tiles_from_sizes:
+        undo.append(record_image_sizes(model.model, state, lambda sizes: fam.crops(model, sizes, len(sizes))))
 
     def prefill(kwargs):
 
@@ -171,18 +182,23 @@ def install_vlm(model, method) -> VLMHandle:
         B, L = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
         valid = torch.ones(B, L, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        tower, state.tower = state.tower, None  # consumed: a later prompt never reads this forward's tower
         has_stats = any(state.stats.values())
-        stats = per_image_stats(model, family, state.stats, state.tiles, state.grid_thw) if has_stats else None
+        stats = per_image_stats(model, family, state.stats, state.tiles, state.grid_thw, tower) if has_stats else None
         state.images = [ImageContext(s, embeds[s.sample, s.positions], torch.arange(s.num_tokens, device=embeds.device),
                                      **(stats[i] if stats else {})) for i, s in enumerate(spans)]
         state.history, state.rows = [], {}
         keeps = [img.token_ids for img in state.images]
-        for stage in (s for s in plan.stages if s.where == "projector"):
-            images = [img.at(img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
-            local = run_stage(stage, VLMContext(family, "projector", images, B, input_ids=state.input_ids))
-            keeps = [keep[k] for keep, k in zip(keeps, local)]
-            state.history.append((stage.name or "projector", keeps))
-        state.kept = keeps
+        if plan.layers("vision"):
+            if tower is None or not tower.history:
+                raise RuntimeError("pixel_values: vision-encoder stages need the images encoded in this call")
+            for name, ids in tower.history:
+                if len(ids) != len(spans):
+                    raise RuntimeError(f"the vision tower encoded {len(ids)} images, the prompt has {len(spans)}")
+                keeps = [fam.span_ids(model, s, i).to(embeds.device) for s, i in zip(spans, ids)]
+                state.history.append((name, keeps))
+        kwargs["inputs_embeds"] = embeds = run_projector(plan, family, state, keeps, embeds)
+        keeps = state.kept
         keep_mask = valid.clone()
         for s, keep in zip(spans, keeps):
             drop = torch.ones(s.num_tokens, dtype=torch.bool, device=embeds.device)
@@ -207,34 +223,14 @@ def install_vlm(model, method) -> VLMHandle:
             return args, decode_kwargs(kwargs, prompt)
         return None
 
-    def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor) -> torch.Tensor:
-        """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k]; returns the rows to keep [B, L_k]."""
-        prompt = state.prompt
-        B, Lk = valid.shape
-        where = prompt.index if index is None else prompt.index.gather(1, index)  # prompt position of each row
-        row_of = torch.full((B, prompt.orig_len), -1, dtype=torch.long, device=hidden.device)
-        b_idx = valid.nonzero(as_tuple=True)[0]
-        row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
+    def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor):
+        """The plan's stages after LLM layer ``K``: the rows to keep [B, L_k] and the (merged) hidden states."""
         attn = state.rows.pop(K, None)
-        keep_mask, keeps = valid.clone(), state.kept
-        for stage in (s for s in plan.stages if s.where == "llm" and s.layer == K):
-            probs = (selector_rows(stage.needs.rows, attn, where, valid, state.input_ids, model.config.image_token_id)
-                     if stage.needs.rows else {})
-            images = []
-            for img, kept in zip(state.images, keeps):
-                r = row_of[img.span.sample, img.span.positions[kept]]
-                view = img.at(hidden[img.span.sample, r], kept)
-                view.rows = {q: p[img.span.sample][:, :, r] for q, p in probs.items()}
-                images.append(view)
-            local = run_stage(stage, VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids))
-            for img, kept, k in zip(images, keeps, local):
-                drop = torch.ones(kept.numel(), dtype=torch.bool, device=hidden.device)
-                drop[k] = False
-                keep_mask[img.span.sample, row_of[img.span.sample, img.span.positions[kept[drop]]]] = False
-            keeps = [kept[k] for kept, k in zip(keeps, local)]
-            state.history.append((stage.name or f"llm {K}", keeps))
-        state.kept = keeps
-        return keep_mask
+
+        def rows_of_layer(stage, where, valid):
+            return selector_rows(stage.needs.rows, attn, where, valid, state.input_ids, model.config.image_token_id)
+
+        return run_llm(plan, family, state, K, hidden, index, valid, rows_of_layer)
 
     undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
     undo += install_llm_stages(model, plan, state, run_stages)

@@ -85,7 +85,8 @@ def selector_rows(selectors, attn, where: torch.Tensor, valid: torch.Tensor, inp
 
 
 def install_llm_stages(model, plan, state, run_stages) -> list:
-    """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, rows_of) -> keep_mask`` asks the methods.
+    """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, index, valid) -> (keep_mask, hidden)`` asks
+    the methods (``hidden`` with any merged rows written in).
 
     Returns undo callables. ``state.prompt`` (the engine's prompt bookkeeping) gains ``llm_rows``: one
     :class:`LayerRows` per stage layer, in order.
@@ -108,7 +109,7 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
         valid = current.valid if current is not None else prompt.valid
         if hidden.shape[1] != valid.shape[1]:
             return None
-        keep_mask = run_stages(K, hidden, index, valid)
+        keep_mask, hidden = run_stages(K, hidden, index, valid)
         local, local_valid = compact(keep_mask)
         base = index if index is not None else torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
         prompt.llm_rows.append(LayerRows(K, base.gather(1, local), local_valid & valid.gather(1, local)))

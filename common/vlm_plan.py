@@ -2,14 +2,18 @@
 
 A :class:`VLMPlan` lists :class:`Stage` s. Each stage sits at one point of the forward:
 
+- ``"vision"`` with ``layer=l``: after vision-encoder layer ``l`` (0-based), on each image's remaining patches per
+  tile (Qwen2.5-VL: merge units); the later encoder layers run on the kept ones only (see the family adapters);
 - ``"projector"``: after the projector, on the projected visual tokens (the LLM's layer-0 input);
 - ``"llm"`` with ``layer=K``: after language-model layer ``K`` (0-based), on the image tokens still in the prompt.
 
 and names what it reads (:class:`Needs`): vision-encoder statistics at given encoder layers (hidden states, the
 attention each patch receives, the CLS query's attention row; raw, per head), and at an LLM stage the attention
 rows of chosen queries at that layer, computed beside SDPA. The engine calls ``stage.select(ctx)`` with a
-:class:`~prunelab.common.vlm.VLMContext` and applies one :class:`~prunelab.common.reduction.Reduction` per image;
-``stage.budget(image)`` (optional) is the exact count the engine enforces. Stages run in forward order; two
+:class:`VLMContext` and applies one :class:`~prunelab.common.reduction.Reduction` per image (per tile inside the
+tower), merges included (``vlm_run.py``); ``stage.budget(image)`` (optional) is the exact count the engine
+enforces. The context also carries every row of the prompt at that point (``hidden``, text included) and the
+prompt. Stages run in forward order; two
 methods' plans compose (:meth:`VLMPlan.then`): at the same point, the first method's stage runs first and the
 second sees what it kept.
 
@@ -25,14 +29,13 @@ from typing import Any
 
 import torch
 
-from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.reduction import Reduction
 from prunelab.common.validate import check_choice, check_int, check_ints
 from prunelab.common.vlm_layout import ImageSpan
 
-__all__ = ["QUERIES", "Composed", "ImageContext", "Needs", "Stage", "VLMContext", "VLMPlan", "VLMRequest", "plan_of",
-           "run_stage"]
+__all__ = ["QUERIES", "Composed", "ImageContext", "Needs", "Stage", "VLMContext", "VLMPlan", "VLMRequest", "plan_of"]
 
-WHERE = ("projector", "llm")
+WHERE = ("vision", "projector", "llm")
 QUERIES = ("last", "text_mean")
 """Query selectors of LLM attention rows: ``last``, the prompt's last token (the last instruction token at
 prefill); ``text_mean``, the mean of the rows of every text token after the sample's first image. A marked token
@@ -54,7 +57,7 @@ class ImageContext:
         rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
     """
 
-    span: ImageSpan
+    span: ImageSpan | None
     embeds: torch.Tensor
     token_ids: torch.Tensor
     budget: int = 0
@@ -71,8 +74,15 @@ class ImageContext:
 
 @dataclass
 class VLMContext:
-    """All images of one forward at one stage: ``stage`` is "projector" (hook b) or "llm" (hook c, after ``layer``).
-    ``input_ids`` [B, L] is the prompt (for methods that read the text)."""
+    """All images of one forward at one stage: ``stage`` is "vision" (after encoder ``layer``; ``batch_size`` is then
+    the number of images and the prompt fields are None), "projector" or "llm" (after LLM ``layer``).
+
+    Attributes:
+        input_ids: [B, L] the prompt (for methods that read the text).
+        hidden: [B, L_k, C] every row of the prompt at this point (the language model's input embeddings after the
+            projector, the hidden states after LLM layer K): text rows included.
+        positions: [B, L_k] the prompt position of each row of ``hidden`` (-1: padding).
+    """
 
     family: str
     stage: str
@@ -80,6 +90,8 @@ class VLMContext:
     batch_size: int
     layer: int | None = None
     input_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 
@@ -128,7 +140,7 @@ class Stage:
 
     def __post_init__(self):
         check_choice(self.where, "where", WHERE)
-        if self.where == "llm":
+        if self.where in ("vision", "llm"):
             object.__setattr__(self, "layer", check_int(self.layer, "layer", low=0))
         elif self.layer is not None:
             raise ValueError(f"layer: a {self.where!r} stage takes no layer, got {self.layer}")
@@ -137,7 +149,7 @@ class Stage:
 
     @property
     def order(self) -> tuple[int, int]:
-        return (0, -1) if self.where == "projector" else (1, self.layer)
+        return WHERE.index(self.where), -1 if self.layer is None else self.layer
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,11 @@ class VLMPlan:
 
     @property
     def llm_layers(self) -> tuple[int, ...]:
-        return tuple(sorted({s.layer for s in self.stages if s.where == "llm"}))
+        return self.layers("llm")
+
+    def layers(self, where: str) -> tuple[int, ...]:
+        """The layers with a stage at ``where`` ("vision" or "llm"), ascending."""
+        return tuple(sorted({s.layer for s in self.stages if s.where == where}))
 
 
 @dataclass(frozen=True)
@@ -225,28 +241,3 @@ class Composed:
 
     def vlm_plan(self) -> VLMPlan:
         return plan_of(self.first).then(plan_of(self.second))
-
-
-def run_stage(stage: Stage, ctx: VLMContext) -> list[torch.Tensor]:
-    """Run one stage, and enforce the kept-token contract and the exact budget for each image."""
-    for i, img in enumerate(ctx.images):
-        n = img.embeds.shape[0]
-        img.budget = int(stage.budget(img)) if stage.budget is not None else n
-        if not 1 <= img.budget <= n:
-            raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
-                             f"[1, {n}] (its visual token count)")
-    reds = list(stage.select(ctx))
-    if len(reds) != len(ctx.images):
-        raise ValueError(f"vlm_select returned {len(reds)} reductions for {len(ctx.images)} images")
-    keeps = []
-    for i, (img, red) in enumerate(zip(ctx.images, reds)):
-        if not isinstance(red, Reduction):
-            raise TypeError(f"method: stage {stage.name or stage.where!r} must return one Reduction per image, got "
-                            f"{type(red).__name__} for image {i}")
-        if red.keep.shape[0] != 1 or red.valid is not None or red.merge is not None:
-            raise ValueError(f"kept indices of image {i}: the VLM seam takes one row per image, without merges")
-        check_reduction(red, img.embeds.shape[0], name=f"kept indices of image {i}")
-        if red.keep.shape[1] != img.budget:
-            raise ValueError(f"kept indices of image {i}: {red.keep.shape[1]} kept, budget is {img.budget}")
-        keeps.append(red.keep[0])
-    return keeps

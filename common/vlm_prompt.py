@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from prunelab.common.hf import DynamicCache
-from prunelab.common.vlm_layout import ImageSpan
+from prunelab.common.vlm_layout import ImageSpan, adapter
 
 __all__ = ["LayerRows", "Prompt", "compact", "compact_prompt", "decode_kwargs", "gather_seq", "positions_like",
            "record_image_sizes"]
@@ -68,19 +68,22 @@ def positions_like(position_ids, inputs_embeds, family):
     """The language model's own default when ``position_ids`` is None: arange from an empty cache."""
     B, L = inputs_embeds.shape[:2]
     pos = torch.arange(L, device=inputs_embeds.device).expand(B, L)
-    return pos.expand(3, B, L) if family == "qwen2_5_vl" else pos
+    return pos.expand(3, B, L) if adapter(family).mrope else pos
 
 
-def record_image_sizes(base, state) -> Callable[[], None]:
-    """Wrap ``base.get_image_features`` (an instance attribute) to keep the ``image_sizes`` generate() drops."""
+def record_image_sizes(base, state, tiles_of: Callable) -> Callable[[], None]:
+    """Wrap ``base.get_image_features`` (an instance attribute) to keep the ``image_sizes`` generate() drops, and
+    set ``state.tiles = tiles_of(image_sizes)`` before the tower runs (its stages split tiles into images)."""
     name = "get_image_features"
     before = vars(base).get(name)  # normally absent: the class method is what runs
     original = getattr(base, name)
 
     @functools.wraps(original)
     def get_image_features(*args, **kwargs):
+        sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[1]
+        state.tiles = tiles_of(sizes)
         out = original(*args, **kwargs)
-        state.encoded = (out, kwargs["image_sizes"] if "image_sizes" in kwargs else args[1])
+        state.encoded = (out, sizes)
         return out
 
     object.__setattr__(base, name, get_image_features)

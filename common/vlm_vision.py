@@ -28,9 +28,8 @@ Layout of the results, per prompt image (the model's own order):
 
 from __future__ import annotations
 
-import torch
-
-from prunelab.common.hf import register_attention, sdpa_attention, switch_attention, vision_window_index
+from prunelab.common.hf import register_attention, sdpa_attention, switch_attention
+from prunelab.common.vlm_layout import adapter
 
 VISION_ATTN_NAME = "prunelab_vlm_vision"
 
@@ -54,12 +53,8 @@ def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
-def vision_layers(model, family: str) -> list:
-    if family == "qwen2_5_vl":
-        return list(model.model.visual.blocks)
-    tower = model.model.vision_tower
-    tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel flattens its encoder in transformers 5
-    return list(tower.encoder.layers)
+def vision_layers(model, family) -> list:
+    return adapter(family).vision_blocks(model)
 
 
 def install_vision_hooks(model, family: str, layers, received: bool, hidden: bool, store: dict, *,
@@ -72,7 +67,8 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
     methods can ask for "the last block" before they see one. Statistics stay keyed by the layer as requested, so
     ``-1`` and ``depth - 1`` may both be asked for and each finds its own entry.
     """
-    blocks = vision_layers(model, family)
+    family = adapter(family)
+    blocks = family.vision_blocks(model)
     depth = len(blocks)
     bad = [layer for layer in layers if not -depth <= layer < depth]
     if bad:
@@ -86,52 +82,24 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
         for layer in layers:
             hook = blocks[layer % depth].register_forward_hook(lambda m, a, o, _l=layer: grab(_l, m, a, o))
             undo.append(hook.remove)
-    if cls_row and family == "qwen2_5_vl":
-        raise ValueError("cls_row: Qwen2.5-VL's vision tower has no CLS token")
+    if cls_row and not family.has_cls:
+        raise ValueError(f"cls_row: the vision tower of {family.name} has no CLS token")
     if received or cls_row:
         register_attention(VISION_ATTN_NAME, _vision_attention)
-        config = blocks[0].attn.config if family == "qwen2_5_vl" else blocks[0].self_attn.config
+        config = family.vision_attention(blocks[0]).config
         restore = switch_attention([config], VISION_ATTN_NAME)
         keys: dict[int, list[int]] = {}  # resolved block -> the requested keys it reports under
         for layer in layers:
             keys.setdefault(layer % depth, []).append(layer)
         for block, names in keys.items():
-            attn = blocks[block].attn if family == "qwen2_5_vl" else blocks[block].self_attn
+            attn = family.vision_attention(blocks[block])
             attn._prunelab_vlm_sink = (store, tuple(dict.fromkeys(names)), cls_row)
             undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_sink"))
         undo.append(restore)
     return undo
 
 
-def per_image_stats(model, family: str, store: dict, tiles: list[int], image_grid_thw=None) -> list[dict]:
-    """Split the store of one vision forward into per-image ``{"received": {l: ..}, "cls_row": .., "hidden": ..}``."""
-    n = len(tiles)
-    kinds = ("received", "cls_row", "hidden")
-    out = [{kind: {} for kind in kinds} for _ in range(n)]
-    if family == "qwen2_5_vl":
-        v = model.config.vision_config
-        m2 = v.spatial_merge_size ** 2
-        window_index = vision_window_index(image_grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
-        restore = torch.argsort(window_index)  # the same un-permutation the tower applies after its merger
-        counts = (image_grid_thw.prod(-1) // m2).tolist()
-        for kind in ("received", "hidden"):
-            for layer, value in store.get(kind, {}).items():
-                if kind == "received":  # chunks [1, H, n_chunk] in window order -> [H, N, m*m] in raster order
-                    value = torch.cat([c[0] for c in value], dim=-1)
-                    value = value.view(value.shape[0], -1, m2)[:, restore]
-                    parts = value.split(counts, dim=1)
-                else:
-                    parts = value.view(-1, m2, value.shape[-1])[restore].split(counts)
-                for i, part in enumerate(parts):
-                    out[i][kind][layer] = part
-        return out
-    drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
-    for kind in kinds:
-        for layer, value in store.get(kind, {}).items():
-            if kind == "hidden":  # [tiles_total, 1 + P, C]
-                value = value[:, drop:]
-            else:  # per call [tiles, H, 1 + P]
-                value = torch.cat(value)[..., drop:]
-            for i, part in enumerate(value.split(tiles)):
-                out[i][kind][layer] = part
-    return out
+def per_image_stats(model, family, store: dict, tiles: list[int], image_grid_thw=None, tower=None) -> list[dict]:
+    """Split the store of one vision forward into per-image ``{"received": {l: ..}, "cls_row": .., "hidden": ..}``;
+    rows a vision-encoder stage dropped read 0 (``tower``: its :class:`~prunelab.common.vlm_family.Tower`)."""
+    return adapter(family).split_stats(model, store, tiles, image_grid_thw, tower)

@@ -48,6 +48,14 @@ def test_merge_folds_dropped_tokens_into_their_targets():
     assert out[0, :, 0].tolist() == [1.5, 4.0]  # (1 + 2) / 2; the zero-weight entry is ignored
 
 
+def test_a_summing_merge_adds_the_weighted_members_to_the_target():
+    """VisionDrop's contextual token: the target plus the mean of its members (weights 1 / members)."""
+    x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
+    merge = Merge(torch.tensor([[1, 3]]), torch.tensor([[0, 0]]), torch.tensor([[0.5, 0.5]]), average=False)
+    out = Reduction(torch.tensor([[0, 2]]), 4, merge=merge).gather(x)
+    assert out[0, :, 0].tolist() == [1.0 + (2.0 + 8.0) / 2, 4.0]
+
+
 def test_two_steps_compose_into_indices_of_the_original():
     first = Reduction(torch.tensor([[0, 2, 3, 5]]), 6)
     second = Reduction(torch.tensor([[1, 3]]), 4)

@@ -1,0 +1,124 @@
+"""Running a plan's stages: each returns one :class:`~prunelab.common.reduction.Reduction` per image, checked against
+the kept-token contract and the stage's exact budget, and applied to the rows of that point of the forward.
+
+A reduction with a ``merge`` gives its kept rows the merged values (``Reduction.gather``): inside the tower the later
+encoder layers run on them, after the projector they replace the image's rows of the language model's input, after
+an LLM layer they replace the hidden states the next layer reads. A stage may keep every token of an image it does
+not act on (different layers for different image groups).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.vlm_plan import ImageContext, Stage, VLMContext
+
+__all__ = ["run_llm", "run_projector", "run_stage", "run_tower"]
+
+
+def run_stage(stage: Stage, ctx: VLMContext) -> list[Reduction]:
+    """Ask one stage for its reductions; enforce the contract and the exact budget for each image.
+
+    Per image: one row ``[1, K]`` into its ``N`` rows, or at a vision-encoder stage ``[tiles, K]`` (the budget
+    applies to each tile)."""
+    for i, img in enumerate(ctx.images):
+        n = img.token_ids.shape[-1]
+        img.budget = int(stage.budget(img)) if stage.budget is not None else n
+        if not 1 <= img.budget <= n:
+            raise ValueError(f"keep: budget {img.budget} for image {i} at stage {ctx.stage!r} must lie in "
+                             f"[1, {n}] (its visual token count)")
+    reds = list(stage.select(ctx))
+    if len(reds) != len(ctx.images):
+        raise ValueError(f"vlm_select returned {len(reds)} reductions for {len(ctx.images)} images")
+    for i, (img, red) in enumerate(zip(ctx.images, reds)):
+        if not isinstance(red, Reduction):
+            raise TypeError(f"method: stage {stage.name or stage.where!r} must return one Reduction per image, got "
+                            f"{type(red).__name__} for image {i}")
+        rows = img.token_ids.shape[0] if img.token_ids.dim() == 2 else 1
+        if red.keep.shape[0] != rows or red.valid is not None:
+            raise ValueError(f"kept indices of image {i}: the VLM seam takes {rows} row(s) per image (one per "
+                             f"tile at a vision stage) of equal length; got {tuple(red.keep.shape)}")
+        check_reduction(red, img.token_ids.shape[-1], name=f"kept indices of image {i}")
+        if red.keep.shape[1] != img.budget:
+            raise ValueError(f"kept indices of image {i}: {red.keep.shape[1]} kept, budget is {img.budget}")
+    return reds
+
+
+def _at(stages, where: str, layer=None):
+    return [s for s in stages if s.where == where and s.layer == layer]
+
+
+def run_tower(plan, family: str, history: list, layer: int, images: list[ImageContext]):
+    """The plan's stages after encoder ``layer`` on ``images`` (per tile rows). Returns per image the kept rows
+    ``[tiles, K]`` of the images' rows and their values ``[tiles, K, C]``; appends ``(name, kept ids)`` to
+    ``history``."""
+    local = [torch.arange(img.token_ids.shape[-1], device=img.token_ids.device).expand_as(img.token_ids)
+             for img in images]
+    values = [img.embeds for img in images]
+    for stage in _at(plan.stages, "vision", layer):
+        views = [img.at(v, img.token_ids.gather(-1, k)) for img, v, k in zip(images, values, local)]
+        reds = run_stage(stage, VLMContext(family, "vision", views, len(views), layer=layer))
+        values = [red.gather(v) for red, v in zip(reds, values)]
+        local = [k.gather(-1, red.keep) for k, red in zip(local, reds)]
+        ids = [img.token_ids.gather(-1, k) for img, k in zip(images, local)]
+        ids = [img.token_ids.gather(-1, k) for img, k in zip(images, local)]
+        history.append((stage.name or f"vision {layer}", ids))
+    return list(zip(local, values))
+
+
+def run_projector(plan, family: str, state, keeps: list[torch.Tensor], embeds: torch.Tensor) -> torch.Tensor:
+    """The plan's projector stages on the language model's input ``embeds`` [B, L, C]; ``keeps`` are the span
+    tokens each image holds. Returns the embeddings (merged rows written into a copy); sets ``state.kept``."""
+    B = embeds.shape[0]
+    positions = torch.arange(embeds.shape[1], device=embeds.device).expand(B, -1)
+    for stage in _at(plan.stages, "projector"):
+        images = [img.at(img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
+        ctx = VLMContext(family, "projector", images, B, input_ids=state.input_ids, hidden=embeds, positions=positions)
+        reds = run_stage(stage, ctx)
+        for img, view, red in zip(state.images, images, reds):
+            if red.merge is not None:
+                merged = red.gather(view.embeds[None])[0]
+                kept = view.token_ids[red.keep[0]]
+                img.embeds[kept] = merged
+                embeds = embeds.clone() if embeds is ctx.hidden else embeds  # the caller's tensor stays as it was
+                embeds[img.span.sample, img.span.positions[kept]] = merged.to(embeds.dtype)
+        keeps = [keep[red.keep[0]] for keep, red in zip(keeps, reds)]
+        state.history.append((stage.name or "projector", keeps))
+    state.kept = keeps
+    return embeds
+
+
+def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid: torch.Tensor, rows_of_layer):
+    """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k] (rows ``index`` of the compacted prompt, or all
+    of it). Returns the rows to keep [B, L_k] and the hidden states (merged rows written into a copy)."""
+    prompt = state.prompt
+    B, Lk = valid.shape
+    where = prompt.index if index is None else prompt.index.gather(1, index)  # prompt position of each row
+    row_of = torch.full((B, prompt.orig_len), -1, dtype=torch.long, device=hidden.device)
+    b_idx = valid.nonzero(as_tuple=True)[0]
+    row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
+    keep_mask, keeps, out = valid.clone(), state.kept, hidden
+    for stage in _at(plan.stages, "llm", K):
+        probs = rows_of_layer(stage, where, valid) if stage.needs.rows else {}
+        images = []
+        for img, kept in zip(state.images, keeps):
+            r = row_of[img.span.sample, img.span.positions[kept]]
+            view = img.at(out[img.span.sample, r], kept)
+            view.rows = {q: p[img.span.sample][:, :, r] for q, p in probs.items()}
+            images.append(view)
+        ctx = VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids, hidden=out,
+                         positions=torch.where(valid, where, -1))
+        reds = run_stage(stage, ctx)
+        for view, kept, red in zip(images, keeps, reds):
+            b = view.span.sample
+            drop = torch.ones(kept.numel(), dtype=torch.bool, device=hidden.device)
+            drop[red.keep[0]] = False
+            keep_mask[b, row_of[b, view.span.positions[kept[drop]]]] = False
+            if red.merge is not None:
+                out = out.clone() if out is hidden else out
+                out[b, row_of[b, view.span.positions[kept[red.keep[0]]]]] = red.gather(view.embeds[None])[0]
+        keeps = [kept[red.keep[0]] for kept, red in zip(keeps, reds)]
+        state.history.append((stage.name or f"llm {K}", keeps))
+    state.kept = keeps
+    return keep_mask, out
