@@ -25,6 +25,7 @@ from prunelab.common.hf import DynamicCache, register_attention, sdpa_attention,
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
 
 __all__ = ["ATTN_NAME", "AttentionCall", "DecoderHandle", "DecoderSpec", "attend_selected", "decoder_spec",
+           "prunelab_attention",
            "gather_rows", "install_decoder", "is_hf_decoder", "require_eval", "valid_lengths"]
 
 ATTN_NAME = "prunelab"
@@ -123,7 +124,17 @@ def _valid_from_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tenso
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
-def _prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The one attention function of prunelab's language-model seams (registered as :data:`ATTN_NAME`).
+
+    Everything that reads or replaces a language model's attention goes through it, so they compose on one
+    model: an observer (``module._prunelab_observe``, e.g. the VLM engine's attention rows of chosen queries)
+    sees the layer's query and key at prefill, then a KV method's handler (``module._prunelab_decoder``) may
+    return the output; otherwise transformers' own SDPA runs.
+    """
+    observe = getattr(module, "_prunelab_observe", None)
+    if observe is not None and query.shape[2] > 1 and not module.training:
+        observe(module, query, key, module.scaling if scaling is None else scaling)
     state: _DecoderState | None = getattr(module, "_prunelab_decoder", None)
     if state is not None and not module.training:
         cache = state.cache
@@ -169,7 +180,7 @@ def install_decoder(model, method: DecoderMethod) -> DecoderHandle:
     check_model = getattr(method, "check_model", None)
     if check_model is not None:  # e.g. FASA compares its calibration with the model's weights
         check_model(model)
-    register_attention(ATTN_NAME, _prunelab_attention)
+    register_attention(ATTN_NAME, prunelab_attention)
     state = _DecoderState(handler=method.decoder_handler(spec))
     modules = _attention_modules(model, spec)
     configs = list({id(c): c for c in (model.config, _text_config(model))}.values())

@@ -11,19 +11,19 @@ fewer rows, and later their cache is shorter than that of the earlier layers, so
   columns, causal), and at prefill the rotary tables and ``position_ids`` gathered to its rows. Kept tokens keep
   the positions they had before, whose cache already holds them.
 
-Attention rows of chosen queries (``Needs.rows``) are computed beside SDPA: a uniquely named attention function,
-switched on through the text config while a stage needs rows, computes ``softmax(q_sel k^T)`` for the selected
-queries of the layers that ask, and returns transformers' own SDPA output for every layer.
+Attention rows of chosen queries (``Needs.rows``) are computed beside SDPA: prunelab's one language-model attention
+function (``decoder.prunelab_attention``, also the KV-cache methods' seam, so both compose on one model), switched
+on through the text config while a stage needs rows, hands the query and key of the layers that ask to an observer
+that keeps them for ``softmax(q_sel k^T)`` of the selected queries, and returns transformers' own SDPA output.
 """
 
 from __future__ import annotations
 
 import torch
 
-from prunelab.common.hf import register_attention, sdpa_attention, switch_attention
+from prunelab.common.decoder import ATTN_NAME, prunelab_attention
+from prunelab.common.hf import register_attention, switch_attention
 from prunelab.common.vlm_prompt import LayerRows, compact, gather_seq
-
-ROWS_ATTN_NAME = "prunelab_vlm_rows"
 
 
 def _mask(valid: torch.Tensor, q: int) -> torch.Tensor:
@@ -31,14 +31,6 @@ def _mask(valid: torch.Tensor, q: int) -> torch.Tensor:
     T = valid.shape[1]
     causal = torch.arange(T, device=valid.device)[None] <= torch.arange(T - q, T, device=valid.device)[:, None]
     return (valid[:, None, None, :] & causal[None, None]).contiguous()
-
-
-def _rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    sink = getattr(module, "_prunelab_vlm_rows", None)
-    if sink is not None and query.shape[2] > 1 and not module.training:
-        sink(module, query, key, module.scaling if scaling is None else scaling)
-    return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
 
 def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, valid: torch.Tensor,
                select: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -144,8 +136,8 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
         undo.append(hook.remove)
     row_layers = sorted({s.layer for s in plan.stages if s.where == "llm" and s.needs.rows})
     if row_layers:
-        register_attention(ROWS_ATTN_NAME, _rows_attention)
-        undo.append(switch_attention([model.model.language_model.config], ROWS_ATTN_NAME))
+        register_attention(ATTN_NAME, prunelab_attention)
+        undo.append(switch_attention([model.model.language_model.config], ATTN_NAME))
         for K in row_layers:
             attn = layers[K].self_attn
 
@@ -154,6 +146,6 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
                 valid = rows.valid if rows is not None else state.prompt.valid
                 state.rows[_k] = (query.detach(), key.detach(), scaling, valid)
 
-            attn._prunelab_vlm_rows = sink
-            undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_rows"))
+            attn._prunelab_observe = sink
+            undo.append(lambda a=attn: delattr(a, "_prunelab_observe"))
     return undo

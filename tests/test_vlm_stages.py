@@ -228,3 +228,24 @@ def test_a_visual_method_composes_with_a_kv_method_on_the_language_model():
     assert not torch.equal(alone, dense) and not torch.equal(small, alone)
     assert torch.equal(model.generate(**x, **gen), dense)
     assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_a_plan_reading_llm_rows_composes_with_a_kv_method():
+    """Both read the language model's attention through one attention function: neither switches the other off."""
+    from prunelab.methods.baselines import OracleTopK
+
+    model = _model("llava")
+    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with prunelab.apply(model, ToyPlan("llava")) as plan_handle:
+        alone = model.generate(**x, **gen)
+        with prunelab.apply(model, OracleTopK(budget=10**6), on_existing="compose") as both:
+            assert torch.equal(model.generate(**x, **gen), alone)  # the KV method at a budget above the cache
+            assert [name for name, _ in both.state.history][:2] == ["toy tower", "toy projector"]
+        with prunelab.apply(model, OracleTopK(budget=4), on_existing="compose"):
+            small = model.generate(**x, **gen)
+        assert torch.equal(model.generate(**x, **gen), alone)
+        assert len(plan_handle.state.history) == 4
+    assert not torch.equal(small, alone)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
