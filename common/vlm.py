@@ -96,6 +96,7 @@ class VLMState:
     prompt: Prompt | None = None
     positions: torch.Tensor | None = None
     kept: list[torch.Tensor] = field(default_factory=list)  # per image, kept token ids of its span
+    entry: list[torch.Tensor] = field(default_factory=list)  # per image, the span's tokens that entered the LLM
     history: list[tuple[str, list[torch.Tensor]]] = field(default_factory=list)  # (stage, kept ids per image)
     encoded: tuple[Any, torch.Tensor] | None = None  # NeXT: (get_image_features output, its image_sizes)
     input_ids: torch.Tensor | None = None
@@ -198,7 +199,7 @@ def install_vlm(model, method) -> VLMHandle:
                 keeps = [fam.span_ids(model, s, i).to(embeds.device) for s, i in zip(spans, ids)]
                 state.history.append((name, keeps))
         kwargs["inputs_embeds"] = embeds = run_projector(plan, family, state, keeps, embeds)
-        keeps = state.kept
+        keeps = state.entry = state.kept  # the tokens that enter the language model
         keep_mask = valid.clone()
         for s, keep in zip(spans, keeps):
             drop = torch.ones(s.num_tokens, dtype=torch.bool, device=embeds.device)
@@ -210,6 +211,8 @@ def install_vlm(model, method) -> VLMHandle:
             state.positions = torch.where(valid, torch.arange(L, device=valid.device), -1)
             return kwargs
         kwargs, state.prompt = compact_prompt(kwargs, keep_mask, valid, family, lm.config, spans)
+        if any(s.reactivate for s in plan.stages):
+            state.prompt.keep_inputs(kwargs["inputs_embeds"])
         state.positions = torch.where(state.prompt.valid, state.prompt.index, -1)
         return kwargs
 

@@ -76,9 +76,28 @@ def selector_rows(selectors, attn, where: torch.Tensor, valid: torch.Tensor, inp
     return out
 
 
+def _with_returning(prompt, keep: torch.Tensor, base: torch.Tensor, hidden: torch.Tensor, back: list):
+    """Rows of the compacted prompt after a stage that brings tokens back: the kept rows (``keep`` [B, L_k] over
+    rows ``base``) and the returning ones (``back``: per sample prompt positions and values), in prompt order.
+    Returns their index into the compacted prompt [B, L''], validity and hidden states."""
+    B, C = hidden.shape[0], hidden.shape[-1]
+    full = torch.zeros(B, prompt.valid.shape[1], dtype=torch.bool, device=hidden.device)
+    buf = hidden.new_zeros(B, prompt.valid.shape[1], C)
+    b, k = keep.nonzero(as_tuple=True)
+    full[b, base[b, k]] = True
+    buf[b, base[b, k]] = hidden[b, k]
+    for i, item in enumerate(back):
+        if item is not None:
+            rows = prompt.row_of[i, item[0]]
+            full[i, rows] = True
+            buf[i, rows] = item[1].to(buf.dtype)
+    index, valid = compact(full)
+    return index, valid, buf.gather(1, index[..., None].expand(-1, -1, C))
+
+
 def install_llm_stages(model, plan, state, run_stages) -> list:
-    """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, index, valid) -> (keep_mask, hidden)`` asks
-    the methods (``hidden`` with any merged rows written in).
+    """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, index, valid) -> (keep_mask, hidden, back)``
+    asks the methods (``hidden`` with any merged rows written in, ``back`` the tokens that come back).
 
     Returns undo callables. ``state.prompt`` (the engine's prompt bookkeeping) gains ``llm_rows``: one
     :class:`LayerRows` per stage layer, in order.
@@ -101,9 +120,14 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
         valid = current.valid if current is not None else prompt.valid
         if hidden.shape[1] != valid.shape[1]:
             return None
-        keep_mask, hidden = run_stages(K, hidden, index, valid)
-        local, local_valid = compact(keep_mask)
+        keep_mask, hidden, back = run_stages(K, hidden, index, valid)
         base = index if index is not None else torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+        if any(item is not None for item in back):  # tokens come back: rebuild the rows from the whole prompt
+            local, local_valid, hidden = _with_returning(prompt, keep_mask & valid, base, hidden, back)
+            prompt.llm_rows.append(LayerRows(K, local, local_valid))
+            state.positions = torch.where(local_valid, prompt.index.gather(1, local), -1)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        local, local_valid = compact(keep_mask)
         prompt.llm_rows.append(LayerRows(K, base.gather(1, local), local_valid & valid.gather(1, local)))
         state.positions = torch.where(prompt.llm_rows[-1].valid, state.positions.gather(1, local), -1)
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], local]

@@ -55,6 +55,10 @@ class ImageContext:
         received / cls_row / hidden: vision statistics by encoder layer, raw and per head (see ``vlm_vision``),
             of all the image's tokens (index them with ``token_ids``).
         rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
+        held: at a reactivating stage (``Stage.reactivate``), bool [N]: True for the rows the layer still holds.
+            The rows not held are tokens an earlier LLM stage dropped; ``embeds`` gives them their language-model
+            input embeddings, and a stage may write other values into those rows before it returns: a token it
+            keeps re-enters the next layer with them.
     """
 
     span: ImageSpan | None
@@ -65,6 +69,7 @@ class ImageContext:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     cls_row: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
+    held: torch.Tensor | None = None
 
     def at(self, embeds: torch.Tensor, token_ids: torch.Tensor) -> ImageContext:
         """This image at a later stage: its remaining rows ``embeds`` and their ``token_ids``, same statistics."""
@@ -129,7 +134,12 @@ class Needs:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pruning point of a plan (see the module docstring)."""
+    """One pruning point of a plan (see the module docstring).
+
+    ``reactivate`` (LLM stages only): the stage chooses among every token of the image that entered the language
+    model, also those an earlier LLM stage dropped (:attr:`ImageContext.held`); the ones it keeps come back at
+    the next layer, whose cache then holds them (the layers in between never saw them).
+    """
 
     where: str
     select: Callable[[Any], Sequence[Any]]
@@ -137,9 +147,13 @@ class Stage:
     needs: Needs = field(default_factory=Needs)
     budget: Callable[[Any], int] | None = None
     name: str = ""
+    reactivate: bool = False
 
     def __post_init__(self):
         check_choice(self.where, "where", WHERE)
+        if self.reactivate and (self.where != "llm" or self.needs.rows):
+            raise ValueError("reactivate: tokens come back at an 'llm' stage that reads no attention rows (the "
+                             "dropped tokens have no keys at that layer)")
         if self.where in ("vision", "llm"):
             object.__setattr__(self, "layer", check_int(self.layer, "layer", low=0))
         elif self.layer is not None:
@@ -162,6 +176,9 @@ class VLMPlan:
         if not self.stages:
             raise ValueError("stages: a plan needs at least one stage")
         object.__setattr__(self, "stages", tuple(sorted(self.stages, key=lambda s: s.order)))  # stable
+        for s in self.stages:
+            if s.reactivate and sum(t.order == s.order for t in self.stages) > 1:
+                raise ValueError(f"reactivate: a reactivating stage is the only stage after LLM layer {s.layer}")
 
     def then(self, other: VLMPlan) -> VLMPlan:
         """Both plans; at the same point this plan's stage runs first."""

@@ -42,6 +42,16 @@ class Prompt:
     spans: list[ImageSpan]
     index: torch.Tensor  # [B, L'] prompt position of each compacted row (valid rows only)
     llm_rows: list[LayerRows] = field(default_factory=list)  # rows held after each LLM stage, in order
+    embeds: torch.Tensor | None = None  # [B, L', C] the language model's input rows (kept for returning tokens)
+    row_of: torch.Tensor | None = None  # [B, L] the compacted row of each prompt position (-1: dropped)
+
+    def keep_inputs(self, embeds: torch.Tensor) -> None:
+        """Keep the language model's input rows, so tokens an LLM stage drops can come back later."""
+        B, width = self.valid.shape
+        self.embeds = embeds
+        self.row_of = torch.full((B, self.orig_len), -1, dtype=torch.long, device=embeds.device)
+        b, k = self.valid.nonzero(as_tuple=True)
+        self.row_of[b, self.index[b, k]] = k
 
 
 def compact(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ the kept-token contract and the stage's exact budget, and applied to the rows of
 A reduction with a ``merge`` gives its kept rows the merged values (``Reduction.gather``): inside the tower the later
 encoder layers run on them, after the projector they replace the image's rows of the language model's input, after
 an LLM layer they replace the hidden states the next layer reads. A stage may keep every token of an image it does
-not act on (different layers for different image groups).
+not act on (different layers for different image groups). A reactivating LLM stage (``Stage.reactivate``) also sees
+the tokens earlier LLM stages dropped, and the ones it keeps come back at the next layer.
 """
 
 from __future__ import annotations
@@ -89,36 +90,61 @@ def run_projector(plan, family: str, state, keeps: list[torch.Tensor], embeds: t
     return embeds
 
 
+def _reactivating_view(img, kept, entry, prompt, out, row_of, b):
+    """The image at a reactivating stage: every token that entered the language model (``entry``), held rows with
+    their hidden states, the others with their input embeddings."""
+    held = torch.isin(entry, kept)
+    embeds = prompt.embeds[b, prompt.row_of[b, img.span.positions[entry]]].clone()
+    embeds[held] = out[b, row_of[b, img.span.positions[entry[held]]]].to(embeds.dtype)
+    view = img.at(embeds, entry)
+    view.held = held
+    return view
+
+
 def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid: torch.Tensor, rows_of_layer):
     """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k] (rows ``index`` of the compacted prompt, or all
-    of it). Returns the rows to keep [B, L_k] and the hidden states (merged rows written into a copy)."""
+    of it). Returns the rows to keep [B, L_k], the hidden states (merged rows written into a copy) and the tokens
+    that come back: per sample ``(prompt positions [R], values [R, C])`` or None."""
     prompt = state.prompt
     B, Lk = valid.shape
     where = prompt.index if index is None else prompt.index.gather(1, index)  # prompt position of each row
     row_of = torch.full((B, prompt.orig_len), -1, dtype=torch.long, device=hidden.device)
     b_idx = valid.nonzero(as_tuple=True)[0]
     row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
-    keep_mask, keeps, out = valid.clone(), state.kept, hidden
+    keep_mask, keeps, out, back = valid.clone(), state.kept, hidden, [None] * B
     for stage in _at(plan.stages, "llm", K):
         probs = rows_of_layer(stage, where, valid) if stage.needs.rows else {}
         images = []
-        for img, kept in zip(state.images, keeps):
-            r = row_of[img.span.sample, img.span.positions[kept]]
-            view = img.at(out[img.span.sample, r], kept)
-            view.rows = {q: p[img.span.sample][:, :, r] for q, p in probs.items()}
+        for i, (img, kept) in enumerate(zip(state.images, keeps)):
+            b = img.span.sample
+            if stage.reactivate:
+                images.append(_reactivating_view(img, kept, state.entry[i], prompt, out, row_of, b))
+                continue
+            r = row_of[b, img.span.positions[kept]]
+            view = img.at(out[b, r], kept)
+            view.rows = {q: p[b][:, :, r] for q, p in probs.items()}
             images.append(view)
         ctx = VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids, hidden=out,
                          positions=torch.where(valid, where, -1))
         reds = run_stage(stage, ctx)
-        for view, kept, red in zip(images, keeps, reds):
-            b = view.span.sample
-            drop = torch.ones(kept.numel(), dtype=torch.bool, device=hidden.device)
-            drop[red.keep[0]] = False
-            keep_mask[b, row_of[b, view.span.positions[kept[drop]]]] = False
+        for view, red in zip(images, reds):
+            b, span = view.span.sample, view.span.positions
+            held = view.held if view.held is not None else torch.ones_like(view.token_ids, dtype=torch.bool)
+            kept = torch.zeros_like(held)
+            kept[red.keep[0]] = True
+            keep_mask[b, row_of[b, span[view.token_ids[held & ~kept]]]] = False
+            values = red.gather(view.embeds[None])[0] if red.merge is not None or view.held is not None else None
+            stays = held[red.keep[0]]  # kept slots the layer already holds
             if red.merge is not None:
                 out = out.clone() if out is hidden else out
-                out[b, row_of[b, view.span.positions[kept[red.keep[0]]]]] = red.gather(view.embeds[None])[0]
-        keeps = [kept[red.keep[0]] for kept, red in zip(keeps, reds)]
+                out[b, row_of[b, span[view.token_ids[red.keep[0]][stays]]]] = values[stays].to(out.dtype)
+            if view.held is not None and bool((~stays).any()):
+                back[b] = _cat(back[b], span[view.token_ids[red.keep[0]][~stays]], values[~stays])
+        keeps = [view.token_ids[red.keep[0]] for view, red in zip(images, reds)]
         state.history.append((stage.name or f"llm {K}", keeps))
     state.kept = keeps
-    return keep_mask, out
+    return keep_mask, out, back
+
+
+def _cat(prev, positions, values):
+    return (positions, values) if prev is None else (torch.cat([prev[0], positions]), torch.cat([prev[1], values]))
