@@ -24,7 +24,7 @@ from prunelab.common.handle import STACK, Handle, UnsupportedModelError, forget,
 from prunelab.common.validate import check_choice, check_method
 from prunelab.common.vit import install_vit, is_timm_vit
 from prunelab.common.vlm import install_vlm, is_hf_vlm
-from prunelab.common.vlm_plan import Composed
+from prunelab.common.vlm_methods import Composed
 
 __all__ = ["ON_EXISTING", "Handle", "UnsupportedModelError", "apply", "handle_of"]
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prunelab.common.decoder import AttentionCall, DecoderSpec, attend_selected, valid_lengths
+from prunelab.common.attend import attend_selected, valid_lengths
+from prunelab.common.decoder import AttentionCall, DecoderSpec
 from prunelab.common.validate import check_budget, check_choice, check_ints
 
 __all__ = ["GQA_MODES", "FiniteQueries", "KVSelection", "budget_counts"]

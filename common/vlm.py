@@ -57,7 +57,8 @@ from prunelab.common.handle import Handle
 from prunelab.common.vlm_family import Family, Tower
 from prunelab.common.vlm_layout import ImageSpan, adapter, find_image_spans, require_family, vlm_family
 from prunelab.common.vlm_llm_layer import install_llm_stages, selector_rows
-from prunelab.common.vlm_plan import ImageContext, Needs, Stage, VLMContext, VLMPlan, VLMRequest, plan_of
+from prunelab.common.vlm_methods import VLMRequest, plan_of
+from prunelab.common.vlm_plan import ImageContext, Needs, Stage, VLMContext, VLMPlan
 from prunelab.common.vlm_prompt import Prompt, compact_prompt, decode_kwargs, record_image_sizes
 from prunelab.common.vlm_run import run_llm, run_projector, run_tower
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
@@ -74,7 +75,7 @@ class VLMPruner(Protocol):
     stage's budget exactly.
 
     The first seam's protocol is still accepted: ``vlm_select(ctx)`` with optional ``vlm_request() -> VLMRequest``
-    and ``vlm_budget(image, stage) -> int`` (see :func:`~prunelab.common.vlm_plan.plan_of`).
+    and ``vlm_budget(image, stage) -> int`` (see :func:`~prunelab.common.vlm_methods.plan_of`).
     """
 
     def vlm_plan(self) -> VLMPlan: ...

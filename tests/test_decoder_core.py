@@ -8,7 +8,8 @@ from decoder_models import FAMILIES, padded_batch, tiny_decoder
 from transformers import DynamicCache
 
 import prunelab
-from prunelab.common.decoder import ATTN_NAME, attend_selected, decoder_spec, gather_rows
+from prunelab.common.attend import attend_selected, gather_rows
+from prunelab.common.decoder import ATTN_NAME, decoder_spec
 from prunelab.common.kv_cache import GrowingLayer, PrunelabCache
 from prunelab.methods.baselines import DenseDecode, OracleTopK
 

@@ -16,7 +16,7 @@ import prunelab
 from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
 from prunelab.common.vlm import Needs, Stage, VLMPlan
-from prunelab.common.vlm_plan import Composed
+from prunelab.common.vlm_methods import Composed
 from prunelab.methods.baselines import RandomPrune
 from prunelab.methods.divprune import DivPrune
 
