@@ -133,7 +133,7 @@ def prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """
     observe = getattr(module, "_prunelab_observe", None)
     if observe is not None and query.shape[2] > 1 and not module.training:
-        observe(module, query, key, module.scaling if scaling is None else scaling)
+        observe(module, query, key, value, module.scaling if scaling is None else scaling)
     state: _DecoderState | None = getattr(module, "_prunelab_decoder", None)
     if state is not None and not module.training:
         cache = state.cache

@@ -56,7 +56,7 @@ from prunelab.common.decoder import require_eval
 from prunelab.common.handle import Handle
 from prunelab.common.vlm_family import Family, Tower
 from prunelab.common.vlm_layout import ImageSpan, adapter, find_image_spans, require_family, vlm_family
-from prunelab.common.vlm_llm_layer import install_llm_stages, selector_rows
+from prunelab.common.vlm_llm_layer import install_llm_stages
 from prunelab.common.vlm_methods import VLMRequest, plan_of
 from prunelab.common.vlm_plan import ImageContext, Needs, Stage, VLMContext, VLMPlan
 from prunelab.common.vlm_prompt import Prompt, compact_prompt, decode_kwargs, record_image_sizes
@@ -132,7 +132,7 @@ def install_vlm(model, method) -> VLMHandle:
     needs = plan.needs
     state = VLMState()
     undo = install_vision_hooks(model, family, needs.vision_layers, needs.received, needs.hidden, state.stats,
-                                cls_row=needs.cls_row)
+                                cls_row=needs.cls_row, vectors=needs.vectors)
 
     def outer_pre_hook(_module, args, kwargs):
         require_eval(model)
@@ -228,13 +228,9 @@ def install_vlm(model, method) -> VLMHandle:
         return None
 
     def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor):
-        """The plan's stages after LLM layer ``K``: the rows to keep [B, L_k] and the (merged) hidden states."""
-        attn = state.rows.pop(K, None)
-
-        def rows_of_layer(stage, where, valid):
-            return selector_rows(stage.needs.rows, attn, where, valid, state.input_ids, model.config.image_token_id)
-
-        return run_llm(plan, family, state, K, hidden, index, valid, rows_of_layer)
+        """The plan's stages after LLM layer ``K``: rows to keep [B, L_k], (merged) hidden states, returning tokens."""
+        return run_llm(plan, family, state, K, hidden, index, valid, state.rows.pop(K, None),
+                       model.config.image_token_id)
 
     undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
     undo += install_llm_stages(model, plan, state, run_stages)

@@ -17,7 +17,8 @@ import torch
 from prunelab.common.hf import llava_next_tiles, llava_next_unpadded
 from prunelab.common.vlm_family import Family, ImageSpan, crop_grid, register
 
-STATS = ("received", "cls_row", "hidden")
+VECTORS = ("queries", "keys", "values")
+STATS = ("received", "cls_row", "hidden", *VECTORS)
 
 
 def scatter_rows(x: torch.Tensor, rows: torch.Tensor, full: int, dim: int) -> torch.Tensor:
@@ -57,11 +58,13 @@ class Llava(Family):
         out = [{kind: {} for kind in STATS} for _ in tiles]
         for kind in STATS:
             for layer, value in store.get(kind, {}).items():
-                value = value if kind == "hidden" else torch.cat(value)  # [tiles, 1+n, C] / [tiles, H, 1+n]
+                value = value if kind == "hidden" else torch.cat(value)  # [tiles, 1+n, C] / [tiles, H, 1+n(, d)]
+                dim = 1 if kind == "hidden" else 2
                 rows = None if tower is None else tower.held_at(layer % depth)
                 if rows is not None:
-                    value = scatter_rows(value, rows, tower.full, 1 if kind == "hidden" else -1)
-                value = value[:, drop:] if kind == "hidden" else value[..., drop:]
+                    value = scatter_rows(value, rows, tower.full, dim)
+                if kind not in VECTORS:  # patch statistics: the CLS goes where the projector drops it
+                    value = value.narrow(dim, drop, value.shape[dim] - drop)
                 for i, part in enumerate(value.split(tiles)):
                     out[i][kind][layer] = part
         return out

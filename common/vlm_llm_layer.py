@@ -49,14 +49,15 @@ def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, valid: to
 
 def selector_rows(selectors, attn, where: torch.Tensor, valid: torch.Tensor, input_ids: torch.Tensor,
                   image_token_id: int) -> dict:
-    """``{selector: per sample [H, S_b, L_k]}`` attention rows of the selected queries at one layer.
+    """``{selector: (per sample the selected rows [S_b], per sample [H, S_b, L_k])}``: attention rows of the selected
+    queries at one layer.
 
-    ``attn`` is what the layer recorded at prefill (query, key, scaling, valid); ``where`` [B, L_k] the prompt
-    position of each of its rows; ``input_ids`` [B, L] the prompt.
+    ``attn`` is what the layer recorded at prefill (query, key, value, scaling, valid); ``where`` [B, L_k] the
+    prompt position of each of its rows; ``input_ids`` [B, L] the prompt.
     """
     if attn is None:
         raise RuntimeError("rows: no attention was recorded at this layer (the engine's rows function did not run)")
-    query, key, scaling, _ = attn
+    query, key, _, scaling, _ = attn
     ids = input_ids.gather(1, where.clamp(min=0))  # token id of each row
     image = ids == image_token_id
     first_image = torch.where(image & valid, where, where.new_full((), 1 << 40)).amin(-1, keepdim=True)
@@ -64,6 +65,8 @@ def selector_rows(selectors, attn, where: torch.Tensor, valid: torch.Tensor, inp
     for q in selectors:
         if q == "last":  # rows are right-aligned: the prompt's last token is the last row of every sample
             select = [torch.tensor([valid.shape[1] - 1], device=valid.device)] * valid.shape[0]
+        elif q == "image":
+            select = [(valid[b] & image[b]).nonzero().flatten() for b in range(valid.shape[0])]
         elif q == "text_mean":
             select = [(valid[b] & ~image[b] & (where[b] > first_image[b])).nonzero().flatten()
                       for b in range(valid.shape[0])]
@@ -72,7 +75,7 @@ def selector_rows(selectors, attn, where: torch.Tensor, valid: torch.Tensor, inp
         if any(s.numel() == 0 for s in select):
             raise ValueError(f"rows: no query of selector {q!r} in some prompt of the batch")
         p = query_rows(query, key, scaling, valid, select)
-        out[q] = [x.mean(1, keepdim=True) for x in p] if q == "text_mean" else p
+        out[q] = (select, [x.mean(1, keepdim=True) for x in p] if q == "text_mean" else p)
     return out
 
 
@@ -158,17 +161,17 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
     for i in range(ks[0] + 1 if ks else len(layers), len(layers)):
         hook = layers[i].register_forward_pre_hook(lambda m, a, k, _i=i: later(_i, m, a, k), with_kwargs=True)
         undo.append(hook.remove)
-    row_layers = sorted({s.layer for s in plan.stages if s.where == "llm" and s.needs.rows})
+    row_layers = sorted({s.layer for s in plan.stages if s.where == "llm" and (s.needs.rows or s.needs.llm_kv)})
     if row_layers:
         register_attention(ATTN_NAME, prunelab_attention)
         undo.append(switch_attention([model.model.language_model.config], ATTN_NAME))
         for K in row_layers:
             attn = layers[K].self_attn
 
-            def sink(module, query, key, scaling, _k=K):
+            def sink(module, query, key, value, scaling, _k=K):
                 rows = rows_for(_k) if state.prompt is not None else None
                 valid = rows.valid if rows is not None else state.prompt.valid
-                state.rows[_k] = (query.detach(), key.detach(), scaling, valid)
+                state.rows[_k] = (query.detach(), key.detach(), value.detach(), scaling, valid)
 
             attn._prunelab_observe = sink
             undo.append(lambda a=attn: delattr(a, "_prunelab_observe"))

@@ -35,25 +35,34 @@ from prunelab.common.vlm_layout import ImageSpan
 __all__ = ["QUERIES", "ImageContext", "Needs", "Stage", "VLMContext", "VLMPlan"]
 
 WHERE = ("vision", "projector", "llm")
-QUERIES = ("last", "text_mean")
+QUERIES = ("last", "text_mean", "image")
 """Query selectors of LLM attention rows: ``last``, the prompt's last token (the last instruction token at
-prefill); ``text_mean``, the mean of the rows of every text token after the sample's first image. A marked token
+prefill); ``text_mean``, the mean of the rows of every text token after the sample's first image; ``image``, the
+rows of every image token the layer holds (a method averages them over its own image's queries). A marked token
 is selected by its id: an ``int`` (e.g. LISA's ``[SEG]``) selects every position holding it."""
 
 
 @dataclass
 class ImageContext:
-    """One image as a method sees it at one hook point.
+    """One image as a method sees it at one stage.
 
     Attributes:
-        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grids and NeXT newlines.
-        embeds: [N, C] the image's visual tokens at this stage (projected embeddings at hook b, the hidden
-            states of its remaining tokens after layer K at hook c).
-        token_ids: [N] which of the span's original tokens these rows are (arange at the first stage).
-        budget: tokens the stage must keep (from its ``budget``; validated to lie in [1, N]).
-        received / cls_row / hidden: vision statistics by encoder layer, raw and per head (see ``vlm_vision``),
-            of all the image's tokens (index them with ``token_ids``).
+        span: where the image is (:class:`~prunelab.common.vlm_layout.ImageSpan`), incl. grids and NeXT newlines;
+            ``None`` at a vision-encoder stage (the tower runs before the prompt is read).
+        embeds: [N, C] the image's visual tokens at this stage (the projected embeddings after the projector, the
+            hidden states of its remaining tokens after LLM layer K). At a vision-encoder stage, per tile:
+            ``[tiles, n, C]`` patch hidden states without the CLS (CLIP towers; NeXT: the base tile first, then
+            the crops), ``[1, n, m*m*C]`` merge units in raster order (Qwen2.5-VL).
+        token_ids: [N] which of the span's original tokens these rows are (arange at the first stage); at a
+            vision-encoder stage ``[tiles, n]``, patch indices within each tile (Qwen2.5-VL: merge units).
+        budget: tokens the stage must keep (from its ``budget``; validated to lie in [1, N]), per tile inside the
+            tower.
+        received / cls_row / hidden / queries / keys / values: vision statistics by encoder layer, raw and per head
+            (layouts in ``vlm_vision``), of all the image's tokens (index them with ``token_ids``); rows a
+            vision-encoder stage dropped before that layer read 0.
         rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
+        kv: at an LLM stage with ``Needs.llm_kv``, the layer's keys (after RoPE) and values of these rows, per
+            key/value head: ``([Hkv, N, d], [Hkv, N, d])``.
         held: at a reactivating stage (``Stage.reactivate``), bool [N]: True for the rows the layer still holds.
             The rows not held are tokens an earlier LLM stage dropped; ``embeds`` gives them their language-model
             input embeddings, and a stage may write other values into those rows before it returns: a token it
@@ -67,13 +76,17 @@ class ImageContext:
     received: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     cls_row: dict[int, torch.Tensor] = field(default_factory=dict)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None
     held: torch.Tensor | None = None
 
     def at(self, embeds: torch.Tensor, token_ids: torch.Tensor) -> ImageContext:
         """This image at a later stage: its remaining rows ``embeds`` and their ``token_ids``, same statistics."""
         return ImageContext(self.span, embeds, token_ids, received=self.received, hidden=self.hidden,
-                            cls_row=self.cls_row)
+                            cls_row=self.cls_row, queries=self.queries, keys=self.keys, values=self.values)
 
 
 @dataclass
@@ -109,8 +122,11 @@ class Needs:
             (``[tiles, H, P]`` for CLIP towers, ``[H, N, m*m]`` per merge unit for Qwen2.5-VL).
         cls_row: per layer, the CLS query's attention row over the patches, per head (CLIP towers only).
         hidden: per layer, the encoder's hidden states of the image's patches.
+        queries / keys / values: per layer, the encoder attention's per-head vectors of every token (value norms,
+            key similarities, a global query).
         rows: at an LLM stage, attention rows of these query selectors (see :data:`QUERIES`) at its layer, per
             head, restricted to each image's token columns (``[H, S, N]``, S queries per selector).
+        llm_kv: at an LLM stage, its layer's keys and values of the image's rows (:attr:`ImageContext.kv`).
     """
 
     vision_layers: tuple[int, ...] = ()
@@ -118,6 +134,10 @@ class Needs:
     cls_row: bool = False
     hidden: bool = False
     rows: tuple[str | int, ...] = ()
+    queries: bool = False
+    keys: bool = False
+    values: bool = False
+    llm_kv: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vision_layers", check_ints(self.vision_layers, "vision_layers"))
@@ -125,10 +145,16 @@ class Needs:
             if not isinstance(q, int) or isinstance(q, bool):
                 check_choice(q, "rows", QUERIES)
 
+    @property
+    def vectors(self) -> tuple[str, ...]:
+        """The encoder attention's per-head vectors asked for."""
+        return tuple(v for v in ("queries", "keys", "values") if getattr(self, v))
+
     def merged(self, other: Needs) -> Needs:
+        flags = {f: getattr(self, f) or getattr(other, f)
+                 for f in ("received", "cls_row", "hidden", "queries", "keys", "values", "llm_kv")}
         return Needs(tuple(sorted(set(self.vision_layers) | set(other.vision_layers))),
-                     self.received or other.received, self.cls_row or other.cls_row, self.hidden or other.hidden,
-                     tuple(dict.fromkeys((*self.rows, *other.rows))))
+                     rows=tuple(dict.fromkeys((*self.rows, *other.rows))), **flags)
 
 
 @dataclass(frozen=True)
@@ -150,15 +176,15 @@ class Stage:
 
     def __post_init__(self):
         check_choice(self.where, "where", WHERE)
-        if self.reactivate and (self.where != "llm" or self.needs.rows):
+        if self.reactivate and (self.where != "llm" or self.needs.rows or self.needs.llm_kv):
             raise ValueError("reactivate: tokens come back at an 'llm' stage that reads no attention rows (the "
                              "dropped tokens have no keys at that layer)")
         if self.where in ("vision", "llm"):
             object.__setattr__(self, "layer", check_int(self.layer, "layer", low=0))
         elif self.layer is not None:
             raise ValueError(f"layer: a {self.where!r} stage takes no layer, got {self.layer}")
-        if self.needs.rows and self.where != "llm":
-            raise ValueError("rows: attention rows of LLM queries are read at an 'llm' stage")
+        if (self.needs.rows or self.needs.llm_kv) and self.where != "llm":
+            raise ValueError("rows: attention rows, keys and values of the LLM are read at an 'llm' stage")
 
     @property
     def order(self) -> tuple[int, int]:

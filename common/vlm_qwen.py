@@ -19,6 +19,8 @@ import torch
 from prunelab.common.hf import vision_windows
 from prunelab.common.vlm_family import Family, ImageSpan, Tower, register
 
+VECTORS = ("queries", "keys", "values")
+
 
 class Qwen25VL(Family):
     name, model_class = "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"
@@ -55,23 +57,20 @@ class Qwen25VL(Family):
         window_index = self.windows(model, grid_thw)[0]
         restore = torch.argsort(window_index)  # the same un-permutation the tower applies after its merger
         counts = (grid_thw.prod(-1) // m2).tolist()
-        out = [{"received": {}, "cls_row": {}, "hidden": {}} for _ in tiles]
-        for kind in ("received", "hidden"):
+        out = [{kind: {} for kind in ("received", "cls_row", "hidden", *VECTORS)} for _ in tiles]
+        for kind in ("received", "hidden", *VECTORS):
             for layer, value in store.get(kind, {}).items():
-                if kind == "received":  # chunks [1, H, n_chunk] in window order -> [H, rows]
-                    value = torch.cat([c[0] for c in value], dim=-1)
+                if kind != "hidden":  # chunks [1, H, n_chunk(, d)] in window order -> [H, rows(, d)]
+                    value = torch.cat([c[0] for c in value], dim=1)
+                head = kind != "hidden"  # a leading head dimension
                 units = None if tower is None else tower.held_at(layer % depth)
                 if units is not None:  # rows of the kept units only: back to every unit, zeros where dropped
                     rows = (units[:, None] * m2 + torch.arange(m2, device=units.device)).flatten()
-                    full = value.new_zeros(*value.shape[:-2], tower.full * m2, value.shape[-1]) if kind == "hidden" \
-                        else value.new_zeros(value.shape[0], tower.full * m2)
-                    if kind == "hidden":
-                        full[rows] = value
-                    else:
-                        full[:, rows] = value
+                    full = value.new_zeros(*value.shape[:int(head)], tower.full * m2, *value.shape[int(head) + 1:])
+                    full[(slice(None),) * int(head) + (rows,)] = value
                     value = full
-                if kind == "received":  # -> [H, N, m*m] in raster order
-                    parts = value.view(value.shape[0], -1, m2)[:, restore].split(counts, dim=1)
+                if head:  # -> [H, N, m*m(, d)] in raster order
+                    parts = value.view(value.shape[0], -1, m2, *value.shape[2:])[:, restore].split(counts, dim=1)
                 else:
                     parts = value.view(-1, m2, value.shape[-1])[restore].split(counts)
                 for i, part in enumerate(parts):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from prunelab.common.reduction import Reduction, check_reduction
+from prunelab.common.vlm_llm_layer import selector_rows
 from prunelab.common.vlm_plan import ImageContext, Stage, VLMContext
 
 __all__ = ["run_llm", "run_projector", "run_stage", "run_tower"]
@@ -101,10 +102,12 @@ def _reactivating_view(img, kept, entry, prompt, out, row_of, b):
     return view
 
 
-def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid: torch.Tensor, rows_of_layer):
+def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid: torch.Tensor, attn,
+            image_token_id: int):
     """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k] (rows ``index`` of the compacted prompt, or all
-    of it). Returns the rows to keep [B, L_k], the hidden states (merged rows written into a copy) and the tokens
-    that come back: per sample ``(prompt positions [R], values [R, C])`` or None."""
+    of it); ``attn``: what layer K's attention recorded (query, key, value, scaling, valid) when a stage reads it.
+    Returns the rows to keep [B, L_k], the hidden states (merged rows written into a copy) and the tokens that come
+    back: per sample ``(prompt positions [R], values [R, C])`` or None."""
     prompt = state.prompt
     B, Lk = valid.shape
     where = prompt.index if index is None else prompt.index.gather(1, index)  # prompt position of each row
@@ -113,7 +116,8 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
     row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
     keep_mask, keeps, out, back = valid.clone(), state.kept, hidden, [None] * B
     for stage in _at(plan.stages, "llm", K):
-        probs = rows_of_layer(stage, where, valid) if stage.needs.rows else {}
+        probs = (selector_rows(stage.needs.rows, attn, where, valid, state.input_ids, image_token_id)
+                 if stage.needs.rows else {})
         images = []
         for i, (img, kept) in enumerate(zip(state.images, keeps)):
             b = img.span.sample
@@ -122,7 +126,11 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
                 continue
             r = row_of[b, img.span.positions[kept]]
             view = img.at(out[b, r], kept)
-            view.rows = {q: p[b][:, :, r] for q, p in probs.items()}
+            view.rows = {q: p[b][:, torch.searchsorted(at[b], r)] if q == "image" else p[b]
+                         for q, (at, p) in probs.items()}  # "image": this image's own queries
+            view.rows = {q: p[:, :, r] for q, p in view.rows.items()}
+            if stage.needs.llm_kv:
+                view.kv = (attn[1][b][:, r], attn[2][b][:, r])
             images.append(view)
         ctx = VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids, hidden=out,
                          positions=torch.where(valid, where, -1))

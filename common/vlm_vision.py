@@ -7,7 +7,9 @@ mean over heads) belongs to the method:
 - ``received``: the attention each patch receives at that layer, per head, averaged over the queries
   (``mean_i A_h[i, j]``), through ``prunelab.kernels.attention_received`` so no ``[N, N]`` softmax is
   materialised on the fused path;
-- ``cls_row``: the CLS query's attention row over the patches, per head (``A_h[0, j]``; CLIP towers only).
+- ``cls_row``: the CLS query's attention row over the patches, per head (``A_h[0, j]``; CLIP towers only);
+- ``queries`` / ``keys`` / ``values``: the layer's per-head vectors as its attention function receives them
+  (Qwen2.5-VL: after the vision RoPE), every token included (CLIP: the CLS first).
 
 ``received`` and ``cls_row`` use one attention function registered under the new name ``"prunelab_vlm_vision"`` in
 transformers' ``AttentionInterface`` (no entry is replaced) and switched on through the vision config's own
@@ -19,8 +21,9 @@ Layout of the results, per prompt image (the model's own order):
 
 - LLaVA / NeXT (CLIP): ``[tiles, H, P]`` received and CLS row, ``[tiles, P, C]`` hidden, patches only: the CLS
   column / row is dropped when ``vision_feature_select_strategy="default"``, as the projector drops it; queries
-  include the CLS, as in HiPrune's code.
-- Qwen2.5-VL: ``[H, N, m*m]`` received and ``[N, m*m, C]`` hidden, in the raster order of the merged LLM tokens,
+  include the CLS, as in HiPrune's code. ``[tiles, H, 1 + P, d]`` queries, keys and values, the CLS first.
+- Qwen2.5-VL: ``[H, N, m*m]`` received, ``[N, m*m, C]`` hidden and ``[H, N, m*m, d]`` queries, keys and values, in
+  the raster order of the merged LLM tokens,
   one entry per patch of each 2x2 merge unit. The tower runs on merge units permuted into attention windows
   (``get_vision_window_index``); the stats are un-permuted with that same index. At window-attention blocks the
   means are local to a window; HiPrune uses full-attention blocks (``fullatt_block_indexes``).
@@ -34,23 +37,29 @@ from prunelab.common.vlm_layout import adapter
 VISION_ATTN_NAME = "prunelab_vlm_vision"
 
 
+VECTORS = ("queries", "keys", "values")  # per-head vectors a plan may read, as the attention function receives them
+
+
 def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     sink = getattr(module, "_prunelab_vlm_sink", None)
     if sink is None or attention_mask is not None or module.training:
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     from prunelab.kernels.attention_received import attention_received
 
-    store, layers, cls_row = sink
-    out, received = attention_received(query, key, value, scale=scaling)
-    mean = received / query.shape[2]  # [B, H, Nk] column sums -> mean over the queries, per head
-    row = None
-    if cls_row:  # the CLS query (position 0) over every key, per head
-        row = ((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)[:, :, 0]
+    store, layers, kinds = sink
+    found = dict(zip(VECTORS, (query, key, value)))
+    if "received" in kinds:
+        out, received = attention_received(query, key, value, scale=scaling)
+        found["received"] = received / query.shape[2]  # [B, H, Nk] column sums -> mean over the queries, per head
+        out = out.transpose(1, 2).contiguous()
+    else:
+        out = sdpa_attention(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)[0]
+    if "cls_row" in kinds:  # the CLS query (position 0) over every key, per head
+        found["cls_row"] = ((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)[:, :, 0]
     for layer in layers:
-        store.setdefault("received", {}).setdefault(layer, []).append(mean)
-        if row is not None:
-            store.setdefault("cls_row", {}).setdefault(layer, []).append(row)
-    return out.transpose(1, 2).contiguous(), None
+        for kind in kinds:
+            store.setdefault(kind, {}).setdefault(layer, []).append(found[kind])
+    return out, None
 
 
 def vision_layers(model, family) -> list:
@@ -58,10 +67,10 @@ def vision_layers(model, family) -> list:
 
 
 def install_vision_hooks(model, family: str, layers, received: bool, hidden: bool, store: dict, *,
-                         cls_row: bool = False) -> list:
+                         cls_row: bool = False, vectors: tuple[str, ...] = ()) -> list:
     """Install the requested statistics at ``layers``; returns undo callables. ``store`` fills per forward:
-    ``store["received"][layer]`` and ``store["cls_row"][layer]`` (lists of per-call ``[B, H, Nk]`` tensors) and
-    ``store["hidden"][layer]``.
+    ``store["received"][layer]`` and ``store["cls_row"][layer]`` (lists of per-call ``[B, H, Nk]`` tensors),
+    ``store[v][layer]`` for ``v`` in ``vectors`` (lists of per-call ``[B, H, Nk, d]``) and ``store["hidden"][layer]``.
 
     A negative layer counts from the end (``layer + depth``, as Python indexing): the request carries no model, so
     methods can ask for "the last block" before they see one. Statistics stay keyed by the layer as requested, so
@@ -84,7 +93,8 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
             undo.append(hook.remove)
     if cls_row and not family.has_cls:
         raise ValueError(f"cls_row: the vision tower of {family.name} has no CLS token")
-    if received or cls_row:
+    kinds = tuple(k for k, on in (("received", received), ("cls_row", cls_row)) if on) + tuple(vectors)
+    if kinds:
         register_attention(VISION_ATTN_NAME, _vision_attention)
         config = family.vision_attention(blocks[0]).config
         restore = switch_attention([config], VISION_ATTN_NAME)
@@ -93,7 +103,7 @@ def install_vision_hooks(model, family: str, layers, received: bool, hidden: boo
             keys.setdefault(layer % depth, []).append(layer)
         for block, names in keys.items():
             attn = family.vision_attention(blocks[block])
-            attn._prunelab_vlm_sink = (store, tuple(dict.fromkeys(names)), cls_row)
+            attn._prunelab_vlm_sink = (store, tuple(dict.fromkeys(names)), kinds)
             undo.append(lambda a=attn: delattr(a, "_prunelab_vlm_sink"))
         undo.append(restore)
     return undo
