@@ -249,3 +249,23 @@ def test_a_plan_reading_llm_rows_composes_with_a_kv_method():
         assert len(plan_handle.state.history) == 4
     assert not torch.equal(small, alone)
     assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_hiprune_composes_with_fasa_calibrated_on_the_vlms_language_model():
+    from prunelab.methods.fasa import FASA
+    from prunelab.methods.fasa.calibration import calibrate
+    from prunelab.methods.hiprune import HiPrune
+
+    model = _model("llava")
+    windows = torch.randint(1, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(model, windows, ks=(4, 8), n_queries=8, progress=False)  # text windows through the VLM
+    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with prunelab.apply(model, HiPrune.for_model(model, object_block=0, budget=0.5)):
+        alone = model.generate(**x, **gen)
+        with prunelab.apply(model, FASA(budget=10**6, calibration=cal, n_fc=4), on_existing="compose") as both:
+            assert torch.equal(model.generate(**x, **gen), alone)  # a budget above the cache: exactly HiPrune
+            assert [name for name, _ in both.state.history] == ["HiPrune"]
+        with prunelab.apply(model, FASA(budget=8, calibration=cal, n_fc=4), on_existing="compose"):
+            assert not torch.equal(model.generate(**x, **gen), alone)
