@@ -53,18 +53,16 @@ def _expected(rows: torch.Tensor, average: bool) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-@pytest.mark.parametrize("average", [True, False])
-@torch.no_grad()
-def test_projector_merge_reaches_the_language_model(family, average):
+def _check_layer_input(family: str, method: HalfMerge, layer: int, average: bool) -> None:
+    """The input rows of LLM ``layer`` for each image's kept tokens equal the merge of the dense rows."""
     model = tiny_vlm(family)
     x = tiny_inputs(model, family, IMAGES, padding_side="left")
     dense = []
-    hook = _layer_input(model, 0, dense)
+    hook = _layer_input(model, layer, dense)
     model(**x)
-    with prunelab.apply(model, HalfMerge("projector", average=average)) as h:
+    with prunelab.apply(model, method) as h:
         pruned = []
-        inner = _layer_input(model, 0, pruned)
+        inner = _layer_input(model, layer, pruned)
         model(**x)
         inner.remove()
     hook.remove()
@@ -76,25 +74,16 @@ def test_projector_merge_reaches_the_language_model(family, average):
         torch.testing.assert_close(pruned[0][b, rows], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("average", [True, False])
+@torch.no_grad()
+def test_projector_merge_reaches_the_language_model(family, average):
+    _check_layer_input(family, HalfMerge("projector", average=average), 0, average)
+
+
 @torch.no_grad()
 def test_llm_merge_reaches_the_next_layer():
-    model = tiny_vlm("llava")
-    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
-    dense = []
-    hook = _layer_input(model, 1, dense)
-    model(**x)
-    with prunelab.apply(model, HalfMerge("llm", layer=0)) as h:
-        pruned = []
-        inner = _layer_input(model, 1, pruned)
-        model(**x)
-        inner.remove()
-    hook.remove()
-    positions = h.state.positions
-    for img, kept in zip(h.state.images, h.state.kept):
-        b, span = img.span.sample, img.span.positions
-        expected = _expected(dense[0][b, span], True)
-        rows = [int((positions[b] == p).nonzero()) for p in span[kept].tolist()]
-        torch.testing.assert_close(pruned[0][b, rows], expected, atol=1e-5, rtol=1e-5)
+    _check_layer_input("llava", HalfMerge("llm", layer=0), 1, True)
 
 
 @torch.no_grad()
