@@ -2,12 +2,13 @@
 tile plus crop tiles, unpadded and closed by ``image_newline`` tokens).
 
 Pruning inside the tower. A stage after encoder layer ``l`` runs in a forward pre-hook of layer ``l + 1`` on its
-input ``[tiles, 1 + n, C]``: the CLS row is kept, each tile keeps the ``K`` patches the stage chose (CLIP runs all
-tiles of a forward as one batch, so ``K`` must be the same for every tile), and the later layers run on
-``[tiles, 1 + K, C]``. A forward hook on the tower scatters every later hidden state it returns back to
-``1 + n`` rows (zeros where a patch was dropped), so ``get_image_features``, the projector and ``masked_scatter``
-run unchanged; the engine then starts the prompt's pruning from the tokens the tower kept, so the zero rows never
-reach the language model.
+input ``[tiles, 1 + n, C]``: the CLS row is kept, each tile keeps the ``K`` patches the stage chose (the tiles of
+one image keep the same count; images may differ), and the later layers run on ``[tiles, 1 + K_max, C]``: a
+shorter image's tiles are padded with copies of their last row, masked out as keys (a boolean attention mask
+passed to each later layer) and never read back. A forward hook on the tower scatters every later hidden state it
+returns back to ``1 + n`` rows (zeros where a patch was dropped), so ``get_image_features``, the projector and
+``masked_scatter`` run unchanged; the engine then starts the prompt's pruning from the tokens the tower kept, so the
+zero rows never reach the language model.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ STATS = ("received", "cls_row", "hidden", *VECTORS)
 
 
 def scatter_rows(x: torch.Tensor, rows: torch.Tensor, full: int, dim: int) -> torch.Tensor:
-    """``x`` whose ``dim`` holds ``rows`` ([tiles, K] indices into ``full``) of a zero tensor of length ``full``."""
+    """``x`` whose ``dim`` holds ``rows`` ([tiles, K] indices into ``full``; ``full`` marks a padding row, which is
+    dropped) of a zero tensor of length ``full``."""
     x = x.movedim(dim, -1)
-    out = x.new_zeros(*x.shape[:-1], full)
+    out = x.new_zeros(*x.shape[:-1], full + 1)
     index = rows.view(rows.shape[0], *[1] * (x.dim() - 2), rows.shape[1]).expand_as(x)
-    return out.scatter(-1, index, x).movedim(-1, dim)
+    return out.scatter(-1, index, x)[..., :full].movedim(-1, dim)
 
 
 class Llava(Family):
@@ -82,30 +84,43 @@ class Llava(Family):
             raise ValueError(f"layer: vision stages after encoder layers {bad}; must lie in [0, {len(blocks) - 2}] "
                              "(a later encoder layer must exist)")
 
-        def prune(layer, _module, args):
-            hidden, tower = args[0], state.tower
-            T, n1, C = hidden.shape
+        def prune(layer, hidden):
+            tower, (T, n1, _) = state.tower, hidden.shape
             if tower.ids is None:
                 tower.full, tower.ids = n1, torch.arange(n1 - 1, device=hidden.device).expand(T, -1)
+                tower.extra["counts"] = [n1 - 1] * len(state.tiles)
             if sum(state.tiles) != T:
                 raise RuntimeError(f"the vision tower ran {T} tiles, expected {sum(state.tiles)}")
             stats = self.split_stats(model, state.stats, state.tiles, tower=tower) if any(state.stats.values()) else [
                 {} for _ in state.tiles]
             images, start = [], 0
-            for t, stat in zip(state.tiles, stats):
-                images.append(ImageContext(None, hidden[start:start + t, 1:], tower.ids[start:start + t], **stat))
+            for t, n, stat in zip(state.tiles, tower.extra["counts"], stats):
+                images.append(ImageContext(None, hidden[start:start + t, 1:1 + n], tower.ids[start:start + t, :n],
+                                           **stat))
                 start += t
-            kept = run(layer, images)  # per image: (rows kept [t, K], their values [t, K, C])
-            if len({k.shape[-1] for k, _ in kept}) > 1:
-                raise ValueError(f"budget: a vision-encoder stage on a CLIP tower keeps the same number of patches "
-                                 f"in every tile of a forward (the tiles run as one batch); got "
-                                 f"{sorted({k.shape[-1] for k, _ in kept})}")
-            keep = torch.cat([k for k, _ in kept])
+            kept = run(layer, images)  # per image: (rows kept [t, K_i], their values [t, K_i, C])
+            K = max(k.shape[-1] for k, _ in kept)  # images may keep different counts: pad with the last row
+            keep = torch.cat([torch.cat([k, k[:, -1:].expand(-1, K - k.shape[-1])], 1) for k, _ in kept])
+            values = torch.cat([torch.cat([v, v[:, -1:].expand(-1, K - v.shape[1], -1)], 1) for _, v in kept])
+            tower.extra["counts"] = [k.shape[-1] for k, _ in kept]
+            per_tile = torch.tensor([k.shape[-1] for k, _ in kept for _ in range(k.shape[0])], device=hidden.device)
+            valid = torch.arange(K, device=hidden.device)[None] < per_tile[:, None]
             tower.ids = tower.ids.gather(1, keep)
-            tower.held.append((layer, torch.cat([torch.zeros_like(keep[:, :1]), tower.ids + 1], 1)))
-            out = torch.cat([hidden[:, :1], torch.cat([v for _, v in kept]).to(hidden.dtype)], 1)
+            rows = torch.where(valid, tower.ids + 1, tower.full)  # padding rows point past the end
+            tower.held.append((layer, torch.cat([torch.zeros_like(keep[:, :1]), rows], 1)))
+            tower.extra["mask"] = None if bool(valid.all()) else torch.cat([valid[:, :1], valid], 1)[:, None, None]
+            out = torch.cat([hidden[:, :1], values.to(hidden.dtype)], 1)
             tower.extra[layer] = out  # layer l's output as the stage left it (merged rows included)
-            return (out, *args[1:])
+            return out
+
+        def pre(block, _module, args):
+            tower, hidden = state.tower, args[0]
+            if block - 1 in layers:
+                hidden = prune(block - 1, hidden)
+            if tower is None or tower.ids is None:
+                return None
+            mask = tower.extra.get("mask")  # ragged images: padding keys masked out
+            return (hidden, mask if mask is not None else args[1], *args[2:])
 
         def restore(_module, _args, output):
             tower = state.tower
@@ -119,8 +134,8 @@ class Llava(Family):
             output.last_hidden_state = scatter_rows(output.last_hidden_state, tower.held[-1][1], tower.full, 1)
             return output
 
-        undo = [blocks[layer + 1].register_forward_pre_hook(lambda m, a, _l=layer: prune(_l, m, a)).remove
-                for layer in layers]
+        undo = [blocks[b].register_forward_pre_hook(lambda m, a, _b=b: pre(_b, m, a)).remove
+                for b in range(min(layers) + 1, len(blocks))]
         undo.append(self.tower(model).register_forward_hook(restore).remove)
         return undo
 

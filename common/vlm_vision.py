@@ -42,19 +42,29 @@ VECTORS = ("queries", "keys", "values")  # per-head vectors a plan may read, as 
 
 def _vision_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     sink = getattr(module, "_prunelab_vlm_sink", None)
-    if sink is None or attention_mask is not None or module.training:
+    if sink is None or module.training:
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    from prunelab.kernels.attention_received import attention_received
-
     store, layers, kinds = sink
     found = dict(zip(VECTORS, (query, key, value)))
-    if "received" in kinds:
+    wants = {"received", "cls_row"} & set(kinds)
+    if attention_mask is not None:  # a ragged tower stage's padding keys: the statistics from the explicit softmax
+        out = sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+        if wants:
+            keys = attention_mask[:, :, :1].bool()  # [T, 1, 1, N]: real rows, as keys and as queries
+            probs = ((query.float() @ key.float().transpose(-1, -2)) * scaling).masked_fill(~keys, float("-inf"))
+            probs = probs.softmax(-1)
+            rows = keys.transpose(-1, -2).float()  # [T, 1, N, 1]
+            found["received"] = (probs * rows).sum(2) / rows.sum(2)
+            found["cls_row"] = probs[:, :, 0]
+    elif "received" in kinds:
+        from prunelab.kernels.attention_received import attention_received
+
         out, received = attention_received(query, key, value, scale=scaling)
         found["received"] = received / query.shape[2]  # [B, H, Nk] column sums -> mean over the queries, per head
         out = out.transpose(1, 2).contiguous()
     else:
         out = sdpa_attention(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)[0]
-    if "cls_row" in kinds:  # the CLS query (position 0) over every key, per head
+    if "cls_row" in kinds and "cls_row" not in found:  # the CLS query (position 0) over every key, per head
         found["cls_row"] = ((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling).softmax(-1)[:, :, 0]
     for layer in layers:
         for kind in kinds:

@@ -133,6 +133,40 @@ def test_bad_tower_stages_raise_naming_the_parameter():
     depth = len(adapter("llava_next").vision_blocks(model))
     with pytest.raises(ValueError, match="layer"):
         prunelab.apply(model, KeepEvery(layer=depth - 1))
-    x = tiny_inputs(model, "llava_next", IMAGES, padding_side="left")
-    with prunelab.apply(model, KeepEvery(steps=(2, 3))), pytest.raises(ValueError, match="budget"):
-        model(**x)  # CLIP tiles run as one batch: every tile keeps the same count
+
+
+class Reading(KeepEvery):
+    """KeepEvery that also reads the CLS row at layer 1, after its stage at layer 0."""
+
+    def vlm_plan(self) -> VLMPlan:
+        from prunelab.common.vlm import Needs
+
+        return VLMPlan((Stage("vision", self.select, layer=0, budget=self.budget, name="every"),
+                        Stage("projector", self.read, needs=Needs(vision_layers=(1,), cls_row=True))))
+
+    def read(self, ctx):
+        self.seen.append(ctx)
+        return [Reduction(torch.arange(img.token_ids.numel())[None], img.token_ids.numel()) for img in ctx.images]
+
+
+@torch.no_grad()
+def test_clip_images_keeping_different_counts_equal_each_image_alone():
+    """Ragged images in one CLIP batch (padding rows masked as keys): features and statistics as if alone."""
+    model = tiny_vlm("llava")
+    x = tiny_inputs(model, "llava", [3], padding_side="left")  # one prompt, three images
+    seen = []
+    method = Reading(steps=(2, 3, 4))
+    with prunelab.apply(model, method) as h:
+        hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        model(**x)
+        batched, stats = seen[-1], [img.cls_row[1] for img in method.seen[-1].images]
+        kept = [k.clone() for k in h.state.history[0][1]]
+        for i in range(3):
+            method.steps = ((2, 3, 4)[i],)
+            features = model.model.vision_tower(x["pixel_values"][i:i + 1], output_hidden_states=True)
+            alone = features.hidden_states[model.config.vision_feature_layer][:, 1:]
+            torch.testing.assert_close(batched[i, kept[i]], alone[0, kept[i]], atol=1e-5, rtol=1e-5)
+            row = h.state.stats["cls_row"][1][0]  # this lone image's CLS row at layer 1: [1, H, 1 + K]
+            torch.testing.assert_close(stats[i][0][:, kept[i]], row[0, :, 1:], atol=1e-6, rtol=1e-5)
+        hook.remove()
+    assert [k.numel() for k in kept] == [8, 6, 4]
