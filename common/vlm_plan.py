@@ -99,6 +99,8 @@ class VLMContext:
         hidden: [B, L_k, C] every row of the prompt at this point (the language model's input embeddings after the
             projector, the hidden states after LLM layer K): text rows included.
         positions: [B, L_k] the prompt position of each row of ``hidden`` (-1: padding).
+        kv: at an LLM stage with ``Needs.llm_kv``, the layer's keys (after RoPE) and values of every row of
+            ``hidden``: ``([B, Hkv, L_k, d], [B, Hkv, L_k, d])``.
     """
 
     family: str
@@ -109,6 +111,7 @@ class VLMContext:
     input_ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 
@@ -161,6 +164,9 @@ class Needs:
 class Stage:
     """One pruning point of a plan (see the module docstring).
 
+    ``exact``: the count ``budget`` gives is enforced exactly; ``False`` lets the stage keep any count in [1, budget]
+    (data-dependent counts, e.g. FlowCut's entropy rule).
+
     ``reactivate`` (LLM stages only): the stage chooses among every token of the image that entered the language
     model, also those an earlier LLM stage dropped (:attr:`ImageContext.held`); the ones it keeps come back at
     the next layer, whose cache then holds them (the layers in between never saw them).
@@ -173,6 +179,7 @@ class Stage:
     budget: Callable[[Any], int] | None = None
     name: str = ""
     reactivate: bool = False
+    exact: bool = True
 
     def __post_init__(self):
         check_choice(self.where, "where", WHERE)

@@ -42,7 +42,7 @@ def run_stage(stage: Stage, ctx: VLMContext) -> list[Reduction]:
             raise ValueError(f"kept indices of image {i}: the VLM seam takes {rows} row(s) per image (one per "
                              f"tile at a vision stage) of equal length; got {tuple(red.keep.shape)}")
         check_reduction(red, img.token_ids.shape[-1], name=f"kept indices of image {i}")
-        if red.keep.shape[1] != img.budget:
+        if red.keep.shape[1] != img.budget and (stage.exact or red.keep.shape[1] > img.budget):
             raise ValueError(f"kept indices of image {i}: {red.keep.shape[1]} kept, budget is {img.budget}")
     return reds
 
@@ -133,7 +133,7 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
                 view.kv = (attn[1][b][:, r], attn[2][b][:, r])
             images.append(view)
         ctx = VLMContext(family, "llm", images, B, layer=K, input_ids=state.input_ids, hidden=out,
-                         positions=torch.where(valid, where, -1))
+                         positions=torch.where(valid, where, -1), kv=attn[1:3] if stage.needs.llm_kv else None)
         reds = run_stage(stage, ctx)
         for view, red in zip(images, reds):
             b, span = view.span.sample, view.span.positions
