@@ -150,10 +150,9 @@ def vlm_prefill_cost(model, inputs: dict, kept, *, logits: int = 1,
     Args:
         model: a transformers VLM the seam supports (:mod:`prunelab.common.vlm`).
         inputs: the processor's outputs (``input_ids``, ``attention_mask``, ``image_sizes`` / ``image_grid_thw``).
-        kept: visual tokens kept per image, in the batch's image order; or a VLM handle (or its state) after a
-            forward, whose ``kept`` indices are counted. Pruning is taken to happen before LLM layer 0 (the
-            seam's projector stage); for a method that also drops after layer K pass per-layer counts to
-            :func:`prefill_macs` directly.
+        kept: visual tokens kept per image, in the batch's image order (pruning before LLM layer 0); or a VLM
+            handle after a forward: the tokens entering the language model, and after each of its plan's LLM
+            stages the tokens the later layers run on (``pruned_tokens`` are those of layer 0).
         logits: positions per sample the LM head runs on (1: ``generate()``).
         dtype: KV-cache dtype; default: the language model's parameter dtype.
     """
@@ -161,12 +160,16 @@ def vlm_prefill_cost(model, inputs: dict, kept, *, logits: int = 1,
 
     family = require_family(model)
     state = getattr(kept, "state", kept)
+    after: list[tuple[int, list[int]]] = []  # (LLM layer K, kept per image after it)
     if hasattr(state, "kept"):
         plan = getattr(kept, "plan", None)
-        if plan is not None and plan.llm_layers:
-            raise ValueError(f"kept: the handle also prunes after LLM layers {list(plan.llm_layers)}; pass "
-                             "per-layer token counts to prefill_macs instead")
-        kept = [int(k.numel()) for k in state.kept]
+        llm = [s for s in plan.stages if s.where == "llm"] if plan is not None else []
+        if any(s.reactivate for s in llm):
+            raise ValueError("kept: tokens that come back are not counted here; pass per-layer counts to "
+                             "prefill_macs")
+        if llm:  # the visual tokens entering the language model, then what each LLM stage kept
+            after = [(s.layer, [int(k.numel()) for k in ids]) for s, (_, ids) in zip(llm, state.history[-len(llm):])]
+        kept = [int(k.numel()) for k in (state.entry if llm else state.kept)]
     kept = [int(k) for k in kept]
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     spans = find_image_spans(model, family, ids, mask, inputs.get("image_sizes"), inputs.get("image_grid_thw"))
@@ -176,15 +179,25 @@ def vlm_prefill_cost(model, inputs: dict, kept, *, logits: int = 1,
         if not 0 <= k <= s.num_tokens:
             raise ValueError(f"kept: {k} tokens for image {i}, which has {s.num_tokens}")
     dense = (mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
-    pruned = list(dense)
-    for s, k in zip(spans, kept):
-        pruned[s.sample] -= s.num_tokens - k
+
+    def tokens(counts):
+        out = list(dense)
+        for s, k in zip(spans, counts):
+            out[s.sample] -= s.num_tokens - k
+        return out
+
+    pruned = tokens(kept)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    per_layer = [[n] * n_layers for n in pruned]  # tokens each layer of each sample runs on
+    for layer, counts in after:
+        for b, n in enumerate(tokens(counts)):
+            per_layer[b][layer + 1:] = [n] * (n_layers - layer - 1)
     dims = LLMDims.from_config(model.config)
     lm = model.model.language_model
     dtype = next(lm.parameters()).dtype if dtype is None else dtype
     return PrefillCost(
         dense_tokens=tuple(int(n) for n in dense), pruned_tokens=tuple(int(n) for n in pruned),
         dense_macs=sum(prefill_macs(dims, int(n), logits=logits) for n in dense),
-        pruned_macs=sum(prefill_macs(dims, int(n), logits=logits) for n in pruned),
+        pruned_macs=sum(prefill_macs(dims, n, logits=logits) for n in per_layer),
         dense_kv_bytes=sum(kv_cache_bytes(dims, int(n), dtype) for n in dense),
-        pruned_kv_bytes=sum(kv_cache_bytes(dims, int(n), dtype) for n in pruned))
+        pruned_kv_bytes=sum(kv_cache_bytes(dims, n, dtype) for n in per_layer))

@@ -1,4 +1,4 @@
-"""The shared ``tiny`` preset of the VLM visual-token pruning papers (DivPrune, HiPrune): offline, CPU, minutes.
+"""The shared ``tiny`` preset of the VLM visual-token pruning papers (DivPrune, HiPrune, FlowCut): offline, CPU.
 
 Tiny random LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models are built from configs (``prunelab.common.tiny_vlm``,
 fixed seeds) and fed one batch of several prompts with images (left padding, one or two images each). For each
@@ -48,8 +48,9 @@ KEEP_RATIOS = (0.111, 0.222, 0.333)
 PROMPTS = (1, 2, 1, 1, 2, 1, 1, 1)
 """Images per prompt of the batch: several prompts, one with two images, so spans and lengths differ."""
 
-METHODS = ("divprune", "hiprune", "random_prune")
-LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "random_prune": "random"}
+METHODS = ("divprune", "hiprune", "flowcut", "random_prune")
+LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "flowcut": "FlowCut",
+          "random_prune": "random"}
 
 COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual", "macs_M", "macs_%", "kv_kB", "ms",
            "speedup", "kl", "agreement", "kl_last", "agreement_last"]

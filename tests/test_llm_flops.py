@@ -16,6 +16,7 @@ from prunelab.common.llm_flops import LLMDims, decode_macs, kv_cache_bytes, pref
 from prunelab.common.reduction import Reduction
 from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
 from prunelab.common.vlm import VLMRequest, install_vlm
+from prunelab.common.vlm_layout import find_image_spans
 
 
 def _text_model(kind: str):
@@ -155,5 +156,16 @@ def test_vlm_prefill_cost_bad_inputs():
         def vlm_request(self):
             return VLMRequest(llm_layer=0)
 
-    with install_vlm(model, AfterLayer()) as h, pytest.raises(ValueError, match="kept: the handle also prunes"):
-        vlm_prefill_cost(model, x, h)
+    with install_vlm(model, AfterLayer()) as h:  # halves after the projector, and again after LLM layer 0
+        model(**x)
+        cost = vlm_prefill_cost(model, x, h, logits=0)
+        entry, after = [k.numel() for k in h.state.entry], [k.numel() for k in h.state.history[-1][1]]
+    spans = find_image_spans(model, "llava", x["input_ids"], x["attention_mask"])
+    dense = x["attention_mask"].sum(-1).tolist()
+    first, later = list(dense), list(dense)
+    for s, e, a in zip(spans, entry, after):
+        first[s.sample] -= s.num_tokens - e
+        later[s.sample] -= s.num_tokens - a
+    dims = LLMDims.from_config(model.config)
+    assert list(cost.pruned_tokens) == first and all(a < e for a, e in zip(after, entry))
+    assert cost.pruned_macs == sum(prefill_macs(dims, [f, n, n], logits=0) for f, n in zip(first, later))

@@ -1,5 +1,5 @@
 """FlowCut: information-flow-aware visual token pruning (Tong et al., NeurIPS 2025, arXiv 2505.19536)."""
 
-from prunelab.methods.flowcut.method import LLAVA15_BUDGETS, FlowCut
+from prunelab.methods.flowcut.method import LLAVA15_BUDGETS, PAPER_BUDGETS, FlowCut
 
-__all__ = ["LLAVA15_BUDGETS", "FlowCut"]
+__all__ = ["LLAVA15_BUDGETS", "PAPER_BUDGETS", "FlowCut"]

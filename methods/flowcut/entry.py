@@ -9,7 +9,7 @@ ENTRIES = (
         paper="FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models "
               "(NeurIPS 2025)",
         backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"), baselines=("random_prune",),
-        full={"budget": 64},
+        full={"budget": 64}, reproduction="flowcut",
         keep_all={"budget": 1.0}, prune={"budget": 0.25},
         bad=(({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": "64"}, "budget"),
              ({"semantic": "dot"}, "semantic"), ({"ema_weight": 1.5}, "ema_weight"), ({"llm_layer": -1}, "llm_layer"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -24,10 +25,17 @@ from prunelab.common.tokens import keep_count
 from prunelab.common.validate import check_bool, check_budget, check_choice, check_int, check_real
 from prunelab.methods.flowcut import scores
 
-__all__ = ["FlowCut", "LLAVA15_BUDGETS"]
+__all__ = ["PAPER_BUDGETS", "FlowCut", "LLAVA15_BUDGETS"]
 
 LLAVA15_BUDGETS = (192, 128, 64)
 """The paper's LLaVA-1.5 budgets T (visual tokens per image)."""
+
+PAPER_BUDGETS = MappingProxyType({
+    "llava-1.5": LLAVA15_BUDGETS,  # of 576 (official README)
+    "llava-next": (640, 320, 160),  # of 2880 (official README)
+    "qwen2_5_vl": (0.333, 0.222, 0.111),  # keep ratios (official README, Qwen2-VL table)
+})
+"""The budgets the official code is run at, per model."""
 
 
 @dataclass(frozen=True)
