@@ -71,7 +71,7 @@ def entropy_ratio(a: torch.Tensor) -> torch.Tensor:
     if n < 2:
         return torch.ones(a.shape[:-1])
     h = -(p * p.clamp(min=1e-30).log()).sum(-1)
-    return (h / math.log(n)).clamp(0, 1)
+    return (h / math.log(n)).clamp(0, 1) + 0.0  # + 0.0: no negative zero
 
 
 def prune_count(n: int, target: int, remaining: int, r_h: float) -> int:
