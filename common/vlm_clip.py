@@ -54,12 +54,14 @@ class Llava(Family):
         n = side * side + (1 if model.config.vision_feature_select_strategy == "full" else 0)
         return [(n, (side, side), None, n, None)] * int(n_images or 0)
 
-    def split_stats(self, model, store, tiles, grid_thw=None, tower=None) -> list:
+    def split_stats(self, model, store, tiles, grid_thw=None, tower=None, layers=None) -> list:
         drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
         depth = len(self.vision_blocks(model))
         out = [{kind: {} for kind in STATS} for _ in tiles]
         for kind in STATS:
             for layer, value in store.get(kind, {}).items():
+                if layers is not None and layer not in layers:
+                    continue
                 value = value if kind == "hidden" else torch.cat(value)  # [tiles, 1+n, C] / [tiles, H, 1+n(, d)]
                 dim = 1 if kind == "hidden" else 2
                 rows = None if tower is None else tower.held_at(layer % depth)
@@ -75,7 +77,7 @@ class Llava(Family):
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         state.tiles = [1] * int(pixels.shape[0])
 
-    def install_tower_stages(self, model, layers, state, run) -> list:
+    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None) -> list:
         from prunelab.common.vlm_plan import ImageContext
 
         blocks = self.vision_blocks(model)
@@ -91,8 +93,9 @@ class Llava(Family):
                 tower.extra["counts"] = [n1 - 1] * len(state.tiles)
             if sum(state.tiles) != T:
                 raise RuntimeError(f"the vision tower ran {T} tiles, expected {sum(state.tiles)}")
-            stats = self.split_stats(model, state.stats, state.tiles, tower=tower) if any(state.stats.values()) else [
-                {} for _ in state.tiles]
+            read = (reads or {}).get(layer)  # only the encoder layers this stage's methods read
+            stats = (self.split_stats(model, state.stats, state.tiles, tower=tower, layers=read)
+                     if any(state.stats.values()) else [{} for _ in state.tiles])
             images, start = [], 0
             for t, n, stat in zip(state.tiles, tower.extra["counts"], stats):
                 images.append(ImageContext(None, hidden[start:start + t, 1:1 + n], tower.ids[start:start + t, :n],

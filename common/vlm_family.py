@@ -161,14 +161,18 @@ class Family:
         return None
 
     # -- statistics and pruning inside the tower ---------------------------------------------------------
-    def split_stats(self, model, store: dict, tiles: list[int], grid_thw=None, tower: Tower | None = None) -> list:
-        """The raw statistics of one tower forward, per image; rows a tower stage dropped read 0."""
+    def split_stats(self, model, store: dict, tiles: list[int], grid_thw=None, tower: Tower | None = None,
+                    layers=None) -> list:
+        """The raw statistics of one tower forward, per image (only the encoder ``layers`` given, if any); rows a
+        tower stage dropped read 0."""
         raise NotImplementedError
 
     def on_tower_call(self, state, args, kwargs) -> None:
         """Read what a tower stage needs (tiles per image, grids) from the tower's own call."""
 
-    def install_tower_stages(self, model, layers, state, run) -> list:
+    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None) -> list:
+        """Stages after encoder ``layers``: ``run(layer, images)`` asks the plan; ``reads[layer]`` are the encoder
+        layers whose statistics those stages read."""
         raise ValueError(f"where: vision-encoder stages are not supported on {self.name}")
 
     def span_ids(self, model, span: ImageSpan, ids: torch.Tensor) -> torch.Tensor:

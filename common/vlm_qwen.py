@@ -51,7 +51,7 @@ class Qwen25VL(Family):
         v = model.config.vision_config
         return vision_windows(grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
 
-    def split_stats(self, model, store, tiles, grid_thw=None, tower: Tower | None = None) -> list:
+    def split_stats(self, model, store, tiles, grid_thw=None, tower: Tower | None = None, layers=None) -> list:
         m2 = model.config.vision_config.spatial_merge_size ** 2
         depth = len(self.vision_blocks(model))
         window_index = self.windows(model, grid_thw)[0]
@@ -60,6 +60,8 @@ class Qwen25VL(Family):
         out = [{kind: {} for kind in ("received", "cls_row", "hidden", *VECTORS)} for _ in tiles]
         for kind in ("received", "hidden", *VECTORS):
             for layer, value in store.get(kind, {}).items():
+                if layers is not None and layer not in layers:
+                    continue
                 if kind != "hidden":  # chunks [1, H, n_chunk(, d)] in window order -> [H, rows(, d)]
                     value = torch.cat([c[0] for c in value], dim=1)
                 head = kind != "hidden"  # a leading head dimension
@@ -81,7 +83,7 @@ class Qwen25VL(Family):
         state.grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         state.tiles = [1] * int(state.grid_thw.shape[0])
 
-    def install_tower_stages(self, model, layers, state, run) -> list:
+    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None) -> list:
         from prunelab.common.vlm_plan import ImageContext
 
         blocks, v = self.vision_blocks(model), model.config.vision_config
@@ -107,8 +109,9 @@ class Qwen25VL(Family):
             image_of = torch.searchsorted(ends, raster, right=True)
             order = torch.argsort(raster)
             grouped = hidden.view(units.numel(), -1)  # [units, m*m*C], window order
-            stats = self.split_stats(model, state.stats, state.tiles, grid, tower) if any(state.stats.values()) else [
-                {} for _ in state.tiles]
+            read = (reads or {}).get(layer)  # only the encoder layers this stage's methods read
+            stats = (self.split_stats(model, state.stats, state.tiles, grid, tower, read)
+                     if any(state.stats.values()) else [{} for _ in state.tiles])
             images, picked = [], []
             for i, stat in enumerate(stats):
                 sel = order[image_of[order] == i]
