@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # One line per method package (its entry.py); the order is the order of `prunelab list`.
-PACKAGES = ("zero_tprune", "fasa", "divprune", "hiprune", "flowcut", "baselines")
+PACKAGES = ("zero_tprune", "fasa", "divprune", "hiprune", "flowcut", "visiondrop", "baselines")
 
 SEAMS = {
     "vit": "prunelab.common.vit (blocks ask for attention statistics; others keep fused SDPA)",
