@@ -11,6 +11,26 @@ IMPLS = ("auto", "torch", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def attention_tiles(head_dim: int, dtype: torch.dtype, block_m: int | None = None,
+                    block_n: int | None = None) -> dict:
+    """Launch settings of the flash-style attention kernels (``attention_received``, ``image_query_received``):
+    ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``, ``UPCAST`` (bf16 dots in fp32 under the interpreter), ``DOT_PRECISION``
+    (IEEE for fp32: no TF32), ``num_warps`` and ``num_stages``. Under the interpreter fewer, larger programs are
+    cheaper; on a GPU wider heads take more warps and fewer stages."""
+    import triton
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    warps, stages = (4, 1) if interpreting() else ((4, 3) if block_d <= 64 else (8, 2))
+    return dict(BLOCK_M=block_m or 64, BLOCK_N=block_n or 64, BLOCK_D=block_d,
+                UPCAST=interpreting() and dtype == torch.bfloat16,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -15,11 +15,12 @@ because the interpreter cannot multiply bf16.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from prunelab.kernels.dispatch import attention_tiles
 
 _LOG2E = 1.4426950408889634
 
@@ -129,10 +130,6 @@ def _received_kernel(
     tl.store(r_ptr + pid_bh.to(tl.int64) * NK + offs_n, acc, mask=mask_n)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def attention_received_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,17 +159,8 @@ def attention_received_triton(
     NK = k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    interp = _interpreting()
-    block_d = max(16, triton.next_power_of_2(D))
-    if interp:  # fewer, larger programs are cheaper under the interpreter
-        bm, bn, warps, stages = 64, 64, 4, 1
-    else:
-        bm, bn = 64, 64
-        warps, stages = (4, 3) if block_d <= 64 else (8, 2)
-    bm = block_m or bm
-    bn = block_n or bn
-    upcast = interp and q.dtype == torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    tiles = attention_tiles(D, q.dtype, block_m, block_n)
+    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     qk_scale = float(scale) * _LOG2E
 
     out = torch.full((B, H, NQ, D), float("nan"), dtype=q.dtype, device=q.device)
@@ -182,9 +170,7 @@ def attention_received_triton(
     _fwd_kernel[(triton.cdiv(NQ, bm), B * H)](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, NQ, NK, D, qk_scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        H, NQ, NK, D, qk_scale, **tiles,
     )
 
     if query_weights is None:
@@ -196,8 +182,6 @@ def attention_received_triton(
         q, k, lse, w, received,
         *q.stride(), *k.stride(), *sw,
         H, NQ, NK, D, qk_scale,
-        HAS_W=query_weights is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        HAS_W=query_weights is not None, **tiles,
     )
     return out, received

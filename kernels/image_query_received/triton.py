@@ -19,11 +19,12 @@ before each dot, because the interpreter cannot multiply bf16.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from prunelab.kernels.dispatch import attention_tiles
 
 _LOG2E = 1.4426950408889634
 
@@ -148,10 +149,6 @@ def _score_kernel(
     tl.store(out_ptr + pid_bh.to(tl.int64) * N_MAX + local_n, acc, mask=local_n < N_MAX)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def image_query_received_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,24 +185,14 @@ def image_query_received_triton(
     end = end.to(torch.int64).contiguous()
     n = end - start
     n_max = int(n.max().item())
-    interp = _interpreting()
-    block_d = max(16, triton.next_power_of_2(d))
-    if interp:  # fewer, larger programs are cheaper under the interpreter
-        bm, bn, warps, stages = 64, 64, 4, 1
-    else:
-        bm, bn = 64, 64
-        warps, stages = (4, 3) if block_d <= 64 else (8, 2)
-    bm = block_m or bm
-    bn = block_n or bn
-    upcast = interp and q.dtype == torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    tiles = attention_tiles(d, q.dtype, block_m, block_n)
+    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     qk_scale = float(scale) * _LOG2E
     valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
 
     lse = torch.full((B * hq, n_max), float("nan"), dtype=torch.float32, device=q.device)
     per_head = torch.full((B, hq, n_max), float("nan"), dtype=torch.float32, device=q.device)
-    common = dict(CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, UPCAST=upcast,
-                  DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+    common = dict(CAUSAL=bool(causal), **tiles)
     _lse_kernel[(triton.cdiv(n_max, bm), B * hq)](
         q, k, valid_u8, start, end, lse,
         *q.stride(), *k.stride(), *valid_u8.stride(),
