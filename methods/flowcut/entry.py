@@ -14,7 +14,7 @@ ENTRIES = (
         bad=(({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": "64"}, "budget"),
              ({"semantic": "dot"}, "semantic"), ({"ema_weight": 1.5}, "ema_weight"), ({"llm_layer": -1}, "llm_layer"),
              ({"official_quirks": 1}, "official_quirks")),
-        status="LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL on the stage engine (encoder stages, NeXT/Qwen LLM cut); "
-               "no presets, notebook or RESULTS.md yet",
+        status="LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL on the stage engine (encoder stages, NeXT/Qwen LLM cut); tiny "
+               "preset on random tiny VLMs; full preset (lmms-eval) needs the checkpoints, task data and a GPU",
     ),
 )
