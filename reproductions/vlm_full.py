@@ -24,7 +24,19 @@ from prunelab.cli import BUDGET, POSITIVE, existing
 from prunelab.common.provenance import provenance, write_results
 from prunelab.reproductions.vlm_eval import METHODS
 
-__all__ = ["full_preset", "parse_budget", "parse_method_args"]
+__all__ = ["budgets_by_model", "full_preset", "parse_budget", "parse_method_args"]
+
+
+def budgets_by_model(table) -> Callable[[str], list]:
+    """A paper's budgets for a checkpoint name, from ``table`` keyed ``"llava-1.5"``, ``"llava-next"``,
+    ``"qwen2_5_vl"``: NeXT (``next`` or ``v1.6`` in the name) and Qwen (``qwen``) by name, LLaVA-1.5 otherwise."""
+
+    def budgets(model: str) -> list:
+        low = model.lower()
+        key = "qwen2_5_vl" if "qwen" in low else "llava-next" if ("next" in low or "v1.6" in low) else "llava-1.5"
+        return list(table[key])
+
+    return budgets
 
 
 def parse_budget(text: str) -> int | float:

@@ -9,18 +9,14 @@ for the model are used (``PAPER_BUDGETS``: 192 / 128 / 64 on LLaVA-1.5, 640 / 32
 from __future__ import annotations
 
 from prunelab.methods.flowcut import PAPER_BUDGETS
-from prunelab.reproductions.vlm_full import full_preset
+from prunelab.reproductions.vlm_full import budgets_by_model, full_preset
 
 TASKS = ("gqa", "mmbench_en_dev", "mme", "pope", "scienceqa_img", "textvqa_val", "vqav2_val")
 """Image benchmarks as lmms-eval names them (the official README evaluates with lmms-eval and LLaVA's scripts)."""
 
 
-def paper_budgets(model: str) -> list:
-    """The official budgets for a checkpoint name: NeXT / Qwen by name, LLaVA-1.5 otherwise."""
-    low = model.lower()
-    key = "qwen2_5_vl" if "qwen" in low else "llava-next" if ("next" in low or "v1.6" in low) else "llava-1.5"
-    return list(PAPER_BUDGETS[key])
-
+paper_budgets = budgets_by_model(PAPER_BUDGETS)
+"""The paper's budgets for a checkpoint name (NeXT / Qwen by name, LLaVA-1.5 otherwise)."""
 
 add_arguments, run, default_out = full_preset(
     "flowcut", "FlowCut", default_model="llava-hf/llava-1.5-7b-hf", tasks=TASKS,

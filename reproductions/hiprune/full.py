@@ -10,19 +10,15 @@ the same budgets. The method is ``HiPrune.for_model`` with the paper's blocks; `
 from __future__ import annotations
 
 from prunelab.methods.hiprune import PAPER_BUDGETS
-from prunelab.reproductions.vlm_full import full_preset
+from prunelab.reproductions.vlm_full import budgets_by_model, full_preset
 
 TASKS = ("gqa", "mmbench_en_dev", "mme", "pope", "scienceqa_img", "seedbench", "textvqa_val", "vqav2_val")
 """Image benchmarks as lmms-eval names them; the paper's exact task list is open (the official
 bench_*.sh scripts mix lmms-eval and LLaVA's own evaluation)."""
 
 
-def paper_budgets(model: str) -> list:
-    """The paper's budgets for a checkpoint name: NeXT / Qwen2.5-VL by name, LLaVA-1.5 otherwise."""
-    low = model.lower()
-    key = "qwen2_5_vl" if "qwen" in low else "llava-next" if ("next" in low or "v1.6" in low) else "llava-1.5"
-    return list(PAPER_BUDGETS[key])
-
+paper_budgets = budgets_by_model(PAPER_BUDGETS)
+"""The paper's budgets for a checkpoint name (NeXT / Qwen by name, LLaVA-1.5 otherwise)."""
 
 add_arguments, run, default_out = full_preset(
     "hiprune", "HiPrune", default_model="llava-hf/llava-1.5-7b-hf", tasks=TASKS,
