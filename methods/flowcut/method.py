@@ -51,8 +51,7 @@ class FlowCut:
             ``"cosine"`` (the paper's description).
         ema_weight: weight of the previous cumulative score (the official 0.5).
         llm_layer: the LLM layer after which LLaVA-NeXT and Qwen2.5-VL are cut to T (the official 1).
-        official_quirks: the official batch rule: one prune count for every image of a forward (its maximum),
-            and the LLM scorer adding its two terms unnormalised.
+        official_quirks: the official batch rule: one prune count for every image of a forward (its maximum).
         feature_layer: the encoder layer whose output the projector reads (set by :meth:`for_model`).
         family: the model family (set by :meth:`for_model`).
     """
@@ -194,7 +193,7 @@ class FlowCut:
             sigma = sigma.masked_fill(~candidates, float("-inf")).softmax(-1).mean(0)
             rho = v_img.mean(0).abs().sum(-1)
             r = r.masked_fill(~candidates, 0)
-            score = ((r + sigma) if self.official_quirks else (scores.share(r) + scores.share(sigma))) * rho
+            score = (scores.share(r) + scores.share(sigma)) * rho  # both terms are distributions over the image
             score = score.masked_fill(~candidates, float("-inf"))
             keep = torch.sort(score, descending=True, stable=True).indices[:k].sort().values
             out.append(Reduction(keep[None], n))
