@@ -35,10 +35,11 @@ from prunelab.common.vlm_layout import ImageSpan
 __all__ = ["QUERIES", "ImageContext", "Needs", "Stage", "VLMContext", "VLMPlan"]
 
 WHERE = ("vision", "projector", "llm")
-QUERIES = ("last", "text_mean", "image")
+QUERIES = ("last", "text_mean", "image", "image_mean")
 """Query selectors of LLM attention rows: ``last``, the prompt's last token (the last instruction token at
 prefill); ``text_mean``, the mean of the rows of every text token after the sample's first image; ``image``, the
-rows of every image token the layer holds (a method averages them over its own image's queries). A marked token
+rows of the image's own queries over its tokens (``[H, n, n]``); ``image_mean``, those rows averaged over heads and
+queries (``[n]``), computed by ``prunelab.kernels.image_query_received`` without the ``[n, L]`` block. A marked token
 is selected by its id: an ``int`` (e.g. LISA's ``[SEG]``) selects every position holding it."""
 
 

@@ -116,8 +116,8 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
     row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
     keep_mask, keeps, out, back = valid.clone(), state.kept, hidden, [None] * B
     for stage in _at(plan.stages, "llm", K):
-        probs = (selector_rows(stage.needs.rows, attn, where, valid, state.input_ids, image_token_id)
-                 if stage.needs.rows else {})
+        selectors = tuple(q for q in stage.needs.rows if q != "image_mean")
+        probs = selector_rows(selectors, attn, where, valid, state.input_ids, image_token_id) if selectors else {}
         images = []
         for i, (img, kept) in enumerate(zip(state.images, keeps)):
             b = img.span.sample
@@ -129,6 +129,8 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
             view.rows = {q: p[b][:, torch.searchsorted(at[b], r)] if q == "image" else p[b]
                          for q, (at, p) in probs.items()}  # "image": this image's own queries
             view.rows = {q: p[:, :, r] for q, p in view.rows.items()}
+            if "image_mean" in stage.needs.rows:
+                view.rows["image_mean"] = _image_mean(attn, b, r)
             if stage.needs.llm_kv:
                 view.kv = (attn[1][b][:, r], attn[2][b][:, r])
             images.append(view)
@@ -152,6 +154,20 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
         state.history.append((stage.name or f"llm {K}", keeps))
     state.kept = keeps
     return keep_mask, out, back
+
+
+def _image_mean(attn, b: int, rows: torch.Tensor) -> torch.Tensor:
+    """[n] the attention the image's tokens (``rows`` of sample ``b``, contiguous) receive from its own queries,
+    averaged over heads and queries, each query's softmax over every key it sees (causal)."""
+    from prunelab.kernels.image_query_received import image_query_received
+
+    query, key, _, scaling, valid = attn
+    start, end = int(rows[0]), int(rows[-1]) + 1
+    if end - start != rows.numel():
+        raise RuntimeError("rows: an image's tokens are not contiguous at this layer")
+    at = torch.tensor([start], device=query.device)
+    return image_query_received(query[b:b + 1], key[b:b + 1], valid[b:b + 1], at, at + rows.numel(),
+                                scale=scaling)[0]
 
 
 def _cat(prev, positions, values):

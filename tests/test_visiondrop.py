@@ -240,8 +240,10 @@ def test_gqa_scores_equal_the_mha_expanded_reference(monkeypatch):
     mha = _mha(gqa)
     x = tiny_inputs(gqa, "llava", IMAGES, padding_side="left")
     torch.testing.assert_close(mha(**x).logits, gqa(**x).logits, atol=1e-5, rtol=1e-4)
-    real, seen = selection.image_query_scores, []
-    monkeypatch.setattr(selection, "image_query_scores", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    from prunelab.common import vlm_run
+
+    real, seen = vlm_run._image_mean, []  # LLaVA's LLM stages score with the kernel's column means
+    monkeypatch.setattr(vlm_run, "_image_mean", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     runs = []
     for model in (gqa, mha):
         seen.clear()

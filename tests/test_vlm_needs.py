@@ -101,3 +101,17 @@ def test_image_query_rows_are_the_models_attention():
 def test_llm_reads_are_refused_elsewhere():
     with pytest.raises(ValueError, match="rows"):
         Stage("projector", lambda ctx: [], needs=Needs(llm_kv=True))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_image_mean_is_the_image_rows_averaged_without_the_block(family):
+    """``image_mean`` (the image_query_received kernel) equals the ``image`` rows averaged over heads and queries."""
+    model = tiny_vlm(family)
+    x = tiny_inputs(model, family, IMAGES, padding_side="left")
+    reader = Reader("llm", Needs(rows=("image", "image_mean")), layer=0)
+    with prunelab.apply(model, reader):
+        model(**x)
+    for img in reader.seen[0].images:
+        torch.testing.assert_close(img.rows["image_mean"], img.rows["image"].float().mean((0, 1)), atol=1e-6,
+                                   rtol=1e-5)

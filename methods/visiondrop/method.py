@@ -193,7 +193,9 @@ class VisionDrop:
             needs = Needs(vision_layers=(f,), cls_row=not mean, queries=mean, keys=True)
             first = Stage("vision", self._stage0, layer=f, needs=needs, budget=self._budget0,
                           name="VisionDrop stage 0")
-        stages, rows = [first], Needs(rows=("image",), llm_kv=True)
+        # NeXT averages over its non-newline queries only: the full rows; elsewhere the kernel's column means
+        query = "image" if self.family == "llava_next" else "image_mean"
+        stages, rows = [first], Needs(rows=(query,), llm_kv=True)
         for k, K in enumerate(self.llm_layers, 1):
             stages.append(Stage("llm", functools.partial(self._llm, k), layer=K, needs=rows,
                                 budget=functools.partial(self._llm_budget, k), name=f"VisionDrop LLM {K}"))
@@ -273,7 +275,10 @@ class VisionDrop:
             if d + c >= int(cand.sum()):
                 out.append(Reduction.keep_all(1, n, img.token_ids.device))
                 continue
-            score = selection.image_query_scores(img.rows["image"], cand)  # query i is token_ids[i]
+            if "image_mean" in img.rows:  # every token is a query: heads and queries averaged by the kernel
+                score = img.rows["image_mean"].float()
+            else:
+                score = selection.image_query_scores(img.rows["image"], cand)  # query i is token_ids[i]
             metric = selection.head_mean_keys(img.kv[0])  # post-RoPE keys of the layer [n, d]
             out.append(selection.visiondrop_reduction(score[None], metric[None], d, c, cand[None]))
         return out
