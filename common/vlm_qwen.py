@@ -4,7 +4,8 @@ Each LLM visual token is one merge unit (``spatial_merge_size ** 2`` patches the
 tower runs on merge units permuted into attention windows (``get_vision_window_index``), with packed sequences
 delimited by ``cu_seqlens`` (one segment per image frame at full-attention blocks, one per window elsewhere).
 
-Pruning inside the tower. A stage after block ``l`` runs in a forward pre-hook of block ``l + 1``: it sees each
+Pruning inside the tower. A stage after block ``l`` runs in a forward pre-hook of block ``l + 1`` (after the last
+block: of the merger): it sees each
 image's remaining merge units in raster order (``embeds`` ``[1, n, m*m*C]``, the merger's grouping) and keeps whole
 units, so every later block runs on fewer rows. Each later block's pre-hook passes it the rows' own rotary
 embeddings and ``cu_seqlens`` recounted over the kept units (empty windows removed), so images may keep different
@@ -88,10 +89,9 @@ class Qwen25VL(Family):
 
         blocks, v = self.vision_blocks(model), model.config.vision_config
         m2, full_blocks = v.spatial_merge_size ** 2, set(v.fullatt_block_indexes)
-        bad = [layer for layer in layers if not 0 <= layer < len(blocks) - 1]
-        if bad:
-            raise ValueError(f"layer: vision stages after encoder layers {bad}; must lie in [0, {len(blocks) - 2}] "
-                             "(a later encoder layer must exist)")
+        bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
+        if bad:  # a stage after the last block runs before the merger
+            raise ValueError(f"layer: vision stages after encoder layers {bad}; must lie in [0, {len(blocks) - 1}]")
 
         def prune(layer, hidden, kwargs):
             tower, grid = state.tower, state.grid_thw
@@ -99,7 +99,7 @@ class Qwen25VL(Family):
                 window_index, cu_window = self.windows(model, grid)
                 tower.full = int(window_index.numel())
                 frames = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).cumsum(0) // m2
-                tower.extra.update(window_index=window_index.to(hidden.device), pe=kwargs["position_embeddings"],
+                tower.extra.update(window_index=window_index.to(hidden.device), pe=kwargs.get("position_embeddings"),
                                    cu={True: torch.cat([frames.new_zeros(1), frames]).to(hidden.device),
                                        False: (cu_window // m2).long().to(hidden.device)})
                 tower.held.append((-1, torch.arange(tower.full, device=hidden.device)))
@@ -150,9 +150,14 @@ class Qwen25VL(Family):
             full[tower.held[-1][1]] = output
             return full
 
+        def before_merger(_module, args):
+            return (prune(len(blocks) - 1, args[0], {}), *args[1:])
+
         first = min(layers)
         undo = [blocks[b].register_forward_pre_hook(lambda m, a, k, _b=b: pre(_b, m, a, k), with_kwargs=True).remove
                 for b in range(first + 1, len(blocks))]
+        if len(blocks) - 1 in layers:
+            undo.append(model.model.visual.merger.register_forward_pre_hook(before_merger).remove)
         undo.append(model.model.visual.merger.register_forward_hook(restore).remove)
         return undo
 

@@ -170,3 +170,21 @@ def test_clip_images_keeping_different_counts_equal_each_image_alone():
             torch.testing.assert_close(stats[i][0][:, kept[i]], row[0, :, 1:], atol=1e-6, rtol=1e-5)
         hook.remove()
     assert [k.numel() for k in kept] == [8, 6, 4]
+
+
+@torch.no_grad()
+def test_qwen_stage_after_the_last_block_runs_before_the_merger():
+    model = tiny_vlm("qwen2_5_vl")
+    depth = len(adapter("qwen2_5_vl").vision_blocks(model))
+    x = tiny_inputs(model, "qwen2_5_vl", IMAGES, padding_side="left")
+    dense = model(**x).logits
+    with prunelab.apply(model, KeepEvery(layer=depth - 1, steps=(1,))):  # keeps everything
+        torch.testing.assert_close(model(**x).logits, dense, atol=1e-5, rtol=0)
+    rows = []
+    with prunelab.apply(model, KeepEvery(layer=depth - 1)) as h:
+        hook = model.model.visual.merger.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+        model(**x)
+        hook.remove()
+    units = (x["image_grid_thw"].prod(-1) // 4).tolist()
+    assert rows == [4 * sum(len(range(0, n, 2)) for n in units)]
+    assert [k.numel() for k in h.state.history[0][1]] == [len(range(0, n, 2)) for n in units]

@@ -52,7 +52,8 @@ class FlowCut:
         ema_weight: weight of the previous cumulative score (the official 0.5).
         llm_layer: the LLM layer after which LLaVA-NeXT and Qwen2.5-VL are cut to T (the official 1).
         official_quirks: the official batch rule: one prune count for every image of a forward (its maximum).
-        feature_layer: the encoder layer whose output the projector reads (set by :meth:`for_model`).
+        feature_layer: the encoder layer whose output the projector reads (set by :meth:`for_model`); on
+            Qwen2.5-VL the tower's depth: the final cut comes after its last block, before the merger.
         family: the model family (set by :meth:`for_model`).
     """
 
@@ -82,7 +83,7 @@ class FlowCut:
         family = require_family(model)
         depth = len(adapter(family).vision_blocks(model))
         if family == "qwen2_5_vl":
-            feature = depth - 1  # the merger reads the last block
+            feature = depth  # the merger reads the last block: the final cut comes after it (official Qwen code)
         else:
             layer = model.config.vision_feature_layer
             if not isinstance(layer, int):
