@@ -55,7 +55,9 @@ class Qwen25VL(Family):
     def split_stats(self, model, store, tiles, grid_thw=None, tower: Tower | None = None, layers=None) -> list:
         m2 = model.config.vision_config.spatial_merge_size ** 2
         depth = len(self.vision_blocks(model))
-        window_index = self.windows(model, grid_thw)[0]
+        window_index = tower.extra.get("window_index") if tower is not None else None
+        if window_index is None:  # no tower stage has computed it in this forward
+            window_index = self.windows(model, grid_thw)[0]
         restore = torch.argsort(window_index)  # the same un-permutation the tower applies after its merger
         counts = (grid_thw.prod(-1) // m2).tolist()
         out = [{kind: {} for kind in ("received", "cls_row", "hidden", *VECTORS)} for _ in tiles]

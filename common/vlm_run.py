@@ -57,14 +57,13 @@ def run_tower(plan, family: str, history: list, layer: int, images: list[ImageCo
     ``history``."""
     local = [torch.arange(img.token_ids.shape[-1], device=img.token_ids.device).expand_as(img.token_ids)
              for img in images]
-    values = [img.embeds for img in images]
+    values, ids = [img.embeds for img in images], [img.token_ids for img in images]
     for stage in _at(plan.stages, "vision", layer):
-        views = [img.at(v, img.token_ids.gather(-1, k)) for img, v, k in zip(images, values, local)]
+        views = [img.at(v, i) for img, v, i in zip(images, values, ids)]
         reds = run_stage(stage, VLMContext(family, "vision", views, len(views), layer=layer))
         values = [red.gather(v) for red, v in zip(reds, values)]
         local = [k.gather(-1, red.keep) for k, red in zip(local, reds)]
-        ids = [img.token_ids.gather(-1, k) for img, k in zip(images, local)]
-        ids = [img.token_ids.gather(-1, k) for img, k in zip(images, local)]
+        ids = [i.gather(-1, red.keep) for i, red in zip(ids, reds)]
         history.append((stage.name or f"vision {layer}", ids))
     return list(zip(local, values))
 
