@@ -17,7 +17,7 @@ from prunelab.common.hf import DynamicCache
 from prunelab.common.vlm_layout import ImageSpan, adapter
 
 __all__ = ["LayerRows", "Prompt", "compact", "compact_prompt", "decode_kwargs", "gather_seq", "positions_like",
-           "record_image_sizes"]
+           "record_image_sizes", "rows_by_position"]
 
 
 @dataclass
@@ -47,11 +47,17 @@ class Prompt:
 
     def keep_inputs(self, embeds: torch.Tensor) -> None:
         """Keep the language model's input rows, so tokens an LLM stage drops can come back later."""
-        B, width = self.valid.shape
         self.embeds = embeds
-        self.row_of = torch.full((B, self.orig_len), -1, dtype=torch.long, device=embeds.device)
-        b, k = self.valid.nonzero(as_tuple=True)
-        self.row_of[b, self.index[b, k]] = k
+        self.row_of = rows_by_position(self.index, self.valid, self.orig_len)
+
+
+def rows_by_position(where: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length]: the row holding each prompt position (-1: none), from ``where`` [B, L_k] (the prompt position
+    of each row) and ``valid`` [B, L_k]."""
+    out = torch.full((where.shape[0], length), -1, dtype=torch.long, device=where.device)
+    b, k = valid.nonzero(as_tuple=True)
+    out[b, where[b, k]] = k
+    return out
 
 
 def compact(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

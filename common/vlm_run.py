@@ -15,6 +15,7 @@ import torch
 from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.vlm_llm_layer import selector_rows
 from prunelab.common.vlm_plan import ImageContext, Stage, VLMContext
+from prunelab.common.vlm_prompt import rows_by_position
 
 __all__ = ["run_llm", "run_projector", "run_stage", "run_tower"]
 
@@ -108,11 +109,9 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
     Returns the rows to keep [B, L_k], the hidden states (merged rows written into a copy) and the tokens that come
     back: per sample ``(prompt positions [R], values [R, C])`` or None."""
     prompt = state.prompt
-    B, Lk = valid.shape
+    B = valid.shape[0]
     where = prompt.index if index is None else prompt.index.gather(1, index)  # prompt position of each row
-    row_of = torch.full((B, prompt.orig_len), -1, dtype=torch.long, device=hidden.device)
-    b_idx = valid.nonzero(as_tuple=True)[0]
-    row_of[b_idx, where[valid]] = torch.arange(Lk, device=hidden.device).expand(B, Lk)[valid]
+    row_of = rows_by_position(where, valid, prompt.orig_len)
     keep_mask, keeps, out, back = valid.clone(), state.kept, hidden, [None] * B
     for stage in _at(plan.stages, "llm", K):
         selectors = tuple(q for q in stage.needs.rows if q != "image_mean")
