@@ -128,12 +128,15 @@ def prunelab_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
     Everything that reads or replaces a language model's attention goes through it, so they compose on one
     model: an observer (``module._prunelab_observe``, e.g. the VLM engine's attention rows of chosen queries)
-    sees the layer's query and key at prefill, then a KV method's handler (``module._prunelab_decoder``) may
-    return the output; otherwise transformers' own SDPA runs.
+    sees the layer's query and key at prefill (a look-ahead call, ``module._prunelab_probe``, ends there: the VLM
+    engine's stages that read the next layer's projections), then a KV method's handler
+    (``module._prunelab_decoder``) may return the output; otherwise transformers' own SDPA runs.
     """
     observe = getattr(module, "_prunelab_observe", None)
     if observe is not None and query.shape[2] > 1 and not module.training:
         observe(module, query, key, value, module.scaling if scaling is None else scaling)
+        if getattr(module, "_prunelab_probe", False):  # a look-ahead call for the projections only: no output
+            return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
     state: _DecoderState | None = getattr(module, "_prunelab_decoder", None)
     if state is not None and not module.training:
         cache = state.cache

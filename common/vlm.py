@@ -102,7 +102,7 @@ class VLMState:
     encoded: tuple[Any, torch.Tensor] | None = None  # NeXT: (get_image_features output, its image_sizes)
     input_ids: torch.Tensor | None = None
     images: list[ImageContext] = field(default_factory=list)  # the last prefill's images with their statistics
-    rows: dict = field(default_factory=dict)  # LLM layer -> (query, key, scaling, valid) at prefill
+    rows: dict = field(default_factory=dict)  # K / ("next", K) -> (query, key, value, scaling, valid) at prefill
     tower: Tower | None = None  # what the vision-encoder stages of the last tower forward kept
 
 
@@ -129,6 +129,8 @@ def install_vlm(model, method) -> VLMHandle:
     if ks and not 0 <= ks[-1] < len(lm.layers) - 1:
         raise ValueError(f"layer: LLM stages after layers {list(ks)}; must lie in [0, {len(lm.layers) - 2}] "
                          "(a later layer must exist)")
+    if fam.mrope and any(s.renumber for s in plan.stages):
+        raise ValueError(f"renumber: {family}'s M-RoPE position ids are kept, not renumbered, after an LLM stage")
     needs = plan.needs
     state = VLMState()
     undo = install_vision_hooks(model, family, needs.vision_layers, needs.received, needs.hidden, state.stats,
@@ -231,8 +233,8 @@ def install_vlm(model, method) -> VLMHandle:
 
     def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor):
         """The plan's stages after LLM layer ``K``: rows to keep [B, L_k], (merged) hidden states, returning tokens."""
-        return run_llm(plan, family, state, K, hidden, index, valid, state.rows.pop(K, None),
-                       model.config.image_token_id)
+        recorded = {False: state.rows.pop(K, None), True: state.rows.pop(("next", K), None)}
+        return run_llm(plan, family, state, K, hidden, index, valid, recorded, model.config.image_token_id)
 
     undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)
     undo += install_llm_stages(model, plan, state, run_stages)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from prunelab.common.validate import check_choice, check_int, check_ints
+from prunelab.common.validate import check_bool, check_choice, check_int, check_ints
 from prunelab.common.vlm_layout import ImageSpan
 
 __all__ = ["QUERIES", "ImageContext", "Needs", "Stage", "VLMContext", "VLMPlan"]
@@ -131,6 +131,12 @@ class Needs:
         rows: at an LLM stage, attention rows of these query selectors (see :data:`QUERIES`) at its layer, per
             head, restricted to each image's token columns (``[H, S, N]``, S queries per selector).
         llm_kv: at an LLM stage, its layer's keys and values of the image's rows (:attr:`ImageContext.kv`).
+        causal: the mask of the attention rows: the decoder's causal mask (default), or False for every valid key
+            (an ablation; the layer itself still runs causally).
+        next_layer: the rows, keys and values of an LLM stage after layer ``K`` come from layer ``K + 1``'s
+            attention projections applied to layer ``K``'s output (its input norm, q/k/v projections and RoPE at
+            the rows' positions), i.e. from the layer the drop precedes, computed beside the forward; default:
+            layer ``K``'s own attention.
     """
 
     vision_layers: tuple[int, ...] = ()
@@ -142,9 +148,13 @@ class Needs:
     keys: bool = False
     values: bool = False
     llm_kv: bool = False
+    causal: bool = True
+    next_layer: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vision_layers", check_ints(self.vision_layers, "vision_layers"))
+        for name in ("causal", "next_layer"):
+            check_bool(getattr(self, name), name)
         for q in self.rows:
             if not isinstance(q, int) or isinstance(q, bool):
                 check_choice(q, "rows", QUERIES)
@@ -158,7 +168,8 @@ class Needs:
         flags = {f: getattr(self, f) or getattr(other, f)
                  for f in ("received", "cls_row", "hidden", "queries", "keys", "values", "llm_kv")}
         return Needs(tuple(sorted(set(self.vision_layers) | set(other.vision_layers))),
-                     rows=tuple(dict.fromkeys((*self.rows, *other.rows))), **flags)
+                     rows=tuple(dict.fromkeys((*self.rows, *other.rows))), causal=self.causal and other.causal,
+                     next_layer=self.next_layer or other.next_layer, **flags)
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,11 @@ class Stage:
     ``reactivate`` (LLM stages only): the stage chooses among every token of the image that entered the language
     model, also those an earlier LLM stage dropped (:attr:`ImageContext.held`); the ones it keeps come back at
     the next layer, whose cache then holds them (the layers in between never saw them).
+
+    ``renumber`` (LLM stages only): the rows after the stage take contiguous positions over the rows kept (each row
+    the rotary embedding of its rank), and decoding continues right after the last one, so every later position
+    moves down by the tokens dropped so far; default: kept rows keep their positions. Needs 1-D rotary positions
+    (LLaVA-1.5, LLaVA-NeXT), not Qwen2.5-VL's M-RoPE ids.
     """
 
     where: str
@@ -181,9 +197,12 @@ class Stage:
     name: str = ""
     reactivate: bool = False
     exact: bool = True
+    renumber: bool = False
 
     def __post_init__(self):
         check_choice(self.where, "where", WHERE)
+        if self.renumber and self.where != "llm":
+            raise ValueError(f"renumber: positions are renumbered after an 'llm' stage, not a {self.where!r} stage")
         if self.reactivate and (self.where != "llm" or self.needs.rows or self.needs.llm_kv):
             raise ValueError("reactivate: tokens come back at an 'llm' stage that reads no attention rows (the "
                              "dropped tokens have no keys at that layer)")
@@ -212,6 +231,9 @@ class VLMPlan:
         for s in self.stages:
             if s.reactivate and sum(t.order == s.order for t in self.stages) > 1:
                 raise ValueError(f"reactivate: a reactivating stage is the only stage after LLM layer {s.layer}")
+        if any(s.renumber for s in self.stages) and any(s.reactivate for s in self.stages):
+            raise ValueError("renumber: positions are not renumbered in a plan whose dropped tokens come back "
+                             "(reactivate): a returning token has no place in the renumbered order")
 
     def then(self, other: VLMPlan) -> VLMPlan:
         """Both plans; at the same point this plan's stage runs first."""

@@ -23,11 +23,19 @@ __all__ = ["LayerRows", "Prompt", "compact", "compact_prompt", "decode_kwargs", 
 @dataclass
 class LayerRows:
     """Rows of the prompt held by the layers after LLM layer ``after``: ``index`` [B, L_k] into the post-projector
-    rows (right-aligned, composed over the stages so far) and ``valid`` [B, L_k]."""
+    rows (right-aligned, composed over the stages so far) and ``valid`` [B, L_k]; ``pos`` [B, L_k], the
+    post-projector rows whose rotary embeddings (positions) these rows take after a renumbering stage (``None``:
+    each row keeps its own, ``index``)."""
 
     after: int
     index: torch.Tensor
     valid: torch.Tensor
+    pos: torch.Tensor | None = None
+
+    @property
+    def rotary(self) -> torch.Tensor:
+        """The post-projector rows whose rotary embeddings these rows take."""
+        return self.index if self.pos is None else self.pos
 
 
 @dataclass

@@ -102,10 +102,11 @@ def _reactivating_view(img, kept, entry, prompt, out, row_of, b):
     return view
 
 
-def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid: torch.Tensor, attn,
+def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid: torch.Tensor, recorded: dict,
             image_token_id: int):
     """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k] (rows ``index`` of the compacted prompt, or all
-    of it); ``attn``: what layer K's attention recorded (query, key, value, scaling, valid) when a stage reads it.
+    of it); ``recorded[next_layer]``: the (query, key, value, scaling, valid) of layer K's attention (False) or of
+    layer K + 1's projections on layer K's output (True), for the stages that read them.
     Returns the rows to keep [B, L_k], the hidden states (merged rows written into a copy) and the tokens that come
     back: per sample ``(prompt positions [R], values [R, C])`` or None."""
     prompt = state.prompt
@@ -114,8 +115,10 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
     row_of = rows_by_position(where, valid, prompt.orig_len)
     keep_mask, keeps, out, back = valid.clone(), state.kept, hidden, [None] * B
     for stage in _at(plan.stages, "llm", K):
+        attn, causal = recorded.get(stage.needs.next_layer), stage.needs.causal
         selectors = tuple(q for q in stage.needs.rows if q != "image_mean")
-        probs = selector_rows(selectors, attn, where, valid, state.input_ids, image_token_id) if selectors else {}
+        probs = (selector_rows(selectors, attn, where, valid, state.input_ids, image_token_id, causal=causal)
+                 if selectors else {})
         images = []
         for i, (img, kept) in enumerate(zip(state.images, keeps)):
             b = img.span.sample
@@ -128,7 +131,7 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
                          for q, (at, p) in probs.items()}  # "image": this image's own queries
             view.rows = {q: p[:, :, r] for q, p in view.rows.items()}
             if "image_mean" in stage.needs.rows:
-                view.rows["image_mean"] = _image_mean(attn, b, r)
+                view.rows["image_mean"] = _image_mean(attn, b, r, causal)
             if stage.needs.llm_kv:
                 view.kv = (attn[1][b][:, r], attn[2][b][:, r])
             images.append(view)
@@ -154,9 +157,9 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
     return keep_mask, out, back
 
 
-def _image_mean(attn, b: int, rows: torch.Tensor) -> torch.Tensor:
+def _image_mean(attn, b: int, rows: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """[n] the attention the image's tokens (``rows`` of sample ``b``, contiguous) receive from its own queries,
-    averaged over heads and queries, each query's softmax over every key it sees (causal)."""
+    averaged over heads and queries, each query's softmax over every key it sees (``causal``: the earlier ones)."""
     from prunelab.kernels.image_query_received import image_query_received
 
     query, key, _, scaling, valid = attn
@@ -165,7 +168,7 @@ def _image_mean(attn, b: int, rows: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("rows: an image's tokens are not contiguous at this layer")
     at = torch.tensor([start], device=query.device)
     return image_query_received(query[b:b + 1], key[b:b + 1], valid[b:b + 1], at, at + rows.numel(),
-                                scale=scaling)[0]
+                                scale=scaling, causal=causal)[0]
 
 
 def _cat(prev, positions, values):

@@ -43,6 +43,9 @@ class MethodEntry:
         full: the paper's settings for the full preset, beyond the budget.
         tiny: ``model -> dict`` of settings on the tiny random models of the tests and the VLM tiny presets (FASA's
             calibration of that model; HiPrune's object block in a 3-block tower).
+        tiny_budget: ``(model, ratio) -> dict``: the settings that stand for keep ratio ``ratio`` on the tiny models
+            where the budget field cannot carry it (VisionDrop's schedule over a 3-layer language model); ``None``:
+            ``budget=ratio``.
         keep_all: settings that keep every token (the invariant tests check that this equals the dense model).
         prune: settings that do prune on the tiny test models.
         bad: ``(settings, parameter)`` pairs: each must raise an error naming the parameter.
@@ -62,6 +65,7 @@ class MethodEntry:
     model_kwargs: Callable[[Any], dict] | None = None
     full: Mapping[str, Any] = field(default_factory=dict)
     tiny: Callable[[Any], dict] | None = None
+    tiny_budget: Callable[[Any, float], dict] | None = None
     keep_all: Mapping[str, Any] = field(default_factory=dict)
     prune: Mapping[str, Any] = field(default_factory=dict)
     bad: tuple[tuple[Mapping[str, Any], str], ...] = ()

@@ -1,9 +1,13 @@
-"""The shared ``tiny`` preset of the VLM visual-token pruning papers (DivPrune, HiPrune, FlowCut): offline, CPU.
+"""The shared ``tiny`` preset of the VLM visual-token pruning papers (DivPrune, HiPrune, FlowCut, VisionDrop): offline,
+CPU.
 
 Tiny random LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models are built from configs (``prunelab.common.tiny_vlm``,
 fixed seeds) and fed one batch of several prompts with images (left padding, one or two images each). For each
 method and keep ratio of the visual tokens (default 0.111 / 0.222 / 0.333, LLaVA-1.5's 64 / 128 / 192 of 576)
 the preset measures, against the dense model:
+
+- the visual tokens kept: after the last stage (``kept_visual``) and averaged over the language model's layers
+  (``visual_mean``; they differ for methods that also prune inside the language model);
 
 - prefill MACs and KV-cache bytes of the language model, dense and pruned (``vlm_prefill_cost``: unpadded
   sequences, LM head on the last position as ``generate()`` runs it, pruning before LLM layer 0);
@@ -48,12 +52,12 @@ KEEP_RATIOS = (0.111, 0.222, 0.333)
 PROMPTS = (1, 2, 1, 1, 2, 1, 1, 1)
 """Images per prompt of the batch: several prompts, one with two images, so spans and lengths differ."""
 
-METHODS = ("divprune", "hiprune", "flowcut", "random_prune")
+METHODS = ("divprune", "hiprune", "flowcut", "visiondrop", "random_prune")
 LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "flowcut": "FlowCut",
-          "random_prune": "random"}
+          "visiondrop": "VisionDrop", "random_prune": "random"}
 
-COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual", "macs_M", "macs_%", "kv_kB", "ms",
-           "speedup", "kl", "agreement", "kl_last", "agreement_last"]
+COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual_mean", "visual", "macs_M", "macs_%", "kv_kB",
+           "ms", "speedup", "kl", "agreement", "kl_last", "agreement_last"]
 
 
 def make_method(name: str, model, family: str, ratio: float, seed: int = 0):
@@ -66,6 +70,8 @@ def make_method(name: str, model, family: str, ratio: float, seed: int = 0):
     settings = entry.tiny(model) if entry.tiny else {}
     if name == "random_prune":
         settings["seed"] = seed
+    if entry.tiny_budget is not None:
+        return entry.build(model, **settings, **entry.tiny_budget(model, ratio))
     return entry.build(model, budget=ratio, **settings)
 
 
@@ -110,8 +116,11 @@ def measure_family(family: str, methods: Sequence[str], ratios: Sequence[float],
     dense_cost = vlm_prefill_cost(model, x, [s.num_tokens for s in spans])
     dense_t = benchmark(lambda: model(**x), warmup=warmup, repeat=repeat, device="cpu")
 
-    def row(method, ratio, kept, cost, t, close):
-        return {"family": family, "method": method, "keep_ratio": ratio, "kept_visual": kept, "visual": visual,
+    n_layers = model.config.get_text_config().num_hidden_layers
+
+    def row(method, ratio, kept, cost, t, close, mean=None):
+        return {"family": family, "method": method, "keep_ratio": ratio, "kept_visual": kept,
+                "visual_mean": kept if mean is None else mean, "visual": visual,
                 "macs_M": cost.pruned_macs / 1e6, "macs_%": 100 * cost.macs_ratio, "kv_kB": cost.pruned_kv_bytes / 1e3,
                 "ms": t.median_s * 1e3, "ms_iqr": t.iqr_s * 1e3, "speedup": t.speedup_over(dense_t),
                 "dense_macs_M": cost.dense_macs / 1e6, "dense_kv_kB": cost.dense_kv_bytes / 1e3,
@@ -126,8 +135,19 @@ def measure_family(family: str, methods: Sequence[str], ratios: Sequence[float],
                 t = benchmark(lambda: model(**x), warmup=warmup, repeat=repeat, device="cpu")
                 cost = vlm_prefill_cost(model, x, h)  # the handle's state is the last forward's: the prompt x
                 kept = sum(int(k.numel()) for k in h.state.kept)
-            rows.append(row(LABELS[name], ratio, kept, cost, t, close))
+                mean = mean_visual(h, n_layers)
+            rows.append(row(LABELS[name], ratio, kept, cost, t, close, mean))
     return rows
+
+
+def mean_visual(handle, n_layers: int) -> float:
+    """Visual tokens of the batch averaged over the language model's layers, after the last forward of ``handle``
+    (the tokens entering layer 0, then what each LLM stage kept for the layers after it)."""
+    state, llm = handle.state, [s for s in handle.plan.stages if s.where == "llm"]
+    counts = [sum(int(k.numel()) for k in (state.entry if llm else state.kept))] * n_layers
+    for stage, (_, ids) in zip(llm, state.history[-len(llm):] if llm else []):
+        counts[stage.layer + 1:] = [sum(int(k.numel()) for k in ids)] * (n_layers - stage.layer - 1)
+    return statistics.fmean(counts)
 
 
 def plot(rows: Sequence[dict], path: str | Path | None = None):
@@ -139,11 +159,11 @@ def plot(rows: Sequence[dict], path: str | Path | None = None):
         for i, metric in enumerate(("kl", "agreement")):
             ax = axes[i][j]
             for method in dict.fromkeys(r["method"] for r in sub if r["method"] != "dense"):
-                pts = sorted((r["kept_visual"] / r["visual"], r[metric]) for r in sub if r["method"] == method)
+                pts = sorted((r["visual_mean"] / r["visual"], r[metric]) for r in sub if r["method"] == method)
                 ax.plot(*zip(*pts), marker="o", label=method)
             ax.axhline(next(r[metric] for r in sub if r["method"] == "dense"), color="k", ls="--", lw=1,
                        label="dense")
-            ax.set_xlabel("kept share of visual tokens")
+            ax.set_xlabel("kept share of visual tokens (mean over LLM layers)")
             ax.set_ylabel("KL(dense || pruned), nats" if metric == "kl" else "top-1 agreement with dense")
             ax.set_title(fam, fontsize=9)
     axes[0][0].legend(fontsize=7)

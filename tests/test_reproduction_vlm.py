@@ -1,8 +1,9 @@
-"""The DivPrune and HiPrune reproductions: the shared tiny VLM preset through the CLI, the full presets' honest
-stop, RandomPrune, and the papers' expected.yaml."""
+"""The DivPrune, HiPrune, FlowCut and VisionDrop reproductions: the shared tiny VLM preset through the CLI, the full
+presets' honest stop, RandomPrune, and the papers' expected.yaml."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -14,11 +15,14 @@ import prunelab
 from prunelab.cli import main
 from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
 from prunelab.methods.baselines import RandomPrune
+from prunelab.reproductions.vlm_tiny import LABELS
+
+PAPERS = ("divprune", "hiprune", "flowcut", "visiondrop")
 
 REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1"]
 
 
-@pytest.fixture(scope="module", params=["divprune", "hiprune"])
+@pytest.fixture(scope="module", params=PAPERS)
 def tiny_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     assert main(["reproduce", request.param, "--out", str(out), *REDUCED]) == 0
@@ -32,10 +36,10 @@ def test_tiny_writes_tables_and_plot(tiny_run):
     md = (out / "tiny.md").read_text()
     assert "not task accuracy" in md and "- commit:" in md and "| family | method |" in md
     rows = json.loads((out / "tiny.json").read_text())["rows"]
-    own = {"divprune": "DivPrune", "hiprune": "HiPrune"}[paper]
-    assert rows[1]["method"] == own  # the paper's own method is listed first, after dense
+    assert rows[1]["method"] == LABELS[paper]  # the paper's own method is listed first, after dense
     assert {r["family"] for r in rows} == {"llava", "llava_next", "qwen2_5_vl"}
-    assert {r["method"] for r in rows} == {"dense", "DivPrune", "HiPrune", "random"}
+    methods = importlib.import_module(f"prunelab.reproductions.{paper}.tiny").METHODS
+    assert {r["method"] for r in rows} == {"dense", *(LABELS[m] for m in methods)}
 
 
 def test_tiny_dense_reference_and_costs(tiny_run):
@@ -48,25 +52,26 @@ def test_tiny_dense_reference_and_costs(tiny_run):
         for r in sub:
             assert r["kl"] >= 0.0 and 0.0 <= r["agreement"] <= 1.0 and r["ms"] > 0
             assert r["dense_macs_M"] == dense["macs_M"]
+            assert r["kept_visual"] <= r["visual_mean"] <= r["visual"]
             if r["keep_ratio"] < 1:
                 assert r["kept_visual"] < r["visual"]
                 assert r["macs_M"] < dense["macs_M"] and r["kv_kB"] < dense["kv_kB"]
             else:  # every visual token kept (HiPrune keeps NeXT's newlines): the dense prefill
                 assert r["kept_visual"] == r["visual"] and r["macs_M"] == dense["macs_M"]
-            if r["keep_ratio"] == 1.0 and r["method"] in ("DivPrune", "HiPrune"):
+            if r["keep_ratio"] == 1.0 and r["method"] in ("DivPrune", "HiPrune", "FlowCut", "VisionDrop"):
                 # float32 logits within 1e-5 of dense (the seam's keep-all invariant) give KL of order 1e-10
                 assert r["kl"] < 1e-6 and r["agreement"] == 1.0, r
 
 
 def test_full_preset_names_a_missing_checkpoint(tmp_path):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
-    for paper in ("divprune", "hiprune"):
+    for paper in PAPERS:
         with pytest.raises(OSError, match="pretrained: cannot load"):
             main(["reproduce", paper, "--preset", "full", "--model", str(tmp_path / "absent"), "--out",
                   str(tmp_path), "--limit", "2", "--tasks", "pope"])
 
 
-@pytest.mark.parametrize("paper", ["divprune", "hiprune"])
+@pytest.mark.parametrize("paper", PAPERS)
 def test_expected_yaml_has_sources(paper):
     path = Path(prunelab.__file__).parent.parent / "reproductions" / paper / "expected.yaml"
     expected = yaml.safe_load(path.read_text())
@@ -74,8 +79,13 @@ def test_expected_yaml_has_sources(paper):
     if paper == "divprune":
         rows = expected["llava15_7b_r0098"]["rows"]
         assert rows["divprune"]["pope_f1"] == 86.02 and rows["original"]["gqa"] == 61.96
-    else:
+    elif paper == "hiprune":
         assert expected["accuracy_kept_at_11pct"]["retained_accuracy_pct"] == 99.5
+    elif paper == "flowcut":
+        assert expected["llava15_7b_64_tokens"]["flowcut"]["gqa"] == 55.6
+    else:
+        assert expected["llava15_7b_32_tokens"]["visiondrop"]["avg_retained_pct"] == 91.46
+        assert expected["llava_next_7b_320_tokens"]["latency_speedup"] == 2.7
 
 
 def test_random_prune_is_seeded_and_exact():

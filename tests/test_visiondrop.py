@@ -198,6 +198,44 @@ def test_stage0_merge_reaches_the_projector(vit_query):
             torch.testing.assert_close(seen[0][t, j], want, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_qwen_stage0_merges_units_before_the_merger():
+    """On Qwen2.5-VL stage 0 runs after the last block, before the merger: the merger reads d + c merge units per
+    image, of which at most c (the targets with members) differ from the dense tower's last block."""
+    model = _model("qwen2_5_vl")
+    x = tiny_inputs(model, "qwen2_5_vl", [1], padding_side="left")
+    merger = model.model.visual.merger
+    seen = []
+
+    def run():
+        hook = merger.register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # after the engine's pre-hook
+        model(**x)
+        hook.remove()
+
+    run()
+    with prunelab.apply(model, VisionDrop.for_model(model, llm_layers=(0,), schedule=((3, 2), (2, 1)))) as h:
+        run()
+    dense, pruned = seen  # [units * m * m, C] in window order
+    m2 = model.config.vision_config.spatial_merge_size ** 2
+    dense, pruned = dense.view(-1, m2 * dense.shape[-1]), pruned.view(-1, m2 * pruned.shape[-1])
+    assert dense.shape[0] == 8 and pruned.shape[0] == 5 and len(h.state.history[0][1][0]) == 5
+    same = (pruned[:, None] == dense[None]).all(-1).any(-1)
+    assert int(same.sum()) >= 3 and int((~same).sum()) >= 1  # 3 merged units into 2 targets: at least one changed
+
+
+def test_share_schedule_averages_the_share():
+    from prunelab.methods.visiondrop import share_schedule
+
+    pairs = share_schedule(0.3, stages=2)  # sizes 0.3 * 3 * (48, 35, 26) / 109 of the encoder tokens
+    size0 = sum(pairs[0])
+    size1 = size0 * sum(pairs[1])
+    size2 = size1 * sum(pairs[2])
+    assert abs((size0 + size1 + size2) / 3 - 0.3) < 1e-12
+    assert abs(size0 - 0.3 * 3 * 48 / 109) < 1e-12 and abs(pairs[0][1] / size0 - 6 / 48) < 1e-12
+    with pytest.raises(ValueError, match="budget"):
+        share_schedule(0.8, stages=2)  # the first stage would keep more than every token
+
+
 def _visual_rows(model, method, x) -> list[int]:
     """Visual tokens each LLM layer runs on for a one-sample prompt (its rows minus its text tokens)."""
     rows = []
@@ -256,6 +294,98 @@ def test_gqa_scores_equal_the_mha_expanded_reference(monkeypatch):
     torch.testing.assert_close(logits_g, logits_m, atol=1e-5, rtol=1e-4)
 
 
+def _official_llm_score(model, K: int, out: torch.Tensor, cos_sin, valid, image, causal: bool) -> torch.Tensor:
+    """The official LLM-stage score of one sample, written out: layer K + 1's input norm, q/k projections and RoPE on
+    layer K's output ``out`` [L, C], the image queries' head-mean softmax over the valid keys (and, ``causal``, the
+    earlier ones), averaged over those queries, at the image columns ``image`` [L] (bool)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    layer = model.model.language_model.layers[K + 1]
+    attn, h = layer.self_attn, layer.input_layernorm(out[None])
+    d = attn.head_dim
+    q = attn.q_proj(h).view(1, -1, model.config.text_config.num_attention_heads, d).transpose(1, 2)
+    k = attn.k_proj(h).view(1, -1, model.config.text_config.num_key_value_heads, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    L = out.shape[0]
+    visible = valid[None, :].expand(L, L)
+    if causal:
+        visible = visible & torch.ones(L, L, dtype=torch.bool).tril()
+    p = (q[0] @ k[0].transpose(-1, -2) * d ** -0.5).masked_fill(~visible, float("-inf")).softmax(-1).mean(0)
+    return p[image][:, image].mean(0)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
+@torch.no_grad()
+def test_llm_score_is_the_next_layers_image_block(monkeypatch, mask):
+    """After layer K the score comes from layer K + 1's projections on layer K's output (the official boundary
+    K + 1), with the causal mask or, as the ablation, none; against the block written out."""
+    model = _model("llava")
+    x = tiny_inputs(model, "llava", [1, 1], padding_side="left")
+    from prunelab.common import vlm_run
+
+    real, seen = vlm_run._image_mean, []
+    monkeypatch.setattr(vlm_run, "_image_mean", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    layer0, inputs = model.model.language_model.layers[0], []
+    hook = layer0.register_forward_hook(lambda m, a, k, o: inputs.append((o, k["position_embeddings"])),
+                                        with_kwargs=True)  # before the engine's: it sees every row
+    try:
+        with prunelab.apply(model, VisionDrop.for_model(model, llm_layers=(0,), schedule=((6, 2), (3, 1)),
+                                                        llm_score_mask=mask)) as h:
+            model(**x)
+    finally:
+        hook.remove()
+    out, (cos, sin) = inputs[0]
+    prompt = h.state.prompt
+    ids = x["input_ids"].gather(1, prompt.index)
+    for b in range(2):
+        image = (ids[b] == IMAGE_TOKEN) & prompt.valid[b]
+        want = _official_llm_score(model, 0, out[b], (cos[b:b + 1], sin[b:b + 1]), prompt.valid[b], image,
+                                   mask == "causal")
+        torch.testing.assert_close(seen[b], want, atol=1e-6, rtol=1e-5)
+        top = set(torch.sort(want, descending=True, stable=True).indices[:3].tolist())
+        assert top <= set(torch.searchsorted(h.state.history[0][1][b], h.state.history[1][1][b]).tolist())
+
+
+@torch.no_grad()
+def test_positions_are_renumbered_after_each_drop_and_decoding_shifts():
+    """llm_positions="compact" (official): the rows after each LLM stage take positions 0..L'-1, a decode step's
+    position is the unpruned one minus the tokens dropped, and greedy decoding equals a teacher-forced forward of the
+    prompt with its continuation; "keep": the kept rows keep their positions."""
+    model = _model("llava")
+    x = tiny_inputs(model, "llava", [1], padding_side="left")
+    L = x["input_ids"].shape[1]
+    layers = model.model.language_model.layers
+    for positions in ("compact", "keep"):
+        method = VisionDrop.for_model(model, llm_layers=(0, 1), schedule=((6, 2), (4, 1), (3, 1)),
+                                      llm_positions=positions)
+        seen = []
+        with prunelab.apply(model, method) as h:
+            hooks = [layer.register_forward_pre_hook(
+                lambda m, a, k, _i=i, _seen=seen: _seen.append((_i, k["position_ids"])), with_kwargs=True)
+                for i, layer in enumerate(layers)]
+            try:
+                tail = generate_tail(model, x, n=3)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            forced = model(**{**x, "input_ids": torch.cat([x["input_ids"], tail[:, :-1]], 1),
+                              "attention_mask": torch.ones(1, L + 2, dtype=torch.long)}).logits
+        prefill = {i: p[0].tolist() for i, p in seen[:len(layers)]}
+        text = int((x["input_ids"] != IMAGE_TOKEN).sum())
+        entry, after0, after1 = (text + len(k[0]) for _, k in h.state.history)  # stage 0, LLM stages 0 and 1
+        assert prefill[0] == list(range(entry))
+        if positions == "compact":
+            assert prefill[1] == list(range(after0)) and prefill[2] == list(range(after1))
+            steps = [p[0, 0].item() for i, p in seen[len(layers):] if i == 0]
+            assert steps == [after1, after1 + 1]  # the unpruned L, L + 1 minus the tokens dropped
+        else:
+            assert prefill[2] == sorted(prefill[2]) and prefill[2][-1] == entry - 1 and len(prefill[2]) == after1
+        assert torch.equal(forced[0, -3:].argmax(-1), tail[0])
+    with pytest.raises(ValueError, match="llm_positions"):
+        VisionDrop.for_model(_model("qwen2_5_vl"), llm_positions="compact")
+
+
 @pytest.mark.parametrize("family,schedule", [("llava", ((6, 2), (4, 1), (3, 1))),
                                              ("llava_next", ((6, 2), (4, 1), (3, 1))), ("qwen2_5_vl", PRUNE)])
 @torch.no_grad()
@@ -294,7 +424,8 @@ def test_bad_inputs_name_the_parameter():
              (dict(schedule=((1.0, 0.0), (8, 1), (1.0, 0.0), (1.0, 0.0))), "schedule"),
              (dict(schedule=((8, 1), (9, 1), (4, 1), (2, 1))), "schedule"), (dict(llm_layers=(3, 1, 2)), "llm_layers"),
              (dict(llm_layers=(0, 1)), "llm_layers"), (dict(vit_query="max"), "vit_query"),
-             (dict(llm_score_mask="bidirectional"), "llm_score_mask"), (dict(official_quirks="yes"), "official_quirks"),
+             (dict(llm_score_mask="both"), "llm_score_mask"), (dict(llm_positions="renumber"), "llm_positions"),
+             (dict(official_quirks="yes"), "official_quirks"),
              (dict(contextual_share=1.0), "contextual_share"),
              (dict(contextual_share=0.1, schedule=KEEP_ALL + KEEP_ALL[:1]), "contextual_share")]
     for kwargs, name in cases:

@@ -115,3 +115,68 @@ def test_image_mean_is_the_image_rows_averaged_without_the_block(family):
     for img in reader.seen[0].images:
         torch.testing.assert_close(img.rows["image_mean"], img.rows["image"].float().mean((0, 1)), atol=1e-6,
                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_next_layer_reads_are_the_next_layers_own(family):
+    """``Needs(next_layer=True)`` after layer 0 reads what layer 1's own attention reads (nothing dropped in
+    between: layer 1 runs on layer 0's output), computed by a look-ahead call that leaves the forward and the cache
+    as they were."""
+    model = tiny_vlm(family)
+    x = tiny_inputs(model, family, IMAGES, padding_side="left")
+    dense = model(**x).logits
+    needs = dict(rows=("image", "image_mean", "last"), llm_kv=True)
+    ahead = Reader("llm", Needs(**needs, next_layer=True), layer=0)
+    own = Reader("llm", Needs(**needs), layer=1)
+    with prunelab.apply(model, ahead):
+        torch.testing.assert_close(model(**x).logits, dense, atol=1e-5, rtol=0)
+    with prunelab.apply(model, own):
+        model(**x)
+    for a, b in zip(ahead.seen[0].images, own.seen[0].images):
+        for q in needs["rows"]:
+            torch.testing.assert_close(a.rows[q], b.rows[q], atol=1e-6, rtol=1e-5)
+        for u, v in zip(a.kv, b.kv):
+            torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+    both = VLMPlan(ahead.vlm_plan().stages + own.vlm_plan().stages)  # a look-ahead into a layer that also observes
+    ahead.seen.clear()
+    own.seen.clear()
+    with prunelab.apply(model, type("Both", (), {"vlm_plan": lambda self: both})()):
+        model(**x)
+    assert len(ahead.seen) == len(own.seen) == 1
+    torch.testing.assert_close(ahead.seen[0].images[0].kv[0], own.seen[0].images[0].kv[0], atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_bidirectional_rows_see_every_valid_key():
+    """``causal=False``: the image queries' rows (torch) see the later image keys too, and their mean equals the
+    kernel's column means computed without the causal mask."""
+    model = tiny_vlm("llava")
+    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
+    reader = Reader("llm", Needs(rows=("image", "image_mean"), causal=False), layer=0)
+    causal = Reader("llm", Needs(rows=("image",)), layer=0)
+    for r in (reader, causal):
+        with prunelab.apply(model, r):
+            model(**x)
+    for img, ref in zip(reader.seen[0].images, causal.seen[0].images):
+        rows = img.rows["image"]  # [H, n, n]: each image query's probabilities over the image columns
+        upper = torch.ones_like(rows[0], dtype=torch.bool).triu(1)
+        assert bool((rows[:, upper] > 0).all()) and bool((ref.rows["image"][:, upper] == 0).all())
+        torch.testing.assert_close(img.rows["image_mean"], rows.float().mean((0, 1)), atol=1e-6, rtol=1e-5)
+
+
+def test_renumbering_is_refused_where_it_has_no_meaning():
+    keep = Reader("llm", Needs(), layer=0).select
+    with pytest.raises(ValueError, match="renumber"):
+        Stage("projector", keep, renumber=True)
+    with pytest.raises(ValueError, match="renumber"):
+        VLMPlan((Stage("llm", keep, layer=0, renumber=True), Stage("llm", keep, layer=1, reactivate=True)))
+    model = tiny_vlm("qwen2_5_vl")
+    plan = VLMPlan((Stage("llm", keep, layer=0, renumber=True),))
+    with pytest.raises(ValueError, match="renumber"):
+        prunelab.apply(model, type("Renumber", (), {"vlm_plan": lambda self: plan})())
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="next_layer"):
+            Needs(next_layer=bad)
+        with pytest.raises(ValueError, match="causal"):
+            Needs(causal=bad)

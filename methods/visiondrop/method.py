@@ -1,10 +1,11 @@
 """VisionDrop's method object and its VLM plan (arXiv 2506.22283, AAAI 2026).
 
-Stage 0 runs where the vision features are read: on CLIP towers (LLaVA-1.5, LLaVA-NeXT per tile) a tower stage after
-the feature layer (LLaVA's ``vision_feature_layer``), whose result is that layer's output as the projector reads it,
-merged rows included; on Qwen2.5-VL, which has no stage after its last block, a stage after the merger, reading the
-last block's queries and keys. Stages 1..S run after LLM layers ``llm_layers`` at prefill. Every stage keeps the
-top-``d`` tokens by visual-only attention and merges the rest into ``c`` contextual tokens (``selection.py``).
+Stage 0 runs where the vision features are read, as a tower stage: on CLIP towers (LLaVA-1.5, LLaVA-NeXT per tile)
+after the feature layer (LLaVA's ``vision_feature_layer``), whose result is that layer's output as the projector
+reads it, merged rows included; on Qwen2.5-VL after the last block, on merge units, before the merger. Stages 1..S
+run after LLM layers ``llm_layers`` at prefill, scored with the next layer's projections (the layer the drop
+precedes), and renumber the positions after them (1-D RoPE). Every stage keeps the top-``d`` tokens by visual-only
+attention and merges the rest into ``c`` contextual tokens (``selection.py``).
 
 Official repository: ``Ruixxxx/VisionDrop`` (Apache-2.0), compared at commit f7a9444 (the snapshot in this workspace's
 code index; the live repository was not reachable). Nothing is copied; README.md maps the paper and the official code
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -24,13 +26,21 @@ from prunelab.common.validate import check_bool, check_budget, check_choice, che
 from prunelab.methods.visiondrop import selection
 from prunelab.methods.visiondrop.schedule import OFFICIAL_BUDGET, budget_schedule, check_schedule, stage_counts
 
-__all__ = ["LLM_LAYERS", "VisionDrop"]
+__all__ = ["LLM_LAYERS", "PAPER_BUDGETS", "VisionDrop"]
+
+PAPER_BUDGETS = MappingProxyType({
+    "llava-1.5": (192, 128, 64, 32),  # average T of 576 (paper: 192 and 32 in its tables; 32 the official schedule)
+    "llava-next": (128, 64, 32),  # T per tile, about 640 / 320 / 160 for five tiles (paper: 2880 -> 320)
+    "qwen2_5_vl": (0.333, 0.222, 0.111),  # shares of each image's merge units (not in the paper)
+})
+"""The budgets the full preset runs at, per model."""
 
 LLM_LAYERS = (7, 15, 23)
 """0-based LLM layers after which the official code drops (its ``--layer_list [8,16,24]``: before layers 8, 16, 24)."""
 
 VIT_QUERIES = ("cls", "mean")
 SCORE_MASKS = ("causal", "bidirectional")
+POSITIONS = ("compact", "keep")
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,13 @@ class VisionDrop:
         vit_query: encoder score: ``"cls"``, the CLS row summed over heads (official, CLIP only), or ``"mean"``, the
             attention of the mean patch query (the paper's CLS-free variant; the only one on Qwen2.5-VL).
             ``None``: the family's (set by :meth:`for_model`).
-        llm_score_mask: the LLM-stage score's mask: ``"causal"`` (official). ``"bidirectional"`` (the card's
-            ablation) needs the image queries of the layer, which the stage engine does not hand to a stage:
-            refused.
+        llm_score_mask: the LLM-stage score's mask: ``"causal"`` (official: an image query sees the keys before it),
+            or ``"bidirectional"`` (an ablation: every image query sees every valid key of the prompt, later text
+            included; the layers themselves stay causal).
+        llm_positions: positions after an LLM stage: ``"compact"`` (official: the kept tokens are renumbered
+            contiguously and decoding continues from there, so every later position moves down by the tokens
+            dropped) or ``"keep"`` (kept tokens keep their positions). ``None``: ``"compact"`` on LLaVA-1.5 and
+            LLaVA-NeXT, ``"keep"`` on Qwen2.5-VL, whose M-RoPE ids are kept (set by :meth:`for_model`).
         official_quirks: the official counts where they differ: the CLS is one of stage 0's dominant tokens even
             where transformers' LLaVA gives it no slot (``d0 - 1`` dominant patches), the LLM stages keep the
             schedule's counts as they are (one 48-token image per sample), and a GQA language model is refused (the
@@ -72,6 +86,7 @@ class VisionDrop:
     llm_layers: tuple[int, ...] = LLM_LAYERS
     vit_query: str | None = None
     llm_score_mask: str = "causal"
+    llm_positions: str | None = None
     official_quirks: bool = False
     feature_layer: int | None = None
     family: str | None = None
@@ -90,10 +105,8 @@ class VisionDrop:
         if self.vit_query is not None:
             check_choice(self.vit_query, "vit_query", VIT_QUERIES)
         check_choice(self.llm_score_mask, "llm_score_mask", SCORE_MASKS)
-        if self.llm_score_mask == "bidirectional":
-            raise ValueError("llm_score_mask: 'bidirectional' needs the image queries of the LLM layer, which the "
-                             "stage engine does not give a stage (it gives causal attention rows, keys and values); "
-                             "not implemented")
+        if self.llm_positions is not None:
+            check_choice(self.llm_positions, "llm_positions", POSITIONS)
         for name in ("official_quirks", "cls_in_prompt"):
             put(name, check_bool(getattr(self, name), name))
         if self.schedule is not None:
@@ -120,9 +133,13 @@ class VisionDrop:
         method = cls(**kwargs)
         query = method.vit_query or ("mean" if family == "qwen2_5_vl" else "cls")
         cls_in_prompt = False
+        positions = method.llm_positions or ("keep" if family == "qwen2_5_vl" else "compact")
         if family == "qwen2_5_vl":
             if query == "cls":
                 raise ValueError("vit_query: Qwen2.5-VL's vision tower has no CLS token; use vit_query='mean'")
+            if positions == "compact":
+                raise ValueError("llm_positions: Qwen2.5-VL's M-RoPE ids are kept after a drop; use "
+                                 "llm_positions='keep'")
             feature = depth - 1  # the merger reads the last block
         else:
             layer = model.config.vision_feature_layer
@@ -144,8 +161,8 @@ class VisionDrop:
             raise ValueError(f"official_quirks: the official LLM scorer pairs query and key heads without repeat_kv "
                              f"and does not run on this grouped-query model ({heads} query, {kv_heads} key-value "
                              "heads); use official_quirks=False (key heads expanded)")
-        return cls(**{**kwargs, "vit_query": query, "feature_layer": feature, "family": family,
-                      "cls_in_prompt": cls_in_prompt})
+        return cls(**{**kwargs, "vit_query": query, "llm_positions": positions, "feature_layer": feature,
+                      "family": family, "cls_in_prompt": cls_in_prompt})
 
     # -- counts ------------------------------------------------------------------------------------------------
     @property
@@ -186,25 +203,24 @@ class VisionDrop:
             raise ValueError("feature_layer: VisionDrop reads the model's encoder; build it with "
                              "VisionDrop.for_model(model)")
         f, mean = self.feature_layer, self.vit_query == "mean"
-        if self.family == "qwen2_5_vl":
-            first = Stage("projector", self._stage0, needs=Needs(vision_layers=(f,), queries=True, keys=True),
-                          budget=self._budget0, name="VisionDrop stage 0")
-        else:
-            needs = Needs(vision_layers=(f,), cls_row=not mean, queries=mean, keys=True)
-            first = Stage("vision", self._stage0, layer=f, needs=needs, budget=self._budget0,
-                          name="VisionDrop stage 0")
-        # NeXT averages over its non-newline queries only: the full rows; elsewhere the kernel's column means
+        needs = Needs(vision_layers=(f,), cls_row=not mean, queries=mean, keys=True)
+        stages = [Stage("vision", self._stage0, layer=f, needs=needs, budget=self._budget0,
+                        name="VisionDrop stage 0")]
+        # NeXT averages over its non-newline queries only: the full rows; elsewhere the kernel's column means.
+        # The rows, keys and values are those of layer K + 1 (the official boundary b = K + 1) on layer K's output.
         query = "image" if self.family == "llava_next" else "image_mean"
-        stages, rows = [first], Needs(rows=(query,), llm_kv=True)
+        rows = Needs(rows=(query,), llm_kv=True, causal=self.llm_score_mask == "causal", next_layer=True)
+        renumber = (self.llm_positions or "compact") == "compact"
         for k, K in enumerate(self.llm_layers, 1):
-            stages.append(Stage("llm", functools.partial(self._llm, k), layer=K, needs=rows,
+            stages.append(Stage("llm", functools.partial(self._llm, k), layer=K, needs=rows, renumber=renumber,
                                 budget=functools.partial(self._llm_budget, k), name=f"VisionDrop LLM {K}"))
         return VLMPlan(tuple(stages))
 
     # -- stage 0 -----------------------------------------------------------------------------------------------
     def _n_ref0(self, img) -> int:
-        f = self.feature_layer
-        return img.span.num_tokens if self.family == "qwen2_5_vl" else img.keys[f].shape[2] - 1
+        """Tokens of the encoder image before any drop: a CLIP tile's patches, a Qwen2.5-VL image's merge units."""
+        keys = img.keys[self.feature_layer]  # [tiles, H, 1 + P, d] (CLS first) / [H, units, m*m, d]
+        return keys.shape[1] if self.family == "qwen2_5_vl" else keys.shape[2] - 1
 
     def _budget0(self, img) -> int:
         d, c = self.counts(0, img.token_ids.shape[-1], self._n_ref0(img))
@@ -243,7 +259,7 @@ class VisionDrop:
     def _qwen_stats(self, img) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: merge-unit scores [1, n] (the mean patch query's attention, summed over each unit's patches)
         and the metric [1, n, m*m*d] (head-mean keys of the unit's patches, concatenated as the merger does)."""
-        f, ids = self.feature_layer, img.token_ids
+        f, ids = self.feature_layer, img.token_ids[0]  # [n] merge units in raster order
         q, k = img.queries[f][:, ids], img.keys[f][:, ids]  # [H, n, m*m, d]
         H, n, m2, dh = k.shape
         patches = selection.mean_query_scores(q.reshape(1, H, n * m2, dh), k.reshape(1, H, n * m2, dh), dh ** -0.5)

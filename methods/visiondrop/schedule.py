@@ -27,7 +27,8 @@ import numpy as np
 from prunelab.common.tokens import keep_count
 from prunelab.common.validate import check_int, check_real
 
-__all__ = ["OFFICIAL_BUDGET", "OFFICIAL_SCHEDULE", "budget_schedule", "check_schedule", "sizes", "stage_counts"]
+__all__ = ["OFFICIAL_BUDGET", "OFFICIAL_SCHEDULE", "budget_schedule", "check_schedule", "share_schedule", "sizes",
+           "stage_counts"]
 
 OFFICIAL_BUDGET = 32
 OFFICIAL_SCHEDULE = ((42, 6), (30, 5), (22, 4), (16, 3))
@@ -66,6 +67,34 @@ def budget_schedule(budget: int, contextual_share: float | None = None) -> tuple
             c = math.floor(s * contextual_share + 0.5 + 1e-9)
         c = min(c, s - 1)
         out.append((s - c, c))
+    return tuple(out)
+
+
+def share_schedule(share: float, stages: int = 3) -> tuple[tuple[float, float], ...]:
+    """Fractions for ``stages`` LLM stages (1 to 3) whose ``stages + 1`` stage sizes, in the official proportions
+    (the first of 48 : 35 : 26 : 19), average ``share`` of the encoder tokens, each split with the official
+    contextual share of its stage. Each pair is a fraction of the tokens its stage receives, so it works on images
+    of any size; rounding (``keep_count``) makes the average approximate on small images.
+
+    This is the rule of the tiny presets, whose language models are too shallow for the paper's three equal
+    segments; the average is per LLM layer when the stages split the layers into equal segments.
+
+    Raises:
+        ValueError: naming ``budget`` when the first stage would keep more than every token.
+    """
+    share = check_real(share, "budget", low=0.0, high=1.0, low_open=True)
+    stages = check_int(stages, "stages", low=1, high=3)
+    ref = sizes(OFFICIAL_SCHEDULE)[:stages + 1]
+    scale = share * len(ref) / sum(ref)
+    if ref[0] * scale > 1.0:
+        raise ValueError(f"budget: a share of {share} puts {ref[0] * scale:.3f} of the tokens into the first stage; "
+                         f"at most {sum(ref) / (len(ref) * ref[0]):.3f} with {stages} LLM stages")
+    out, prev = [], 1.0
+    for (_, c_ref), s_ref in zip(OFFICIAL_SCHEDULE, ref):
+        size = s_ref * scale  # share of the encoder tokens
+        keep, contextual = size / prev, size / prev * c_ref / s_ref
+        out.append((keep - contextual, contextual))
+        prev = size
     return tuple(out)
 
 
