@@ -12,11 +12,18 @@ method actually ran with) and the fraction of the bound reached. The selection o
 own code: a run where every stage keeps everything (budget = every token) against dense.
 
     python benchmarks/vlm_prefill.py --method flowcut --budgets 64 128 192
+    python benchmarks/vlm_prefill.py --method visiondrop --budgets 32 64 128 192 \
+        --keep-all "schedule=((1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (1.0, 0.0))"
+
+Methods that also prune inside the language model (VisionDrop) are counted per LLM layer on the tokens each layer
+ran on; the statistics their stages compute beside the forward (the next layer's projections, the score) count as
+selection overhead, not as MACs of the bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import time
 
@@ -78,13 +85,23 @@ def dense_macs(model, inputs) -> tuple[int, int]:
                                                                       int(inputs["input_ids"].shape[1]))
 
 
+def lm_tokens(handle, n_layers: int) -> list[int]:
+    """Tokens each language-model layer ran on: the prompt's text plus the visual tokens that entered it, then what
+    each LLM stage the handle recorded kept."""
+    state, text = handle.state, handle.state.input_ids.shape[1] - 576
+    llm = [s for s in handle.plan.stages if s.where == "llm"]  # recorded last, in this order
+    counts = [text + int((state.entry if llm else state.kept)[0].numel())] * n_layers
+    for stage, (_, kept) in zip(llm, state.history[-len(llm):] if llm else []):
+        counts[stage.layer + 1:] = [text + int(kept[0].numel())] * (n_layers - stage.layer - 1)
+    return counts
+
+
 def method_macs(model, handle) -> tuple[int, int]:
     """The same for the handle's last forward, per layer on the tokens each layer ran on."""
     depth = model.config.vision_config.num_hidden_layers
-    text = handle.state.input_ids.shape[1] - 576
-    visual = int(handle.state.kept[0].numel())
+    dims = LLMDims.from_config(model.config)
     return (prefill_macs(tower_dims(model), tower_tokens(handle, depth), logits=0),
-            prefill_macs(LLMDims.from_config(model.config), text + visual))
+            prefill_macs(dims, lm_tokens(handle, dims.layers)))
 
 
 def main(argv=None) -> None:
@@ -93,7 +110,11 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--keep-all", nargs="+", default=["budget=576"], metavar="KEY=VALUE",
+                        help="settings of the run that keeps every token (the selection overhead), as Python "
+                             "literals; default budget=576")
     args = parser.parse_args(argv)
+    keep_all = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.keep_all)}
     torch.set_num_threads(args.threads)
     model, inputs = build()
     entry = registry.get(args.method)
@@ -102,8 +123,8 @@ def main(argv=None) -> None:
           f"LM {dense_lm / 1e9:.1f} G; torch threads {torch.get_num_threads()}")
     with torch.no_grad():
         _time(model, inputs)  # warm-up
-        for budget in [576, *args.budgets]:
-            method = entry.build(model, budget=budget)
+        for budget in [None, *args.budgets]:
+            method = entry.build(model, **keep_all) if budget is None else entry.build(model, budget=budget)
             dense, pruned = [], []
             with prunelab.apply(model, method) as handle:
                 model(**inputs, use_cache=False)  # warm-up, and the token counts
@@ -115,7 +136,7 @@ def main(argv=None) -> None:
             d, p = statistics.median(dense), statistics.median(pruned)
             q = statistics.quantiles(pruned, n=4) if len(pruned) > 1 else [p, p, p]
             bound = (dense_tower + dense_lm) / (tower + lm)
-            label = "keep-all (overhead)" if budget == 576 else f"T = {budget}"
+            label = "keep-all (overhead)" if budget is None else f"T = {budget}"
             print(f"{args.method} {label:20s} dense {d * 1e3:8.1f} ms  pruned {p * 1e3:8.1f} ms "
                   f"(IQR {(q[2] - q[0]) * 1e3:.1f})  speed-up {d / p:5.2f}  bound {bound:5.2f}  "
                   f"fraction {d / p / bound:5.2f}  MACs tower {tower / 1e9:.1f} G, LM {lm / 1e9:.2f} G")

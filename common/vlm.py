@@ -29,9 +29,10 @@ forward on that same cache object the pre-hook rewrites
 
 - ``attention_mask`` to ``[kept mask of the prompt, the step columns generate appended]`` (length cache + q);
 - ``position_ids`` from the prompt's next position plus the steps taken (cache length - ``L'``): LLaVA positions
-  are renumbered contiguously over the kept tokens; Qwen2.5-VL tokens keep their own 3-D M-RoPE ids and decode
-  continues from ``max(id) + 1``, as ``get_rope_index``'s ``rope_deltas`` would. Deriving positions from the
-  state, not from generate's counter, also makes right-padded prompts decode like unpadded ones.
+  are renumbered contiguously over the kept tokens (an LLM stage with ``renumber`` renumbers the later layers'
+  rows again and lowers the next position by the tokens it dropped); Qwen2.5-VL tokens keep their own 3-D M-RoPE
+  ids and decode continues from ``max(id) + 1``, as ``get_rope_index``'s ``rope_deltas`` would. Deriving positions
+  from the state, not from generate's counter, also makes right-padded prompts decode like unpadded ones.
 
 LLaVA-NeXT under generate(): ``_prepare_multimodal_encoder_kwargs_for_generation`` runs
 ``model.model.get_image_features`` before the first forward and pops ``image_sizes`` from the forward's kwargs, yet

@@ -11,6 +11,8 @@ the preset measures, against the dense model:
 
 - prefill MACs and KV-cache bytes of the language model, dense and pruned (``vlm_prefill_cost``: unpadded
   sequences, LM head on the last position as ``generate()`` runs it, pruning before LLM layer 0);
+- the same for ``random_prune`` at the paper's own method's measured mean share (``random (matched)``), where
+  that share differs from the keep ratio;
 - prefill latency of the whole VLM forward (vision tower, projector, selection, LLM; median of ``benchmark``);
 - KL(dense || pruned) of the next-token distribution and top-1 agreement, on the last prompt position and on
   ``decode_steps`` further positions teacher-forced on the dense model's greedy continuation (so both models
@@ -55,6 +57,11 @@ PROMPTS = (1, 2, 1, 1, 2, 1, 1, 1)
 METHODS = ("divprune", "hiprune", "flowcut", "visiondrop", "random_prune")
 LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "flowcut": "FlowCut",
           "visiondrop": "VisionDrop", "random_prune": "random"}
+
+MATCHED = "random (matched)"
+"""Label of the random rows at the mean share of visual tokens per LLM layer that the paper's own method kept (its
+``visual_mean``), added where that differs from the keep ratio by more than 2 % of the visual tokens (LLM stages,
+per-tile counts, kept newlines, rounding on small images): random at the same budget in the sense that matters."""
 
 COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual_mean", "visual", "macs_M", "macs_%", "kv_kB",
            "ms", "speedup", "kl", "agreement", "kl_last", "agreement_last"]
@@ -126,17 +133,26 @@ def measure_family(family: str, methods: Sequence[str], ratios: Sequence[float],
                 "dense_macs_M": cost.dense_macs / 1e6, "dense_kv_kB": cost.dense_kv_bytes / 1e3,
                 "tokens": list(cost.pruned_tokens), **close}
 
+    def measure(method, label, ratio):
+        with prunelab.apply(model, method) as h:
+            close = _closeness(dense_logits, model(**xt).logits[:, -n_pos:])
+            t = benchmark(lambda: model(**x), warmup=warmup, repeat=repeat, device="cpu")
+            cost = vlm_prefill_cost(model, x, h)  # the handle's state is the last forward's: the prompt x
+            kept = sum(int(k.numel()) for k in h.state.kept)
+            mean = mean_visual(h, n_layers)
+        return row(label, ratio, kept, cost, t, close, mean)
+
     rows = [row("dense", 1.0, visual, dense_cost, dense_t, _closeness(dense_logits, dense_logits))]
     for name in methods:
         for ratio in ratios:
-            method = make_method(name, model, family, ratio, seed)
-            with prunelab.apply(model, method) as h:
-                close = _closeness(dense_logits, model(**xt).logits[:, -n_pos:])
-                t = benchmark(lambda: model(**x), warmup=warmup, repeat=repeat, device="cpu")
-                cost = vlm_prefill_cost(model, x, h)  # the handle's state is the last forward's: the prompt x
-                kept = sum(int(k.numel()) for k in h.state.kept)
-                mean = mean_visual(h, n_layers)
-            rows.append(row(LABELS[name], ratio, kept, cost, t, close, mean))
+            rows.append(measure(make_method(name, model, family, ratio, seed), LABELS[name], ratio))
+    own = [r for r in rows if methods and r["method"] == LABELS[methods[0]] and r["keep_ratio"] < 1]
+    if "random_prune" in methods[1:]:  # random at the mean share the paper's method actually kept, where it differs
+        for r in own:
+            plain = next(p for p in rows if p["method"] == "random" and p["keep_ratio"] == r["keep_ratio"])
+            if abs(r["visual_mean"] - plain["visual_mean"]) > 0.02 * visual:
+                method = make_method("random_prune", model, family, r["visual_mean"] / visual, seed)
+                rows.append(measure(method, MATCHED, r["keep_ratio"]))
     return rows
 
 
@@ -175,12 +191,14 @@ def plot(rows: Sequence[dict], path: str | Path | None = None):
 
 
 def summary(rows: Sequence[dict]) -> list[dict]:
-    """Per method and keep ratio: the mean over families of the MACs share, speedup, KL and agreement."""
+    """Per method and keep ratio: the mean over families of the visual share kept (mean over LLM layers), the MACs
+    share, speedup, KL and agreement."""
     keys = list(dict.fromkeys((r["method"], r["keep_ratio"]) for r in rows))
     out = []
     for method, ratio in keys:
         sub = [r for r in rows if r["method"] == method and r["keep_ratio"] == ratio]
         out.append({"method": method, "keep_ratio": ratio, "families": len(sub),
+                    "visual_%": statistics.fmean(100 * r["visual_mean"] / r["visual"] for r in sub),
                     **{k: statistics.fmean(r[k] for r in sub) for k in ("macs_%", "speedup", "kl", "agreement")}})
     return out
 

@@ -12,7 +12,8 @@ average of T = 32 per layer.
 - :func:`stage_counts` turns a stage's pair into counts for an image holding ``n`` tokens: count pairs are
   absolute at stage 0 (per CLIP tile / Qwen image) and, at LLM stages, scaled to the image's tokens by
   ``n / (d_{k-1} + c_{k-1})`` (exact on LLaVA-1.5, where an image holds exactly the previous size; the official
-  code uses them as absolute counts: ``absolute=True``); fraction pairs are shares of ``n``.
+  code uses them as absolute counts: ``absolute=True``); fraction pairs are shares of ``n``. Scaled or fractional
+  counts round half up; the dominant count is at least 1, the contextual count may round to 0.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ OFFICIAL_SCHEDULE = ((42, 6), (30, 5), (22, 4), (16, 3))
 def _half_up(num: int, den: int) -> int:
     """``round(num / den)`` with halves up, in integers (no float error on the official ratios)."""
     return (2 * num + den) // (2 * den)
+
+
+def _half_up_share(n: int, share: float) -> int:
+    """``round(n * share)`` with halves up, possibly 0 (a stage may keep no contextual token on a small image)."""
+    return math.floor(n * share + 0.5 + 1e-9)
 
 
 def budget_schedule(budget: int, contextual_share: float | None = None) -> tuple[tuple[int, int], ...]:
@@ -143,12 +149,10 @@ def stage_counts(schedule, k: int, n: int, *, absolute: bool = False, name: str 
     """
     d, c = schedule[k]
     if isinstance(d, float):  # fractions of the tokens the stage receives
-        d = keep_count(n, d, name=name)
-        c = 0 if c == 0 else keep_count(n, c, name=name)
+        d, c = keep_count(n, d, name=name), _half_up_share(n, c)
     elif k > 0 and not absolute:  # counts of the reference image, scaled to this image's tokens
         prev = sum(schedule[k - 1])
-        d = keep_count(n, d / prev, name=name)
-        c = 0 if c == 0 else keep_count(n, c / prev, name=name)
+        d, c = keep_count(n, d / prev, name=name), _half_up_share(n, c / prev)
     elif d + c > n:
         raise ValueError(f"{name}: stage {k} keeps {d} dominant + {c} contextual tokens, but the image holds "
                          f"only {n} there")
