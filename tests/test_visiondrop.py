@@ -90,7 +90,7 @@ def test_a_target_without_members_stays_and_c_zero_drops_the_rest():
     dropped = visiondrop_reduction(score, metric, d=2, c=0)
     assert dropped.merge is None and dropped.keep.tolist() == [[0, 1]]  # equal scores go to the lower index
     with pytest.raises(ValueError, match="scores"):
-        selection.image_query_scores(torch.full((2, 3, 3), float("nan")))
+        visiondrop_reduction(score * float("nan"), metric, d=1, c=2)
     with pytest.raises(ValueError, match="keys"):
         visiondrop_reduction(score, metric * float("nan"), d=1, c=2)
 

@@ -14,7 +14,6 @@ from prunelab.methods.visiondrop.selection import (
     contextual_targets,
     dominant_tokens,
     head_mean_keys,
-    image_query_scores,
     mean_query_scores,
     visiondrop_reduction,
 )
@@ -22,6 +21,6 @@ from prunelab.methods.visiondrop.selection import (
 __all__ = [
     "VisionDrop", "LLM_LAYERS", "PAPER_BUDGETS", "OFFICIAL_BUDGET", "OFFICIAL_SCHEDULE", "budget_schedule",
     "share_schedule", "stage_counts",
-    "assign_members", "cls_scores", "contextual_targets", "dominant_tokens", "head_mean_keys", "image_query_scores",
+    "assign_members", "cls_scores", "contextual_targets", "dominant_tokens", "head_mean_keys",
     "mean_query_scores", "visiondrop_reduction",
 ]

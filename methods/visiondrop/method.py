@@ -206,10 +206,9 @@ class VisionDrop:
         needs = Needs(vision_layers=(f,), cls_row=not mean, queries=mean, keys=True)
         stages = [Stage("vision", self._stage0, layer=f, needs=needs, budget=self._budget0,
                         name="VisionDrop stage 0")]
-        # NeXT averages over its non-newline queries only: the full rows; elsewhere the kernel's column means.
-        # The rows, keys and values are those of layer K + 1 (the official boundary b = K + 1) on layer K's output.
-        query = "image" if self.family == "llava_next" else "image_mean"
-        rows = Needs(rows=(query,), llm_kv=True, causal=self.llm_score_mask == "causal", next_layer=True)
+        # The kernel's column means over the image's queries, with the keys and values of layer K + 1 (the official
+        # boundary b = K + 1) on layer K's output.
+        rows = Needs(rows=("image_mean",), llm_kv=True, causal=self.llm_score_mask == "causal", next_layer=True)
         renumber = (self.llm_positions or "compact") == "compact"
         for k, K in enumerate(self.llm_layers, 1):
             stages.append(Stage("llm", functools.partial(self._llm, k), layer=K, needs=rows, renumber=renumber,
@@ -291,10 +290,7 @@ class VisionDrop:
             if d + c >= int(cand.sum()):
                 out.append(Reduction.keep_all(1, n, img.token_ids.device))
                 continue
-            if "image_mean" in img.rows:  # every token is a query: heads and queries averaged by the kernel
-                score = img.rows["image_mean"].float()
-            else:
-                score = selection.image_query_scores(img.rows["image"], cand)  # query i is token_ids[i]
+            score = img.rows["image_mean"].float()  # every token of the image a query, NeXT's newlines included
             metric = selection.head_mean_keys(img.kv[0])  # post-RoPE keys of the layer [n, d]
             out.append(selection.visiondrop_reduction(score[None], metric[None], d, c, cand[None]))
         return out

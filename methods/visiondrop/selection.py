@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from prunelab.common.reduction import Merge, Reduction
 
 __all__ = ["assign_members", "cls_scores", "contextual_targets", "dominant_tokens", "head_mean_keys",
-           "image_query_scores", "mean_query_scores", "visiondrop_reduction"]
+           "mean_query_scores", "visiondrop_reduction"]
 
 
 def _finite(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -69,24 +69,6 @@ def mean_query_scores(queries: torch.Tensor, keys: torch.Tensor, scale: float, p
     q_bar = q[:, :, prefix:].mean(2, keepdim=True)  # [rows, H, 1, d]
     probs = ((q_bar @ k.transpose(-1, -2)) * scale).softmax(-1)[:, :, 0]  # [rows, H, prefix + n]
     return _finite(probs[:, :, prefix:].sum(1), "scores")
-
-
-def image_query_scores(rows: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
-    """LLM-stage score: attention each visual token receives from the image's queries, head and query mean
-    (official ``modeling_llama_visiondrop.py``: ``mean_h softmax(Q_I K^T / sqrt(d) + mask)``, image columns).
-
-    Args:
-        rows: [H, n_q, n] attention probabilities of the image's queries over its ``n`` tokens, each row
-            normalised over every key the query sees (text before the image included).
-        queries: bool [n_q], the queries averaged over (default: all).
-
-    Returns:
-        [n] float32.
-    """
-    a = rows.float().mean(0)  # head mean [n_q, n]
-    if queries is not None:
-        a = a[queries]
-    return _finite(a.mean(0), "scores")
 
 
 def head_mean_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -182,6 +164,7 @@ def visiondrop_reduction(score: torch.Tensor, metric: torch.Tensor, d: int, c: i
         merge into their targets with ``average=False`` and weights ``1 / members``.
     """
     rows, n = score.shape
+    _finite(score, "scores")
     _finite(metric, "keys")
     parts = [_one_row(score[i], metric[i], d, c, None if candidates is None else candidates[i]) for i in range(rows)]
     keep = torch.stack([p[0] for p in parts])
