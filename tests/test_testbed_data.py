@@ -76,9 +76,9 @@ def check(sample: C.Sample, cells: tuple[int, ...]) -> None:
         assert sample.answer == (fashion.NAMES[cells[p]] if cells[p] >= 0 else "nothing")
         assert sample.cells == (p,)
     elif sample.kind == "count":
-        plural = {n + ("es" if n.endswith("s") else "s"): i for i, n in enumerate(fashion.NAMES)}
-        c = class_of(f["name"]) if "name" in f else plural[f["names"]]
-        assert sample.answer == str(sum(x == c for x in cells)) and sample.cells == every
+        c = class_of(f["name"]) if "name" in f else fashion.PLURALS.index(f["names"])
+        words = ("zero", "one", "two", "three", "four", "five")
+        assert sample.answer == words[sum(x == c for x in cells)] and sample.cells == every
     else:
         c = class_of(f["name"])
         assert sum(x == c for x in cells) == 1, "relation anchors must occur exactly once"
@@ -104,7 +104,8 @@ def synthetic(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_loader_moved():
     assert zt_data.load_fashion_mnist is fashion.load_fashion_mnist
     assert zt_data.read_idx is fashion.read_idx and zt_data.CLASSES is fashion.CLASSES
-    assert len(fashion.NAMES) == len(fashion.CLASSES) == 10 and all(n.isalpha() for n in fashion.NAMES)
+    assert len(fashion.NAMES) == len(fashion.PLURALS) == len(fashion.CLASSES) == 10
+    assert all(n.isalpha() for n in fashion.NAMES + fashion.PLURALS) and len(set(fashion.NAMES + fashion.PLURALS)) == 19
 
 
 @needs_data

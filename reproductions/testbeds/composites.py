@@ -14,8 +14,9 @@ Kinds, answers and chance levels (majority-answer rates measured on 20k samples 
 - ``presence``: yes/no, exactly balanced over a dataset: 50 %.
 - ``location``: one of 10 names or "nothing" (11 choices, uniform chance 9 %); the cell is empty with
   probability ``NOTHING`` = 0.2, so the majority answer is "nothing" at 20 % (each name about 8 %).
-- ``count``: digits "0".."5" (digits, not words); a present class with probability ``COUNT_PRESENT`` = 0.8.
-  Majority "1" at about 49 %; "0" and "2" about 20 % each, "3".."5" rarer (12 %, 4 %, 1 %).
+- ``count``: number words "zero".."five" (one token each after a space, unlike " 0".." 5"); a present class
+  with probability ``COUNT_PRESENT`` = 0.8. Majority "one" at about 49 %; "zero" and "two" about 20 % each,
+  "three".."five" rarer (12 %, 4 %, 1 %).
 - ``relation``: the item left of / right of / above / below a class occurring exactly once, or "nothing";
   the neighbour is empty with probability ``NOTHING``. Majority "nothing", about 19 %.
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunelab.reproductions.testbeds.fashion import NAMES, load_fashion_mnist
+from prunelab.reproductions.testbeds.fashion import NAMES, PLURALS, load_fashion_mnist
 
 GRID = 3
 CELL = 28
@@ -54,8 +55,8 @@ KINDS = ("presence", "location", "count", "relation")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 # Phrase -> (row step, column step) to the neighbour cell.
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
-DIGITS = tuple(str(i) for i in range(MAX_ITEMS + 1))  # count answers are digits: single tokens for most LMs
-CHOICES = {"presence": ("yes", "no"), "location": (*NAMES, "nothing"), "count": DIGITS, "relation": (*NAMES, "nothing")}
+COUNTS = ("zero", "one", "two", "three", "four", "five")  # count answers: COUNTS[k] for k items
+CHOICES = {"presence": ("yes", "no"), "location": (*NAMES, "nothing"), "count": COUNTS, "relation": (*NAMES, "nothing")}
 # Fields: {name} singular class name, {names} plural, {position} a POSITIONS entry, {relation} a RELATIONS key.
 # "heldout" phrasings share no sentence with "train" ones; evaluate on them to test phrasing transfer.
 TEMPLATES = {
@@ -190,8 +191,7 @@ def _question(rng, kind: str, cells: list[int], flag: bool) -> tuple[dict, str, 
         return {"position": POSITIONS[cell]}, NAMES[cells[cell]] if cells[cell] >= 0 else "nothing", (cell,)
     if kind == "count":
         c = int(rng.choice(present if flag else absent))
-        names = NAMES[c] + ("es" if NAMES[c].endswith("s") else "s")  # dress -> dresses
-        return {"name": NAMES[c], "names": names}, str(cells.count(c)), ALL_CELLS
+        return {"name": NAMES[c], "names": PLURALS[c]}, COUNTS[cells.count(c)], ALL_CELLS
     # relation: the anchor's class occurs once and its neighbour in that direction lies in the grid
     pairs = [
         (a, rel, nb)

@@ -28,8 +28,11 @@ CLASSES = (
     "Ankle boot",
 )
 
-# One lower-case word per class for prompts; NAMES[i] names CLASSES[i] (label i).
-NAMES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+# One lower-case word per class for prompts; NAMES[i] names CLASSES[i] (label i), PLURALS[i] its plural. Each is one
+# token of SmolLM2's tokenizer after a space (" bag"), so an answer is one next-token choice: T-shirt/top -> "top",
+# pullover -> "knit", sandal -> "slide" (a sandal type), sneaker -> "shoe", ankle boot -> "boot".
+NAMES = ("top", "trousers", "knit", "dress", "coat", "slide", "shirt", "shoe", "bag", "boot")
+PLURALS = ("tops", "trousers", "knits", "dresses", "coats", "slides", "shirts", "shoes", "bags", "boots")
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
