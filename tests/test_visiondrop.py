@@ -403,6 +403,18 @@ def test_batch_under_generate_equals_each_prompt_alone(family, schedule):
             assert bool(torch.isin(img.span.newline.nonzero().flatten(), kept).all())
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
+@torch.no_grad()
+def test_a_prompt_without_an_image_runs_as_the_dense_model(family):
+    model = _model(family)
+    x = tiny_inputs(model, family, [1, 0], padding_side="left")  # the second prompt has no image
+    dense = model(**x).logits
+    with prunelab.apply(model, VisionDrop.for_model(model, llm_layers=(0, 1), schedule=PRUNE)) as h:
+        out = model(**x).logits
+    assert len(h.state.images) == 1 and len(h.state.history) == 3
+    torch.testing.assert_close(out[1, -1], dense[1, -1], atol=1e-5, rtol=0)
+
+
 @torch.no_grad()
 def test_the_cls_is_one_of_the_dominant_tokens_where_it_reaches_the_llm():
     model = tiny_vlm("llava")

@@ -9,8 +9,8 @@ code is listed in README.md.
 
 One stage, on the ``n`` tokens of one row (a CLIP tile, a Qwen2.5-VL image, the image span inside the LLM):
 
-1. a score per token from visual-to-visual attention (:func:`cls_scores`, :func:`mean_query_scores`,
-   :func:`image_query_scores`);
+1. a score per token from visual-to-visual attention (:func:`cls_scores`, :func:`mean_query_scores`; inside the
+   LLM the engine's ``image_mean`` rows, ``prunelab.kernels.image_query_received``);
 2. the ``d`` candidates with the highest score are *dominant* and kept as they are (:func:`dominant_tokens`);
 3. the remaining candidates ``R`` (sequence order) give ``c`` *targets*, every ``step``-th of them with
    ``step = max(1, |R| // c)``, the first ``c`` (:func:`contextual_targets`); every other token of ``R`` joins the
