@@ -125,8 +125,13 @@ def methods(family: str | None = None) -> list[MethodEntry]:
     return [e for e in entries() if not e.is_baseline and (family is None or e.family == family)]
 
 
+BENCHES = ("vlm_bench",)
+"""Reproductions that compare several methods rather than reproduce one paper (``prunelab reproduce <name>``)."""
+
+
 def reproducible() -> list[str]:
-    """Methods that have a reproduction (``prunelab.reproductions.<name>.run``), in table order."""
+    """Methods that have a reproduction (``prunelab.reproductions.<name>.run``), in table order, then the
+    :data:`BENCHES`."""
     import importlib.util
 
     def has_run(name: str) -> bool:
@@ -135,4 +140,5 @@ def reproducible() -> list[str]:
         except ModuleNotFoundError:  # no reproductions/<name> package at all
             return False
 
-    return [e.name for e in methods() if e.reproduction and has_run(e.reproduction)]
+    return [e.name for e in methods() if e.reproduction and has_run(e.reproduction)] + [
+        b for b in BENCHES if has_run(b)]

@@ -205,8 +205,10 @@ def summary(rows: Sequence[dict]) -> list[dict]:
 
 def run_vlm_tiny(out, methods: Sequence[str] = METHODS, *, paper: str, families: Sequence[str] = FAMILIES,
                  ratios: Sequence[float] = KEEP_RATIOS, prompts: Sequence[int] = PROMPTS, decode_steps: int = 8,
-                 warmup: int = 2, repeat: int = 10, seed: int = 0) -> dict:
-    """Run every family, write ``tiny.{json,md}``, ``tiny_summary.{json,md}`` and ``tiny.png`` into ``out``.
+                 warmup: int = 2, repeat: int = 10, seed: int = 0, testbed_n: int = 400) -> dict:
+    """Run every family, write ``tiny.{json,md}``, ``tiny_summary.{json,md}`` and ``tiny.png`` into ``out``; then
+    the methods' held-out accuracy on the trained test-bed VLM, ``testbed.{json,md}`` (``testbed_n`` questions; 0
+    skips it).
 
     Args:
         methods: names from :data:`METHODS`; the paper's own method should come first (it is listed first).
@@ -252,8 +254,13 @@ def run_vlm_tiny(out, methods: Sequence[str] = METHODS, *, paper: str, families:
                   "closeness to dense, not accuracy)")
     fig = plot(rows, out / "tiny.png")
     plt.close(fig)
+    result = {"rows": rows, "summary": summ}
+    if testbed_n:
+        from prunelab.reproductions.vlm_bench.bench import write_testbed_table
+
+        result["testbed"] = write_testbed_table(out, methods, ratios, paper=paper, n=testbed_n, seed=seed)
     print(f"{paper} tiny: tables and figure in {out}")
-    return {"rows": rows, "summary": summ}
+    return result
 
 
 def add_tiny_arguments(parser) -> None:
@@ -269,6 +276,8 @@ def add_tiny_arguments(parser) -> None:
     parser.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed forwards before timing")
     parser.add_argument("--repeat", type=POSITIVE, default=10, help="timed forwards (median reported)")
     parser.add_argument("--seed", type=NON_NEGATIVE, default=0, help="model, input and random-baseline seed")
+    parser.add_argument("--testbed-n", type=NON_NEGATIVE, default=400,
+                        help="held-out questions for the accuracy table on the trained test-bed VLM (0: skip it)")
 
 
 def tiny_preset(name: str, paper: str, methods: Sequence[str]):
@@ -278,6 +287,6 @@ def tiny_preset(name: str, paper: str, methods: Sequence[str]):
     def run(args, out: Path) -> dict:
         return run_vlm_tiny(out, args.methods or methods, paper=paper, families=args.families, ratios=args.ratios,
                             prompts=args.prompts, decode_steps=args.decode_steps, warmup=args.warmup,
-                            repeat=args.repeat, seed=args.seed)
+                            repeat=args.repeat, seed=args.seed, testbed_n=args.testbed_n)
 
     return add_tiny_arguments, run, lambda: Path(f"runs/{name}/tiny")

@@ -19,7 +19,8 @@ from prunelab.reproductions.vlm_tiny import LABELS, MATCHED
 
 PAPERS = ("divprune", "hiprune", "flowcut", "visiondrop")
 
-REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1"]
+REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1",
+           "--testbed-n", "8"]
 
 
 @pytest.fixture(scope="module", params=PAPERS)
@@ -31,7 +32,8 @@ def tiny_run(request, tmp_path_factory):
 
 def test_tiny_writes_tables_and_plot(tiny_run):
     paper, out = tiny_run
-    for name in ("tiny.json", "tiny.md", "tiny_summary.json", "tiny_summary.md", "tiny.png"):
+    for name in ("tiny.json", "tiny.md", "tiny_summary.json", "tiny_summary.md", "tiny.png", "testbed.json",
+                 "testbed.md"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "tiny.md").read_text()
     assert "not task accuracy" in md and "- commit:" in md and "| family | method |" in md
@@ -40,6 +42,12 @@ def test_tiny_writes_tables_and_plot(tiny_run):
     assert {r["family"] for r in rows} == {"llava", "llava_next", "qwen2_5_vl"}
     methods = importlib.import_module(f"prunelab.reproductions.{paper}.tiny").METHODS
     assert {r["method"] for r in rows} - {MATCHED} == {"dense", *(LABELS[m] for m in methods)}
+    testbed = json.loads((out / "testbed.json").read_text())["rows"]  # accuracy on the trained test-bed VLM
+    assert [(r["method"], r["keep_ratio"]) for r in testbed] == [("dense", 1.0)] + [
+        (LABELS[m], ratio) for m in methods for ratio in (0.111, 1.0)]
+    for r in testbed:
+        if r["keep_ratio"] == 1.0 and r["method"] != "dense":  # every token kept: the dense answers
+            assert r["mean"] == testbed[0]["mean"], r
     for r in rows:  # random at the share the paper's method kept, where that differs from the keep ratio
         if r["method"] == MATCHED:
             own = next(o for o in rows if o["method"] == LABELS[paper] and o["family"] == r["family"]

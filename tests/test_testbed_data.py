@@ -211,3 +211,26 @@ def test_bad_inputs(kwargs, name):
     args = {"split": "train", "n": 10, "seed": 0, "data": synthetic(), **kwargs}
     with pytest.raises(ValueError, match=rf"\b{name}="):
         C.make_dataset(**args)
+
+
+def test_ask_draws_more_correct_questions_about_a_scene():
+    data = C.make_dataset("train", 40, seed=5, data=synthetic())
+    rng = np.random.default_rng(0)
+    got = collections.Counter()
+    for i in range(len(data.scenes)):
+        cells = data.scenes.cells[i]
+        for kind in C.KINDS:
+            for templates in ("train", "heldout"):
+                s = C.ask(rng, cells, kind, i, templates)
+                if s is None:
+                    assert kind == "relation"
+                    continue
+                assert s.scene_index == i and s.kind == kind and s.choices == C.CHOICES[kind]
+                check(s, tuple(int(c) for c in cells))
+                assert parse(s.question, kind)[0] == templates
+                got[kind] += 1
+    assert min(got[k] for k in ("presence", "location", "count")) == 80 and got["relation"] > 20
+    with pytest.raises(ValueError, match="kind="):
+        C.ask(rng, data.scenes.cells[0], "colour")
+    with pytest.raises(ValueError, match="cells="):
+        C.ask(rng, [-1] * 9, "presence")

@@ -207,6 +207,25 @@ def _question(rng, kind: str, cells: list[int], flag: bool) -> tuple[dict, str, 
     return {"name": NAMES[cells[a]], "relation": rel}, answer, (a, nb)
 
 
+def ask(rng: np.random.Generator, cells: Sequence[int], kind: str, scene_index: int = 0,
+        templates: str = "train") -> Sample | None:
+    """One more question of ``kind`` about a scene whose classes per cell are ``cells`` (-1 empty), drawn as
+    :func:`make_dataset` draws its questions (presence answered yes with probability 1/2, the other kinds' flags at
+    their rates); ``None`` when the scene cannot host it (a relation question needs a class that occurs once)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
+    cells = [int(c) for c in cells]
+    rate = 0.5 if kind == "presence" else COUNT_PRESENT if kind == "count" else NOTHING
+    flag = bool(rng.random() < rate)
+    if not 1 <= sum(c >= 0 for c in cells) <= MAX_ITEMS:
+        raise ValueError(f"cells must hold 1..{MAX_ITEMS} items (as make_dataset's scenes do), got cells={cells}")
+    if (q := _question(rng, kind, cells, flag)) is None:
+        return None
+    fields, answer, region = q
+    phrasing = TEMPLATES[templates][kind][int(rng.integers(len(TEMPLATES[templates][kind])))]
+    return Sample(scene_index, phrasing.format(**fields), answer, CHOICES[kind], kind, region)
+
+
 def make_dataset(
     split: str,
     n: int,

@@ -1,0 +1,1 @@
+"""The VLM leaderboard: every VLM method of the registry at identical budgets on the trained test-bed VLM."""
