@@ -145,6 +145,7 @@ def test_bench_runs_on_a_few_questions(tmp_path):
     assert "vs_random" in rows["DivPrune"] and "vs_random" not in rows["random"]
     for name in ("bench.json", "bench.md", "region.json", "region.md", "bench.png"):
         assert (tmp_path / name).is_file()
+    assert "speed" not in out and not (tmp_path / "speed.md").exists()  # --speed only on request
 
 
 @torch.no_grad()

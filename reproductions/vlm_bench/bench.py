@@ -295,13 +295,13 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
     rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed)
     print("vlm_bench: latency, interleaved ...", flush=True)
     x = vlm.batch(data.samples[:speed_batch], data.scenes)
-    speed = interleaved_speed(model, configs, _inputs(x), rounds=rounds)
+    timing = interleaved_speed(model, configs, _inputs(x), rounds=rounds)
     for r in rows:
         key = (r.pop("name"), r["keep_ratio"])
-        r["speedup"], r["speedup_iqr"] = _quartiles(speed["ratios"][key]) if key in configs else (1.0, 0.0)
+        r["speedup"], r["speedup_iqr"] = _quartiles(timing["ratios"][key]) if key in configs else (1.0, 0.0)
     print("vlm_bench: region probe ...", flush=True)
     region = region_probe(model, data, batch_size=batch_size, seed=seed)
-    dense_ms, dense_iqr = _quartiles(speed["dense_ms"])
+    dense_ms, dense_iqr = _quartiles(timing["dense_ms"])
     meta = provenance(preset="tiny", model=f"trained test-bed VLM ({vlm.WEIGHTS.name if weights is None else weights}"
                       f", sha256 {vlm.sha256(vlm.WEIGHTS if weights is None else weights)[:16]}...), float32",
                       data=f"{n} held-out questions (Fashion-MNIST test images, {templates} templates, seed "
