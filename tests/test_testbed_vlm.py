@@ -55,7 +55,7 @@ def test_batch_and_forward_through_the_seam():
     x = vlm.batch(data.samples, data.scenes, tokenizer)
     assert ((x["input_ids"] == vlm.IMAGE_TOKEN).sum(-1) == vlm.TOKENS).all()
     assert bool((x["attention_mask"][:, -1] == 1).all())  # left padding
-    inputs = {k: x[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    inputs = vlm.model_inputs(x)
     dense = model(**inputs, logits_to_keep=1).logits
     scores = vlm.choice_logits(dense, x["kind"], tokenizer)
     assert [s.numel() for s in scores] == [len(C.CHOICES[k]) for k in x["kind"]]
@@ -155,7 +155,7 @@ def test_drop_tokens_removes_exactly_the_given_tokens():
     model, tokenizer = _built()
     data = C.make_dataset("test", 2, seed=0)
     x = vlm.batch(data.samples, data.scenes, tokenizer)
-    inputs = {k: x[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    inputs = vlm.model_inputs(x)
     drop = (cell_tokens((0,), vlm.patch_cells()), cell_tokens((4, 8), vlm.patch_cells()))
     assert len(drop[0]) == 16 and len(drop[1]) == 32
     with prunelab.apply(model, DropTokens(drop)) as h:

@@ -104,10 +104,6 @@ def _schedule(opt, lr: float, step: int, steps: int, warmup: int) -> None:
         group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def _inputs(x: dict) -> dict:
-    return {k: x[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-
-
 def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok) -> dict:
     """Training inputs: per scene ``idx[b]``, ``per_image`` questions of random kinds in a row, each followed by its
     answer word (``[image] Question: q1 Answer: a1 Question: q2 Answer: a2 ...``; the first one is exactly the
@@ -191,7 +187,7 @@ def evaluate(model, data: C.Dataset, *, batch_size: int = 64) -> dict:
     for i in range(0, len(data.samples), batch_size):
         part = data.samples[i:i + batch_size]
         x = vlm.batch(part, data.scenes, tok)
-        logits = model(**_inputs(x), logits_to_keep=1).logits
+        logits = model(**vlm.model_inputs(x), logits_to_keep=1).logits
         for s, scores in zip(part, vlm.choice_logits(logits, x["kind"], tok)):
             correct.append(s.choices[int(scores.argmax())] == s.answer)
     out = {k: float(sum(c for c, s in zip(correct, data.samples) if s.kind == k)

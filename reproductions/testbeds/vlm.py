@@ -41,7 +41,8 @@ WEIGHTS = Path(__file__).with_name("weights") / "vlm.safetensors"
 SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of WEIGHTS; train_vlm prints it
 
 __all__ = ["IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch",
-           "build", "choice_logits", "load", "patch_cells", "sha256", "text_config", "tokenizer", "vocabulary"]
+           "build", "choice_logits", "load", "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer",
+           "vocabulary"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -141,6 +142,11 @@ def batch(samples: Sequence[C.Sample], scenes: C.Scenes, tok=None, *, pixels: to
     words = answer_ids(tok)
     return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
                 answer=torch.tensor([words[s.answer] for s in samples]), kind=[s.kind for s in samples])
+
+
+def model_inputs(x: dict) -> dict:
+    """The model's arguments from a :func:`batch` (which also carries ``answer`` and ``kind``)."""
+    return {k: x[k] for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
 def choice_logits(logits: torch.Tensor, kinds: Sequence[str], tok=None) -> list[torch.Tensor]:

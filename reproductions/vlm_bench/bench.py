@@ -10,7 +10,8 @@ and each method at each keep ratio of the 144 visual tokens, the same questions,
   prune inside the language model keep more early and fewer late);
 - language-model prefill MACs (unpadded, LM head on the last position) as a share of dense, and the whole
   forward's MACs bound ``bound`` = dense / pruned MACs of tower + projector + language model, the tower counted
-  dense (exact for methods that prune after the tower; FlowCut also prunes inside it, so its bound is higher);
+  dense (exact for methods that prune after the tower; FlowCut and VisionDrop also prune inside it, so their
+  bounds are higher);
 - latency of one batch of ``speed_batch`` questions, measured interleaved (each round times dense and every
   configuration once, in turn), as the median per-round speedup over dense with its inter-quartile range.
 
@@ -48,10 +49,6 @@ COLUMNS = ["method", "keep_ratio", "visual_%", *C.KINDS, "mean", "mean_se", "vs_
            "lm_macs_%", "bound", "speedup", "speedup_iqr"]
 
 
-def _inputs(x: dict) -> dict:
-    return {k: x[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-
-
 def _se(p: float, n: int) -> float:
     return (p * (1 - p) / n) ** 0.5 if n else float("nan")
 
@@ -67,7 +64,7 @@ def evaluate(model, data: C.Dataset, method=None, *, batch_size: int = 64) -> di
     for i in range(0, len(data.samples), batch_size):
         part = data.samples[i:i + batch_size]
         x = vlm.batch(part, data.scenes, tok)
-        inputs = _inputs(x)
+        inputs = vlm.model_inputs(x)
         m = method(part) if callable(method) and not hasattr(method, "vlm_plan") else method
         if m is None:
             logits = model(**inputs, logits_to_keep=1).logits
@@ -295,7 +292,7 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
     rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed)
     print("vlm_bench: latency, interleaved ...", flush=True)
     x = vlm.batch(data.samples[:speed_batch], data.scenes)
-    timing = interleaved_speed(model, configs, _inputs(x), rounds=rounds)
+    timing = interleaved_speed(model, configs, vlm.model_inputs(x), rounds=rounds)
     for r in rows:
         key = (r.pop("name"), r["keep_ratio"])
         r["speedup"], r["speedup_iqr"] = _quartiles(timing["ratios"][key]) if key in configs else (1.0, 0.0)
