@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunelab.cli import POSITIVE, RATIO
+from prunelab.cli import NON_NEGATIVE, POSITIVE, RATIO
 from prunelab.reproductions.vlm_bench.bench import BUDGETS, METHODS, run_bench
 
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     parser.add_argument("--batch-size", type=POSITIVE, default=64)
     parser.add_argument("--speed-batch", type=POSITIVE, default=8, help="questions in the timed batch")
     parser.add_argument("--rounds", type=POSITIVE, default=7, help="interleaved timing rounds")
-    parser.add_argument("--seed", type=int, default=0, help="held-out draw and random-baseline seed")
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0, help="held-out draw and random-baseline seed")
     parser.add_argument("--speed", action="store_true",
                         help="also time every method on a LLaVA-1.5-shaped model (CLIP-L/336 + SmolLM2-135M; about "
                              "4 s a forward on 2 cores, so minutes)")
