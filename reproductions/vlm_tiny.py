@@ -22,6 +22,10 @@ The models are random, never trained: KL and agreement measure how close the pru
 *random* model, not task accuracy; and the tiny models are so small that latency is dominated by per-call
 overhead and the selection itself, not by the saved MACs. Both are stated in the table titles.
 
+Because those models are random, the preset then measures what they cannot: each method's held-out accuracy at the
+same keep ratios on the trained test-bed VLM (``testbed.{json,md}``, from ``vlm_bench.bench.write_testbed_table``;
+``prunelab reproduce vlm_bench`` has every method, speed and the region probe).
+
 The simple baseline is ``random_prune`` (:class:`prunelab.methods.baselines.RandomPrune`): uniformly random visual
 tokens at the same budget, seeded per image of a prompt. Every method is built through ``prunelab.registry``.
 """
