@@ -33,10 +33,12 @@ import prunelab
 from prunelab.common.flops import ViTDims, vit_macs
 from prunelab.common.llm_flops import vlm_prefill_cost
 from prunelab.common.provenance import provenance, write_results
+from prunelab.common.timing import Timing
 from prunelab.common.validate import check_int, check_real
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import vlm
 from prunelab.reproductions.vlm_bench.region import DropTokens, cell_tokens, control_tokens
+from prunelab.reproductions.vlm_bench.speed import interleave
 from prunelab.reproductions.vlm_tiny import LABELS, make_method, mean_visual
 
 __all__ = ["BUDGETS", "METHODS", "evaluate", "plot", "run_bench"]
@@ -113,40 +115,9 @@ def _tower_macs(model) -> int:
     return vit_macs(dims) + projector
 
 
-@torch.no_grad()
-def interleaved_speed(model, configs: dict, inputs: dict, *, rounds: int, warmup: int = 1) -> dict:
-    """Per configuration (``None``: dense), the per-round speedups over dense: every round times dense, then each
-    configuration once, so a busy spell slows them alike."""
-    import time
-
-    def call(method):
-        if method is None:
-            t0 = time.perf_counter()
-            model(**inputs, logits_to_keep=1)
-            return time.perf_counter() - t0
-        with prunelab.apply(model, method):
-            t0 = time.perf_counter()
-            model(**inputs, logits_to_keep=1)
-            return time.perf_counter() - t0
-
-    for _ in range(warmup):
-        for m in [None, *configs.values()]:
-            call(m)
-    ratios = {key: [] for key in configs}
-    dense_ms = []
-    for _ in range(rounds):
-        dense = call(None)
-        dense_ms.append(dense * 1e3)
-        for key, m in configs.items():
-            ratios[key].append(dense / call(m))
-    return {"ratios": ratios, "dense_ms": dense_ms}
-
-
-def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
-    if len(xs) < 4:
-        return statistics.median(xs), max(xs) - min(xs)
-    q = statistics.quantiles(xs, n=4)
-    return statistics.median(xs), q[2] - q[0]
+def _median_iqr(xs: Sequence[float]) -> tuple[float, float]:
+    t = Timing(tuple(xs))
+    return t.median_s, t.iqr_s
 
 
 def region_probe(model, data: C.Dataset, *, batch_size: int, seed: int) -> list[dict]:
@@ -292,13 +263,15 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
     rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed)
     print("vlm_bench: latency, interleaved ...", flush=True)
     x = vlm.batch(data.samples[:speed_batch], data.scenes)
-    timing = interleaved_speed(model, configs, vlm.model_inputs(x), rounds=rounds)
+    inputs = vlm.model_inputs(x)
+    dense_s, times = interleave(model, configs, lambda: model(**inputs, logits_to_keep=1), rounds=rounds)
     for r in rows:
         key = (r.pop("name"), r["keep_ratio"])
-        r["speedup"], r["speedup_iqr"] = _quartiles(timing["ratios"][key]) if key in configs else (1.0, 0.0)
+        ratios = [d / t for d, t in zip(dense_s, times[key])] if key in configs else [1.0]
+        r["speedup"], r["speedup_iqr"] = _median_iqr(ratios)
     print("vlm_bench: region probe ...", flush=True)
     region = region_probe(model, data, batch_size=batch_size, seed=seed)
-    dense_ms, dense_iqr = _quartiles(timing["dense_ms"])
+    dense_ms, dense_iqr = _median_iqr([t * 1e3 for t in dense_s])
     meta = provenance(preset="tiny", model=f"trained test-bed VLM ({vlm.WEIGHTS.name if weights is None else weights}"
                       f", sha256 {vlm.sha256(vlm.WEIGHTS if weights is None else weights)[:16]}...), float32",
                       data=f"{n} held-out questions (Fashion-MNIST test images, {templates} templates, seed "

@@ -24,7 +24,7 @@ import prunelab
 from prunelab.common.llm_flops import LLMDims, prefill_macs
 from prunelab.common.packaged import load_smollm2
 
-__all__ = ["build", "dense_macs", "method_macs", "speed_rows"]
+__all__ = ["build", "dense_macs", "interleave", "method_macs", "speed_rows"]
 
 IMAGE_TOKEN = 49151  # an id of SmolLM2's vocabulary the instruction never uses
 
@@ -96,10 +96,38 @@ def method_macs(model, handle) -> tuple[int, int]:
             prefill_macs(dims, lm_tokens(handle, dims.layers)))
 
 
+def interleave(model, configs: Mapping, run, *, rounds: int, warmup: int = 1, progress=None):
+    """Times ``run()`` (one forward of ``model``) dense and under every method of ``configs`` (``{key: method}``),
+    interleaved: each round runs dense, then each configuration once, so a busy spell slows them alike. No
+    gradients are recorded. Returns (dense times, ``{key: times}``) in seconds."""
+
+    def timed(method):
+        if method is None:
+            t0 = time.perf_counter()
+            run()
+            return time.perf_counter() - t0
+        with prunelab.apply(model, method):
+            t0 = time.perf_counter()
+            run()
+            return time.perf_counter() - t0
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            timed(None)
+        times, dense = {key: [] for key in configs}, []
+        for r in range(rounds):
+            dense.append(timed(None))
+            for key, method in configs.items():
+                times[key].append(timed(method))
+            if progress:
+                progress(r + 1, rounds)
+    return dense, times
+
+
 def speed_rows(model, inputs, configs: Mapping, *, rounds: int = 5, warmup: int = 1, progress=None) -> list[dict]:
     """One row per configuration (``{key: method}``; ``key`` a tuple naming it): median prefill time over
-    ``rounds`` interleaved rounds, the median per-round speed-up over dense with its IQR, the FLOPs bound (dense /
-    pruned MACs of tower + LM, per layer) and the fraction of it reached. Dense is timed once per round."""
+    ``rounds`` interleaved rounds (:func:`interleave`), the median per-round speed-up over dense with its IQR, the
+    FLOPs bound (dense / pruned MACs of tower + LM, per layer) and the fraction of it reached."""
     dense_tower, dense_lm = dense_macs(model, inputs)
     macs = {}
     with torch.no_grad():
@@ -107,17 +135,8 @@ def speed_rows(model, inputs, configs: Mapping, *, rounds: int = 5, warmup: int 
             with prunelab.apply(model, method) as handle:
                 model(**inputs, use_cache=False)  # warm-up, and the token counts
                 macs[key] = method_macs(model, handle)
-        for _ in range(warmup):
-            time_prefill(model, inputs)
-        times = {key: [] for key in configs}
-        dense = []
-        for r in range(rounds):
-            dense.append(time_prefill(model, inputs))
-            for key, method in configs.items():
-                with prunelab.apply(model, method):
-                    times[key].append(time_prefill(model, inputs))
-            if progress:
-                progress(r + 1, rounds)
+    dense, times = interleave(model, configs, lambda: model(**inputs, use_cache=False), rounds=rounds,
+                              warmup=warmup, progress=progress)
     rows = []
     for key, ts in times.items():
         ratios = [d / t for d, t in zip(dense, ts)]
