@@ -1,4 +1,4 @@
-"""How far fixed WPR iteration counts are from the stationary distribution, on the trained tiny ViT.
+"""How far fixed WPR iteration counts are from the stationary distribution, on the ViT test-bed.
 
     python benchmarks/zero_tprune_convergence.py [--images 64]
 
@@ -17,8 +17,8 @@ import prunelab
 from prunelab.common.schedule import default_prune_blocks
 from prunelab.common.vit import AttentionRecorder, vit_layout
 from prunelab.methods.zero_tprune import initial_distribution, wpr_scores
-from prunelab.reproductions.zero_tprune.data import load_fashion_mnist, preprocess
-from prunelab.reproductions.zero_tprune.tiny_vit import load_or_train_tiny_vit
+from prunelab.reproductions.testbeds import vit
+from prunelab.reproductions.testbeds.fashion import load_fashion_mnist, preprocess
 
 
 @torch.inference_mode()
@@ -26,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=64)
     a = p.parse_args()
-    model, _ = load_or_train_tiny_vit(progress=False)
+    model, _ = vit.load()
     images, _ = load_fashion_mnist("test")
     blocks = default_prune_blocks(len(model.blocks))
     recorder = AttentionRecorder(blocks)

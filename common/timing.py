@@ -1,17 +1,21 @@
 """A small timing harness: warm-up, repeated runs, median, ratio to a baseline.
 
 On CUDA it times with CUDA events around each call (so asynchronous launches are counted); on CPU it
-uses ``time.perf_counter``. Every number a benchmark prints comes from :func:`benchmark`.
+uses ``time.perf_counter``. Every number a benchmark prints comes from :func:`benchmark`, or, when a pruned model
+is compared with its dense self, from :func:`interleave`, which alternates them so that a busy spell of a shared
+machine slows both alike; :func:`ratio_summary` turns its per-round ratios into a median and an IQR.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+import prunelab
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,44 @@ def benchmark(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10, de
                 fn()
                 times.append(time.perf_counter() - t0)
     return Timing(tuple(times))
+
+
+def interleave(model, configs: Mapping, run: Callable[[], object], *, rounds: int, warmup: int = 1,
+               progress=None) -> tuple[list[float], dict]:
+    """Times ``run()`` (one forward of ``model``) dense and under every method of ``configs`` (``{key: method}``),
+    interleaved: each round runs dense, then each configuration once, so a busy spell slows them alike. No
+    gradients are recorded. Returns (dense times, ``{key: times}``) in seconds."""
+
+    def timed(method):
+        if method is None:
+            t0 = time.perf_counter()
+            run()
+            return time.perf_counter() - t0
+        with prunelab.apply(model, method):
+            t0 = time.perf_counter()
+            run()
+            return time.perf_counter() - t0
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            timed(None)
+        times, dense = {key: [] for key in configs}, []
+        for r in range(rounds):
+            dense.append(timed(None))
+            for key, method in configs.items():
+                times[key].append(timed(method))
+            if progress:
+                progress(r + 1, rounds)
+    return dense, times
+
+
+def ratio_summary(dense: list[float], times: list[float]) -> tuple[float, float]:
+    """Median and IQR of the per-round speed-ups ``dense[r] / times[r]`` of :func:`interleave`'s output."""
+    ratios = [d / t for d, t in zip(dense, times)]
+    if len(ratios) < 4:
+        return statistics.median(ratios), max(ratios) - min(ratios)
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q[2] - q[0]
 
 
 def check_bench_args(parser, args, shapes) -> None:

@@ -31,7 +31,8 @@ def folder(tmp_path):
 CASES = {
     "zero_tprune tiny": (["reproduce", "zero_tprune"], [
         ("--n-eval", "0"), ("--n-eval", "10001"), ("--n-eval", "many"), ("--batch-size", "-1"),
-        ("--throughput-batch", "0"), ("--fractions", "1.5"), ("--fractions", "nan"), ("--data", "/nonexistent")]),
+        ("--throughput-batch", "0"), ("--fractions", "1.5"), ("--fractions", "nan"), ("--data", "/nonexistent"),
+        ("--rounds", "0"), ("--weights", "/nonexistent.safetensors")]),
     "zero_tprune full": (["reproduce", "zero_tprune", "--preset", "full", "--imagenet", "{folder}"], [
         ("--imagenet", "/nonexistent"), ("--batch-size", "0"), ("--throughput-batch", "0"), ("--workers", "-1"),
         ("--limit", "0")]),

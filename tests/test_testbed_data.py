@@ -16,7 +16,6 @@ import torch
 
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import fashion
-from prunelab.reproductions.zero_tprune import data as zt_data
 
 needs_data = pytest.mark.skipif(
     not os.path.isdir(fashion.DEFAULT_ROOT),
@@ -101,9 +100,7 @@ def synthetic(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8), np.arange(n) % 10
 
 
-def test_loader_moved():
-    assert zt_data.load_fashion_mnist is fashion.load_fashion_mnist
-    assert zt_data.read_idx is fashion.read_idx and zt_data.CLASSES is fashion.CLASSES
+def test_class_words():
     assert len(fashion.NAMES) == len(fashion.PLURALS) == len(fashion.CLASSES) == 10
     assert all(n.isalpha() for n in fashion.NAMES + fashion.PLURALS) and len(set(fashion.NAMES + fashion.PLURALS)) == 19
 

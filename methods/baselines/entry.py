@@ -1,6 +1,6 @@
 """The baselines' registry entries (``prunelab.registry``): same budgets, no paper."""
 
-from prunelab.methods.baselines import DenseDecode, OracleTopK, RandomDrop, RandomPrune, SinkRecent
+from prunelab.methods.baselines import CLSAttention, DenseDecode, OracleTopK, RandomDrop, RandomPrune, SinkRecent
 from prunelab.registry import MethodEntry
 
 _KV_BAD = (({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"gqa_mode": "mean"}, "gqa_mode"),
@@ -13,6 +13,12 @@ ENTRIES = (
         backbones=("timm ViT",), keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
         bad=(({"keep_ratio": 1.5}, "keep_ratio"), ({"seed": "0"}, "seed")),
         status="uniformly random patch tokens at Zero-TPrune's schedule; seeded per sample",
+    ),
+    MethodEntry(
+        name="cls_attention", cls=CLSAttention, family="ViT classification", seams=("vit",), budget="keep_ratio",
+        backbones=("timm ViT with a class token",), keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
+        bad=(({"keep_ratio": 1.5}, "keep_ratio"), ({"blocks": (-1,)}, "blocks")),
+        status="the patch tokens the class token attends to most (head mean) at Zero-TPrune's schedule",
     ),
     MethodEntry(
         name="random_prune", cls=RandomPrune, family="VLM", seams=("vlm",),

@@ -33,12 +33,11 @@ import prunelab
 from prunelab.common.flops import ViTDims, vit_macs
 from prunelab.common.llm_flops import vlm_prefill_cost
 from prunelab.common.provenance import provenance, write_results
-from prunelab.common.timing import Timing
+from prunelab.common.timing import Timing, interleave
 from prunelab.common.validate import check_int, check_real
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import vlm
 from prunelab.reproductions.vlm_bench.region import DropTokens, cell_tokens, control_tokens
-from prunelab.reproductions.vlm_bench.speed import interleave
 from prunelab.reproductions.vlm_tiny import LABELS, make_method, mean_visual
 
 __all__ = ["BUDGETS", "METHODS", "evaluate", "plot", "run_bench"]

@@ -23,8 +23,9 @@ import torch
 import prunelab
 from prunelab.common.llm_flops import LLMDims, prefill_macs
 from prunelab.common.packaged import load_smollm2
+from prunelab.common.timing import interleave, ratio_summary
 
-__all__ = ["build", "dense_macs", "interleave", "method_macs", "speed_rows"]
+__all__ = ["build", "dense_macs", "method_macs", "speed_rows"]
 
 IMAGE_TOKEN = 49151  # an id of SmolLM2's vocabulary the instruction never uses
 
@@ -96,38 +97,10 @@ def method_macs(model, handle) -> tuple[int, int]:
             prefill_macs(dims, lm_tokens(handle, dims.layers)))
 
 
-def interleave(model, configs: Mapping, run, *, rounds: int, warmup: int = 1, progress=None):
-    """Times ``run()`` (one forward of ``model``) dense and under every method of ``configs`` (``{key: method}``),
-    interleaved: each round runs dense, then each configuration once, so a busy spell slows them alike. No
-    gradients are recorded. Returns (dense times, ``{key: times}``) in seconds."""
-
-    def timed(method):
-        if method is None:
-            t0 = time.perf_counter()
-            run()
-            return time.perf_counter() - t0
-        with prunelab.apply(model, method):
-            t0 = time.perf_counter()
-            run()
-            return time.perf_counter() - t0
-
-    with torch.no_grad():
-        for _ in range(warmup):
-            timed(None)
-        times, dense = {key: [] for key in configs}, []
-        for r in range(rounds):
-            dense.append(timed(None))
-            for key, method in configs.items():
-                times[key].append(timed(method))
-            if progress:
-                progress(r + 1, rounds)
-    return dense, times
-
-
 def speed_rows(model, inputs, configs: Mapping, *, rounds: int = 5, warmup: int = 1, progress=None) -> list[dict]:
     """One row per configuration (``{key: method}``; ``key`` a tuple naming it): median prefill time over
-    ``rounds`` interleaved rounds (:func:`interleave`), the median per-round speed-up over dense with its IQR, the
-    FLOPs bound (dense / pruned MACs of tower + LM, per layer) and the fraction of it reached."""
+    ``rounds`` interleaved rounds (``common.timing.interleave``), the median per-round speed-up over dense with
+    its IQR, the FLOPs bound (dense / pruned MACs of tower + LM, per layer) and the fraction of it reached."""
     dense_tower, dense_lm = dense_macs(model, inputs)
     macs = {}
     with torch.no_grad():
@@ -139,12 +112,10 @@ def speed_rows(model, inputs, configs: Mapping, *, rounds: int = 5, warmup: int 
                               warmup=warmup, progress=progress)
     rows = []
     for key, ts in times.items():
-        ratios = [d / t for d, t in zip(dense, ts)]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        speedup, iqr = ratio_summary(dense, ts)
         tower, lm = macs[key]
         bound = (dense_tower + dense_lm) / (tower + lm)
-        speedup = statistics.median(ratios)
         rows.append({"key": key, "dense_ms": statistics.median(dense) * 1e3, "ms": statistics.median(ts) * 1e3,
-                     "speedup": speedup, "speedup_iqr": q[2] - q[0], "bound": bound, "of_bound": speedup / bound,
+                     "speedup": speedup, "speedup_iqr": iqr, "bound": bound, "of_bound": speedup / bound,
                      "tower_GMACs": tower / 1e9, "lm_GMACs": lm / 1e9})
     return rows

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 import prunelab
 from prunelab.common.flops import ViTDims, vit_gflops
 from prunelab.common.timing import benchmark
-from prunelab.methods.baselines import RandomDrop
+from prunelab.methods.baselines import CLSAttention, RandomDrop
 from prunelab.methods.zero_tprune import ZeroTPrune
 
 
@@ -33,6 +33,8 @@ VARIANTS = {
     "random_drop": Variant("random drop", lambda g: RandomDrop(gflops=g)),
     # Ablation: WPR with one iteration everywhere, i.e. attention received from the CLS-weighted start.
     "one_iteration": Variant("Zero-TPrune, 1 iteration", lambda g: ZeroTPrune(gflops=g, iterations=(1, 1, 1))),
+    # Baseline: the class token's own attention row (head mean), the score WPR generalises.
+    "cls_attention": Variant("CLS attention", lambda g: CLSAttention(gflops=g)),
 }
 
 
@@ -50,15 +52,20 @@ def model_gflops(model, method) -> float:
 
 
 @torch.inference_mode()
-def top1(model, method, batches, *, desc: str = "eval", progress: bool = True) -> tuple[int, int]:
-    """(correct, total) over ``batches`` of ``(images, labels)``."""
-    correct = total = 0
+def hits(model, method, batches, *, desc: str = "eval", progress: bool = True) -> torch.Tensor:
+    """[N] bool: whether each image of ``batches`` (``(images, labels)`` pairs) is classified correctly."""
+    out = []
     with applied(model, method):
         for images, labels in tqdm(batches, desc=desc, leave=False, disable=not progress):
             pred = model(images).argmax(dim=-1)
-            correct += int((pred == labels.to(pred.device)).sum())
-            total += labels.numel()
-    return correct, total
+            out.append((pred == labels.to(pred.device)).cpu())
+    return torch.cat(out)
+
+
+def top1(model, method, batches, *, desc: str = "eval", progress: bool = True) -> tuple[int, int]:
+    """(correct, total) over ``batches`` of ``(images, labels)``."""
+    h = hits(model, method, batches, desc=desc, progress=progress)
+    return int(h.sum()), h.numel()
 
 
 def throughput(model, method, images: torch.Tensor, *, repeat: int = 5) -> float:
@@ -72,3 +79,11 @@ def standard_error(correct: int, total: int) -> float:
     """Binomial standard error of a top-1 accuracy, in percentage points."""
     p = correct / total
     return 100 * math.sqrt(p * (1 - p) / total)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Top-1 of ``a`` minus top-1 of ``b`` (per-image hits on the same images) and its paired standard error, in
+    points: the images both get right or both get wrong cancel, so it is much tighter than either row's SE."""
+    d = a.double() - b.double()
+    se = 100 * d.std(unbiased=True).item() / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
+    return 100 * d.mean().item(), se

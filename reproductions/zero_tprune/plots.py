@@ -10,7 +10,8 @@ from prunelab.common.vit import AttentionRecorder, vit_layout
 from prunelab.methods.zero_tprune import ZeroTPrune, aggregate_heads, initial_distribution, wpr_scores
 
 STYLE = {"Zero-TPrune": ("tab:blue", "o"), "random drop": ("tab:gray", "s"),
-         "Zero-TPrune, 1 iteration": ("tab:orange", "^"), "dense": ("black", "*")}
+         "Zero-TPrune, 1 iteration": ("tab:orange", "^"), "CLS attention": ("tab:green", "v"),
+         "dense": ("black", "*")}
 
 
 def budget_curve(rows: list[dict], title: str = "Top-1 against GFLOPs"):
