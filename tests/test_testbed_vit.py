@@ -122,7 +122,7 @@ def test_train_save_load_round_trip(tmp_path):
 
 
 def test_loader_refusals(tmp_path):
-    with pytest.raises(FileNotFoundError, match="path: no ViT test-bed weights"):
+    with pytest.raises(FileNotFoundError, match="path: no test-bed weights"):
         vit.load(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -27,6 +26,7 @@ from timm.layers import Format
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from prunelab.reproductions.testbeds import shipped
 from prunelab.reproductions.testbeds.fashion import (
     FILES,
     IMG_SIZE,
@@ -36,6 +36,7 @@ from prunelab.reproductions.testbeds.fashion import (
     preprocess,
     split_paths,
 )
+from prunelab.reproductions.testbeds.shipped import sha256
 
 WEIGHTS = Path(__file__).with_name("weights") / "vit.safetensors"
 SHA256 = "6edb37d9dc71882cd0810faa73c2187c40f5250215cd900369d2181eaad48b7b"
@@ -218,11 +219,6 @@ def train(
     return model, info
 
 
-def sha256(path: str | Path) -> str:
-    """The SHA-256 hex digest of a file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def save(model: VisionTransformer, info: dict, path: str | Path = WEIGHTS) -> str:
     """Writes ``model``'s weights as fp16 safetensors with ``info`` (JSON) in the metadata; returns the SHA-256."""
     from safetensors.torch import save_file
@@ -240,16 +236,9 @@ def load(path: str | Path | None = None, *, check: bool = True) -> tuple[VisionT
     The shipped file is checked against :data:`SHA256`; the architecture is rebuilt from the config the file
     records, so weights written by :func:`save` for another config load too.
     """
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
-    path = Path(WEIGHTS if path is None else path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no ViT test-bed weights at {path}; train them with "
-                                "`python -m prunelab.reproductions.testbeds.vit`")
-    if check and path == WEIGHTS and sha256(path) != SHA256:
-        raise ValueError(f"path: {path} does not match the recorded SHA-256 {SHA256}; retrain or restore it")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    path, meta = shipped.metadata(path, WEIGHTS, SHA256, "python -m prunelab.reproductions.testbeds.vit", check=check)
     if "info" not in meta:
         raise ValueError(f"path: {path} carries no training info; write it with vit.save()")
     info = json.loads(meta["info"])

@@ -20,7 +20,6 @@ is answered by the argmax of the next-token logits over its kind's choices (:fun
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 from prunelab.reproductions.testbeds import composites as C
+from prunelab.reproductions.testbeds import shipped
+from prunelab.reproductions.testbeds.shipped import sha256
 
 PATCH = 7
 TOKENS = (C.SIZE // PATCH) ** 2  # 144 image tokens per composite
@@ -89,26 +90,15 @@ def build(seed: int = 0):
     return tf.LlavaForConditionalGeneration(config).eval(), tokenizer()
 
 
-def sha256(path: str | Path) -> str:
-    """The SHA-256 hex digest of a file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load(path: str | Path | None = None, *, check: bool = True):
     """The trained test-bed (fp32, eval) from ``path`` (default: the shipped :data:`WEIGHTS`), and its tokenizer.
 
     The shipped file is checked against :data:`SHA256`, and any file's recorded vocabulary against
     :func:`vocabulary`; a mismatch raises instead of answering with the wrong weights or words."""
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
-    path = Path(WEIGHTS if path is None else path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no test-bed weights at {path}; train them with "
-                                "`python -m prunelab.reproductions.testbeds.train_vlm`")
-    if check and path == WEIGHTS and sha256(path) != SHA256:
-        raise ValueError(f"path: {path} does not match the recorded SHA-256 {SHA256}; retrain or restore it")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    path, meta = shipped.metadata(path, WEIGHTS, SHA256, "python -m prunelab.reproductions.testbeds.train_vlm",
+                                  check=check)
     if meta.get("vocabulary") != "\n".join(vocabulary()):
         raise ValueError(f"path: {path} was trained with another vocabulary than vocabulary() gives now "
                          "(were the templates changed?); retrain the test-bed")
