@@ -62,12 +62,6 @@ def hits(model, method, batches, *, desc: str = "eval", progress: bool = True) -
     return torch.cat(out)
 
 
-def top1(model, method, batches, *, desc: str = "eval", progress: bool = True) -> tuple[int, int]:
-    """(correct, total) over ``batches`` of ``(images, labels)``."""
-    h = hits(model, method, batches, desc=desc, progress=progress)
-    return int(h.sum()), h.numel()
-
-
 def throughput(model, method, images: torch.Tensor, *, repeat: int = 5) -> float:
     """Images per second on ``images`` (one batch), median of ``repeat`` timed runs after warm-up."""
     with applied(model, method):

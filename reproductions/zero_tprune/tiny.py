@@ -12,6 +12,7 @@ round after round) so that a busy machine slows them alike, with the spread of t
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from prunelab.cli import POSITIVE, RATIO, existing, int_arg
@@ -97,7 +98,7 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_eval: int = 500, bat
     configs = {key: VARIANTS[key].method(POINT * dense_g) for key in METHODS}
     print(f"zero_tprune tiny: throughput, {rounds} interleaved rounds of batch {len(tput_x)} ...", flush=True)
     dense_s, times = interleave(model, configs, lambda: model(tput_x), rounds=rounds)
-    dense_tput = len(tput_x) / sorted(dense_s)[len(dense_s) // 2]
+    dense_tput = len(tput_x) / statistics.median(dense_s)
     table = [{"method": "dense", "gflops": dense_g, "flops_change_%": 0.0, "throughput_img_s": dense_tput,
               "throughput_change_%": 0.0, "speedup_iqr": 0.0, "top1": curve[0]["top1"], "top1_se": curve[0]["top1_se"]}]
     warnings = []
