@@ -33,6 +33,9 @@ ON_EXISTING = ("error", "replace", "compose")
 
 def _install(model: Any, method: Any) -> Handle:
     """Pick the seam for ``model`` and install ``method`` through it."""
+    seam = getattr(model, "prunelab_seam", None)
+    if callable(seam):  # a host prunelab builds itself brings its own seam (methods/dtop's Segmenter)
+        return seam(method)
     if is_timm_vit(model):
         return install_vit(model, method)
     if is_hf_vlm(model):  # before the decoder check, which any transformers model passes
@@ -42,7 +45,7 @@ def _install(model: Any, method: Any) -> Handle:
     raise UnsupportedModelError(
         f"model: prunelab has no adapter for {type(model).__module__}.{type(model).__name__}; "
         "supported: timm VisionTransformer (deit_*, vit_*); transformers Llama, Qwen2, Qwen3 and Mistral "
-        "decoders; LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL"
+        "decoders; LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL; prunelab's Segmenter"
     )
 
 

@@ -22,9 +22,11 @@ from prunelab import registry
 from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vit import ViTHandle
+from prunelab.methods.dtop import Segmenter
 
 # -- backbones: a tiny model, a batch and the output each seam is judged by ---------------------------------------
 VIT = {"vit": "vit_tiny_patch16_224", "deit_distilled": "deit_tiny_distilled_patch16_224"}
+SEGMENTERS = ("linear", "atm")  # prunelab's Segmenter with per-token or ATM heads
 DECODERS = ("llama", "qwen2")
 VLMS = ("llava", "llava_next", "qwen2_5_vl")
 IMAGES = [1, 2]  # ragged image counts per prompt
@@ -35,10 +37,12 @@ class Backbone:
 
     def __init__(self, seam: str, name: str):
         self.seam, self.name = seam, name
-        if seam == "vit":
+        if seam in ("vit", "segmenter"):
             torch.manual_seed(0)
-            self.model = timm.create_model(VIT[name], pretrained=False, img_size=32, patch_size=4, depth=4,
-                                           num_classes=10).eval()
+            self.model = (timm.create_model(VIT[name], pretrained=False, img_size=32, patch_size=4, depth=4,
+                                            num_classes=10) if seam == "vit" else
+                          Segmenter.create("vit_tiny_patch16_224", 5, stage_ends=(1, 2, 3), head=name, img_size=32,
+                                           patch_size=4, depth=4)).eval()
             self.x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
             self.size = 3
         elif seam == "decoder":
@@ -53,7 +57,7 @@ class Backbone:
     @torch.no_grad()
     def run(self, b: int | None = None) -> torch.Tensor:
         m = self.model
-        if self.seam == "vit":
+        if self.seam in ("vit", "segmenter"):
             return m(self.x if b is None else self.x[b:b + 1])
         if self.seam == "decoder":
             ids, mask = (self.ids, self.mask) if b is None else (self.ids[b:b + 1], self.mask[b:b + 1])
@@ -71,7 +75,7 @@ class Backbone:
         return self.model(**self.x).logits if self.seam == "vlm" else self.run()
 
 
-BACKBONES = {"vit": list(VIT), "decoder": list(DECODERS), "vlm": list(VLMS)}
+BACKBONES = {"vit": list(VIT), "segmenter": list(SEGMENTERS), "decoder": list(DECODERS), "vlm": list(VLMS)}
 
 
 @functools.cache
@@ -135,7 +139,7 @@ def test_apply_twice_equals_once_and_remove_is_bit_exact(name, seam, bb_name):
     assert torch.equal(y1, y2) and torch.equal(y1, y3)
     if entry.prune:  # the pruning settings must prune, or the batch test below proves nothing
         assert y1.shape != dense.shape or not torch.allclose(y1, dense, atol=1e-4), f"{name} did not prune"
-    assert kept or seam == "decoder", "a ViT or VLM method must record the tokens each stage kept"
+    assert kept or seam == "decoder", "a ViT, segmenter or VLM method must record the tokens each stage kept"
     for stage, ids, _ in kept:  # the contract at every stage of the pruned forward
         check_reduction(Reduction(ids, int(ids.max()) + 1), name=f"{name} at {stage}")
     assert torch.equal(bb.logits(), dense)

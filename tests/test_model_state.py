@@ -1,6 +1,7 @@
 """Model state counts as input: training mode, nested and repeated application, shared configs, copies.
 
-Each case runs on all three seams (timm ViT, transformers decoder, transformers VLM) where it applies.
+Each case runs on every seam (timm ViT, prunelab's segmenter, transformers decoder, transformers VLM) where it
+applies.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from decoder_models import padded_batch, tiny_decoder
 import prunelab
 from prunelab.common.decoder import ATTN_NAME
 from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
-from prunelab.methods.baselines import OracleTopK, RandomDrop, SinkRecent
+from prunelab.methods.baselines import OracleTopK, RandomDrop, RandomExit, SinkRecent
 from prunelab.methods.divprune import DivPrune
+from prunelab.methods.dtop import DToP, Segmenter
 from prunelab.methods.hiprune import HiPrune
 from prunelab.methods.zero_tprune import ZeroTPrune
 
@@ -32,6 +34,14 @@ def _vit_case():
     model = _vit()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return model, (lambda m=model: m(x)), ZeroTPrune(keep_ratio=0.5), RandomDrop(keep_ratio=0.7)
+
+
+def _segmenter_case():
+    torch.manual_seed(0)
+    model = Segmenter.create("vit_tiny_patch16_224", 5, stage_ends=(1, 2, 3), img_size=32, patch_size=4,
+                             depth=4).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, (lambda m=model: m(x)), DToP(p0=0.25, k=1), RandomExit(rates=(0.5, 0.5))
 
 
 def _decoder_case():
@@ -53,7 +63,7 @@ def _vlm_case():
     return model, (lambda m=model: m(**x).logits), DivPrune(budget=4), hiprune
 
 
-CASES = {"vit": _vit_case, "decoder": _decoder_case, "vlm": _vlm_case}
+CASES = {"vit": _vit_case, "segmenter": _segmenter_case, "decoder": _decoder_case, "vlm": _vlm_case}
 
 
 @pytest.fixture(params=list(CASES))

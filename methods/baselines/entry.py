@@ -1,6 +1,14 @@
 """The baselines' registry entries (``prunelab.registry``): same budgets, no paper."""
 
-from prunelab.methods.baselines import CLSAttention, DenseDecode, OracleTopK, RandomDrop, RandomPrune, SinkRecent
+from prunelab.methods.baselines import (
+    CLSAttention,
+    DenseDecode,
+    OracleTopK,
+    RandomDrop,
+    RandomExit,
+    RandomPrune,
+    SinkRecent,
+)
 from prunelab.registry import MethodEntry
 
 _KV_BAD = (({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"gqa_mode": "mean"}, "gqa_mode"),
@@ -19,6 +27,12 @@ ENTRIES = (
         backbones=("timm ViT with a class token",), keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
         bad=(({"keep_ratio": 1.5}, "keep_ratio"), ({"blocks": (-1,)}, "blocks")),
         status="the patch tokens the class token attends to most (head mean) at Zero-TPrune's schedule",
+    ),
+    MethodEntry(
+        name="random_exit", cls=RandomExit, family="semantic segmentation", seams=("segmenter",), budget="rates",
+        backbones=("prunelab Segmenter",), keep_all={"rates": (0.0, 0.0)}, prune={"rates": (0.5, 0.5)},
+        bad=(({"rates": (1.5,)}, "rates"), ({"rates": 0.5}, "rates"), ({"seed": "0"}, "seed")),
+        status="uniformly random exits at DToP's stages, at the share of tokens DToP exits",
     ),
     MethodEntry(
         name="random_prune", cls=RandomPrune, family="VLM", seams=("vlm",),
