@@ -36,6 +36,12 @@ CASES = {
     "zero_tprune full": (["reproduce", "zero_tprune", "--preset", "full", "--imagenet", "{folder}"], [
         ("--imagenet", "/nonexistent"), ("--batch-size", "0"), ("--throughput-batch", "0"), ("--workers", "-1"),
         ("--limit", "0")]),
+    "dtop tiny": (["reproduce", "dtop"], [
+        ("--n-test", "0"), ("--p0", "1.5"), ("--p0", "nan"), ("--k", "-1"), ("--bootstrap", "0"),
+        ("--timing-batch", "0"), ("--rounds", "0"), ("--data", "/nonexistent")]),
+    "dtop full": (["reproduce", "dtop", "--preset", "full", "--ade20k", "{folder}"], [
+        ("--ade20k", "/nonexistent"), ("--model", "vit_h"), ("--checkpoint", "/nonexistent.pth"), ("--p0", "2"),
+        ("--k", "-1"), ("--limit", "0")]),
     "fasa tiny": (["reproduce", "fasa"], [
         ("--windows", "0"), ("--prefix", "-5"), ("--steps", "0"), ("--budgets", "0"), ("--budgets", "2.5"),
         ("--budgets", "abc"), ("--passkey-contexts", "0"), ("--depths", "1.2"), ("--passkey-budget", "0"),

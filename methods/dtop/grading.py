@@ -1,4 +1,4 @@
-"""DToP's grading (Tang et al., ICCV 2023, Sec. 3.2): which active tokens exit after an auxiliary head.
+"""DToP's grading (Tang et al., ICCV 2023): which active tokens exit after an auxiliary head.
 
 Pure tensor functions, no model. Shapes: B images, N tokens, C classes.
 

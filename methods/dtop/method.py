@@ -2,8 +2,8 @@
 ICCV 2023, arXiv 2308.01045). Official code: github.com/zbwxp/Dynamic-Token-Pruning (BSD-2-Clause).
 
 After every auxiliary head but the last, each active token is graded by its top class probability; tokens above
-``p0`` exit with their prediction frozen, except the ``k`` most confident of each class, which stay as context
-(Sec. 3.2). The stage loop itself is :mod:`prunelab.methods.dtop.seam`; see README.md for what differs from the
+``p0`` exit with their prediction frozen, except the ``k`` most confident of each class, which stay as context.
+The stage loop itself is :mod:`prunelab.methods.dtop.seam`; see README.md for what differs from the
 official code.
 """
 

@@ -1,4 +1,4 @@
-"""A plain-ViT segmenter with auxiliary heads, the host DToP prunes (Tang et al., ICCV 2023, Sec. 3.1).
+"""A plain-ViT segmenter with auxiliary heads, the host DToP prunes (Tang et al., ICCV 2023).
 
 The encoder is a timm ``VisionTransformer`` without class token (as DToP's official code builds it) and without
 its final norm; the heads sit after the 0-based blocks in ``stage_ends`` (ViT-B: 5, 7, 11; ViT-L: 7, 15, 23),
