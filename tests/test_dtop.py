@@ -194,9 +194,8 @@ def test_training_mode_trains_every_head_with_selection_outside_the_graph():
     m = segmenter().train()
     target = torch.randint(0, 5, (3, 32, 32))
     with prunelab.apply(m, DToP(p0=0.25, k=1)) as h:
-        seg, aux = m(X, return_aux=True)
-        loss = sum(torch.nn.functional.cross_entropy(o, target) for o in (seg, *aux))
-        loss.backward()
+        _, outs = m(X, return_heads=True)
+        m.loss(outs, target).backward()
     assert (h.state.exit_stage == 0).any()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.heads[0].parameters())
     assert m.vit.blocks[3].mlp.fc1.weight.grad.abs().sum() > 0
@@ -226,3 +225,31 @@ def test_bad_models_and_inputs_name_the_parameter():
     with pytest.raises(TypeError, match="method"):
         prunelab.apply(m, registry.build("random_drop", keep_ratio=0.5))
     assert prunelab.handle_of(m) is None
+
+
+def test_atm_loss_matches_the_official_formulas_written_as_loops():
+    from prunelab.methods.dtop import ATMHead, HeadOutput
+
+    g = torch.Generator().manual_seed(0)
+    head = ATMHead(8, 3, width=4, heads=2)
+    out = HeadOutput(torch.randn(2, 4, 3, generator=g), torch.randn(2, 3, 2, generator=g))
+    target = torch.tensor([[[0, 0, 1, 1]] * 4, [[2, 2, 255, 2]] * 4])  # [2, 4, 4]; image 1 has an ignored column
+    got = head.loss(out, target, (2, 2))
+    ce, focal, dice, n = [], 0.0, 0.0, 0
+    for b in range(2):
+        masks = torch.nn.functional.interpolate(out.tokens[b].T.reshape(1, 3, 2, 2), size=(4, 4), mode="bilinear",
+                                                align_corners=False)[0]
+        for c in range(3):
+            here = bool((target[b] == c).any())
+            ce.append((torch.nn.functional.cross_entropy(out.image[b, c][None], torch.tensor([0 if here else 1])),
+                       1.0 if here else 0.1))
+            if here:
+                n += 1
+                x, t = masks[c].flatten(), (target[b] == c).flatten().float()
+                p = x.sigmoid()
+                bce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+                pt = p * t + (1 - p) * (1 - t)
+                focal += (bce * (1 - pt) ** 2 * (0.25 * t + 0.75 * (1 - t))).mean()
+                dice += 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    loss_ce = sum(term * w for term, w in ce) / sum(w for _, w in ce)
+    torch.testing.assert_close(got, loss_ce + 20 * focal / n + dice / n)

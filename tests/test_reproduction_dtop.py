@@ -48,18 +48,18 @@ def test_full_preset_configs_match_the_official_ones():
     assert full.CONFIGS["vit_l"]["stage_ends"] == (7, 15, 23) and full.CONFIGS["vit_l"]["crop"] == 640
 
 
-def _fake_ade20k(root, n=2):
+def _fake_ade20k(root, n=2, split="validation"):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split in ("images", "annotations"):
-        (root / split / "validation").mkdir(parents=True)
+    for kind in ("images", "annotations"):
+        (root / kind / split).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         h, w = (40, 60) if i == 0 else (70, 50)
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-            root / "images" / "validation" / f"ADE_val_{i:08d}.jpg")
+            root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
         Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
-            root / "annotations" / "validation" / f"ADE_val_{i:08d}.png")
+            root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
 
 
 def test_full_preset_pipeline_on_a_fake_ade20k(tmp_path):
@@ -82,3 +82,22 @@ def test_full_preset_needs_a_checkpoint_or_no_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError, match="--ade20k"):
         main(["reproduce", "dtop", "--preset", "full", "--ade20k", str(tmp_path / "empty"), "--no-pretrained",
               "--model", "smoke", "--out", str(tmp_path)])
+
+
+def test_training_both_stages_then_evaluating_on_a_fake_ade20k(tmp_path):
+    from prunelab.reproductions.dtop import train
+
+    ade = tmp_path / "ade"
+    _fake_ade20k(ade, n=3, split="training")
+    _fake_ade20k(ade, n=1)
+    common = ["--ade20k", str(ade), "--model", "smoke", "--iters", "2", "--batch", "2", "--workers", "0",
+              "--out", str(tmp_path / "ckpt"), "--no-progress"]
+    base = train.main([*common, "--stage", "base"])
+    tuned = train.main([*common, "--stage", "dtop", "--init", str(base), "--p0", "0.0"])
+    assert base.name == "smoke-base.safetensors" and tuned.name == "smoke-dtop.safetensors"
+    assert train.lr_factor(0, 100) == pytest.approx(1e-6) and train.lr_factor(1500, 40000) == pytest.approx(1.0)
+    assert train.lr_factor(40000, 40000) == 0.0
+    main(["reproduce", "dtop", "--preset", "full", "--ade20k", str(ade), "--model", "smoke", "--checkpoint",
+          str(tuned), "--out", str(tmp_path / "out"), "--no-progress"])
+    rows = json.loads((tmp_path / "out" / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "DToP"]

@@ -49,6 +49,11 @@ class LinearHead(nn.Module):
     def scores(self, tokens: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         return tokens
 
+    def loss(self, out: HeadOutput, target: torch.Tensor, grid: tuple[int, int], ignore_index: int = 255
+             ) -> torch.Tensor:
+        """Per-pixel cross-entropy of the logits upsampled to ``target`` [B, H, W]."""
+        return F.cross_entropy(upsample(out.tokens, grid, target.shape[-2:]), target, ignore_index=ignore_index)
+
     def macs(self, n: int) -> int:
         return n * self.fc.in_features * self.num_classes
 
@@ -105,6 +110,40 @@ class ATMHead(nn.Module):
 
     def scores(self, tokens: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         return atm_probability(image, tokens)
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, grid: tuple[int, int], ignore_index: int = 255,
+             weights: tuple[float, float, float] = (1.0, 20.0, 1.0), no_object: float = 0.1) -> torch.Tensor:
+        """SegViT's ATM loss as the official code computes it, one query per class (no matching):
+
+        - presence: cross-entropy of each query's (present, no object) logits, "present" for the classes in the
+          image, the no-object target weighted ``no_object``;
+        - masks, for the classes present: sigmoid focal loss (alpha 0.25, gamma 2; mean over pixels) and dice loss
+          of the mask logits upsampled to ``target``, each summed over the image's classes and divided by the
+          number of present classes in the batch. Ignored pixels count as negatives, as in the official code.
+
+        ``weights``: (presence, focal, dice), the configs' (1, 20, 1).
+        """
+        B, _, C = out.tokens.shape
+        present = torch.zeros(B, C, dtype=torch.bool, device=target.device)
+        for b in range(B):
+            cls = target[b].unique()
+            present[b, cls[(cls != ignore_index) & (cls < C)]] = True
+        cls_target = (~present).long()  # 0: present, 1: no object
+        loss_ce = F.cross_entropy(out.image.reshape(-1, 2).float(), cls_target.flatten(),
+                                  weight=torch.tensor([1.0, no_object], device=target.device))
+        b, c = present.nonzero(as_tuple=True)
+        if len(b) == 0:
+            return weights[0] * loss_ce
+        logits = out.tokens.transpose(1, 2).reshape(B, C, *grid)[b, c]  # the present classes' masks
+        logits = F.interpolate(logits[:, None].float(), size=target.shape[-2:], mode="bilinear",
+                               align_corners=False)[:, 0].flatten(1)
+        truth = (target[b] == c[:, None, None]).flatten(1).float()
+        prob = logits.sigmoid()
+        ce = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
+        p_t = prob * truth + (1 - prob) * (1 - truth)
+        focal = (ce * (1 - p_t) ** 2 * (0.25 * truth + 0.75 * (1 - truth))).mean(1).sum() / len(b)
+        dice = (1 - (2 * (prob * truth).sum(1) + 1) / (prob.sum(1) + truth.sum(1) + 1)).sum() / len(b)
+        return weights[0] * loss_ce + weights[1] * focal + weights[2] * dice
 
     def macs(self, n: int) -> int:
         """MACs over ``n`` tokens (the queries' own work, independent of ``n``, included)."""

@@ -19,7 +19,7 @@ import torch
 
 from prunelab.common.handle import Handle, UnsupportedModelError
 from prunelab.common.reduction import Reduction
-from prunelab.methods.dtop.heads import upsample
+from prunelab.methods.dtop.heads import HeadOutput, upsample
 
 FREEZE = ("mask_logit", "full_prediction")
 
@@ -80,19 +80,25 @@ def _key_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
     return mask[:, None, None, :]
 
 
-def early_exit_forward(model, method, state: EarlyExitState, images: torch.Tensor, return_aux: bool = False):
-    """The segmenter's forward with tokens exiting after each auxiliary head (same returns as the dense one)."""
+def early_exit_forward(model, method, state: EarlyExitState, images: torch.Tensor, return_heads: bool = False):
+    """The segmenter's forward with tokens exiting after each auxiliary head (same returns as the dense one).
+
+    With ``return_heads``, each stage's :class:`HeadOutput` comes too, its ``tokens`` the canvas after that stage
+    (every token's latest head output: frozen for the exited, this head's for the active), as the official code
+    trains each head on its canvas.
+    """
     x = model.embed(images)
     B, N, _ = x.shape
     stages, blocks = model.stages, model.vit.blocks
     S, dev = len(stages), x.device
     ids = torch.arange(N, device=dev).expand(B, N)  # original position of each packed slot
     valid: torch.Tensor | None = None
-    canvas = torch.zeros(B, N, model.num_classes, dtype=x.dtype, device=dev)
+    canvas = torch.zeros(B, N, model.num_classes, dtype=x.dtype, device=dev)  # head outputs (ATM: mask logits)
+    frozen = canvas.clone() if method.freeze == "full_prediction" else None  # whole predictions at exit
     exit_stage = torch.full((B, N), S - 1, dtype=torch.int64, device=dev)
     per_block = torch.zeros(B, len(blocks), dtype=torch.int64)
     per_head = torch.zeros(B, S, dtype=torch.int64)
-    history, aux = [], []
+    history, outs = [], []
     for s, stage in enumerate(stages):
         count = (valid.sum(1) if valid is not None else torch.full((B,), x.shape[1], device=dev)).cpu()
         mask = _key_mask(valid)
@@ -103,10 +109,12 @@ def early_exit_forward(model, method, state: EarlyExitState, images: torch.Tenso
         per_head[:, s] = count
         head = model.heads[s]
         out = head(x, valid)
-        value = out.tokens if method.freeze == "mask_logit" else head.scores(out.tokens, out.image)
-        red = Reduction(ids, N, valid) if x.shape[1] else None
-        if red is not None:
-            canvas = red.scatter(canvas, value)
+        if x.shape[1]:
+            red = Reduction(ids, N, valid)
+            canvas = red.scatter(canvas, out.tokens)
+            if frozen is not None:
+                frozen = red.scatter(frozen, head.scores(out.tokens, out.image))
+        outs.append(HeadOutput(canvas, out.image))
         if s < S - 1:
             with torch.no_grad():
                 active = valid if valid is not None else torch.ones(B, x.shape[1], dtype=torch.bool, device=dev)
@@ -116,19 +124,12 @@ def early_exit_forward(model, method, state: EarlyExitState, images: torch.Tenso
                 step = compact(active & ~leave)
             x, ids, valid = step.gather(x), step.gather(ids), step.valid
             history.append((f"stage {s}", [ids[i, :int(c)] for i, c in enumerate(step.counts)]))
-        if return_aux and s < S - 1:
-            aux.append(upsample(_scores(head, canvas, out, method.freeze), model.grid, model.img_size))
-    scores = _scores(model.heads[-1], canvas, out, method.freeze)
+    scores = model.heads[-1].scores(canvas, out.image) if frozen is None else frozen
     state.exit_stage, state.tokens_per_block, state.tokens_per_head = exit_stage, per_block, per_head
     state.token_scores = scores.detach()
     state.history[:] = history
     seg = upsample(scores, model.grid, model.img_size)
-    return (seg, aux) if return_aux else seg
-
-
-def _scores(head, canvas: torch.Tensor, out, freeze: str) -> torch.Tensor:
-    """The canvas as segmentation scores: frozen mask logits weighted by ``head``'s class presence, or as is."""
-    return head.scores(canvas, out.image) if freeze == "mask_logit" else canvas
+    return (seg, outs) if return_heads else seg
 
 
 def install(model: Any, method: Any) -> EarlyExitHandle:

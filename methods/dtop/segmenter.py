@@ -93,18 +93,22 @@ class Segmenter(nn.Module):
         """A head's output as [B, C, H, W] segmentation scores at image size."""
         return upsample(self.heads[-1].scores(out.tokens, out.image), self.grid, self.img_size)
 
-    def forward(self, images: torch.Tensor, return_aux: bool = False):
-        """Dense segmentation scores [B, C, H, W]; with ``return_aux``, also each auxiliary head's map."""
+    def forward(self, images: torch.Tensor, return_heads: bool = False):
+        """Dense segmentation scores [B, C, H, W]; with ``return_heads``, also every head's :class:`HeadOutput`
+        (the auxiliary heads run only then, as in training)."""
         x = self.embed(images)
-        maps = []
+        outs = []
         for s, blocks in enumerate(self.stages):
             for b in blocks:
                 x = self.vit.blocks[b](x)
-            head = self.heads[s]
-            if s == len(self.stages) - 1 or return_aux:
-                out = head(x)
-                maps.append(upsample(head.scores(out.tokens, out.image), self.grid, self.img_size))
-        return (maps[-1], maps[:-1]) if return_aux else maps[-1]
+            if s == len(self.stages) - 1 or return_heads:
+                outs.append(self.heads[s](x))
+        seg = self.to_map(outs[-1])
+        return (seg, outs) if return_heads else seg
+
+    def loss(self, outs: Sequence[HeadOutput], target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """The training loss: every head's own loss on its output (weight 1 each) against ``target`` [B, H, W]."""
+        return sum(h.loss(o, target, self.grid, ignore_index) for h, o in zip(self.heads, outs))
 
     def prunelab_seam(self, method) -> Handle:
         """``prunelab.apply``'s entry: install an early-exit method (:mod:`prunelab.methods.dtop.seam`)."""

@@ -1,13 +1,13 @@
 """Full preset: DToP on ADE20K with a SegViT-style ViT-B/16 or ViT-L/16 segmenter (ATM heads), as the official configs.
 
 No checkpoints were released with the paper, so ``--checkpoint`` is a state dict of a
-:class:`~prunelab.methods.dtop.Segmenter` trained elsewhere (stage A, or stage B fine-tuned with DToP; the
-configs' recipe: AdamW lr 2e-5 with heads x10, weight decay 0.01, 1.5k warm-up iterations then poly decay, batch 16,
-40k fine-tuning iterations). Data: ``--ade20k`` is the ``ADEChallengeData2016`` folder (``images/validation/*.jpg``,
-``annotations/validation/*.png``), read as mmseg does: the short side resized to 512 (long side at most 2048),
-labels with zero as "other" (ignored) and classes 1-150 as 0-149. Inference slides the configs' window (ViT-B: 512
-crop, stride 341; ViT-L: 640 / 320) over each image; all windows of an image run as one batch, which DToP prunes
-per window. GFLOPs are each image's MACs over its windows (heads included) / 1e9, averaged over the images.
+:class:`~prunelab.methods.dtop.Segmenter`: stage A, or stage B fine-tuned with DToP, as
+``prunelab.reproductions.dtop.train`` writes them with the configs' recipe. Data: ``--ade20k`` is the
+``ADEChallengeData2016`` folder (``images/validation/*.jpg``, ``annotations/validation/*.png``), read as mmseg does:
+resized with the aspect kept (ViT-B: at most 2048 x 512; ViT-L: 2560 x 640), labels with zero as "other" (ignored)
+and classes 1-150 as 0-149. Inference slides the configs' window (ViT-B: 512 crop, stride 341; ViT-L: 640 / 320);
+all windows of an image run as one batch, which DToP prunes per window. GFLOPs are each image's MACs over its
+windows (heads included) / 1e9, averaged over the images.
 
 Several GPUs: ``accelerate launch -m prunelab.cli reproduce dtop --preset full --ade20k DIR --checkpoint FILE``;
 images are sharded by accelerate and the confusion matrices and MACs gathered.
@@ -28,13 +28,13 @@ from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.dtop import DToP, Segmenter
 
 CONFIGS = {  # the official configs prune_segvit_ade20k and prune_segvit_ade20k_large
-    "vit_b": {"timm": "vit_base_patch16_384", "crop": 512, "stride": 341, "stage_ends": (5, 7, 11), "p0": 0.9,
-              "atm_heads": 6},
-    "vit_l": {"timm": "vit_large_patch16_384", "crop": 640, "stride": 320, "stage_ends": (7, 15, 23), "p0": 0.95,
-              "atm_heads": 8},
+    "vit_b": {"timm": "vit_base_patch16_384", "crop": 512, "stride": 341, "scale": (2048, 512),
+              "stage_ends": (5, 7, 11), "p0": 0.9, "atm_heads": 6},
+    "vit_l": {"timm": "vit_large_patch16_384", "crop": 640, "stride": 320, "scale": (2560, 640),
+              "stage_ends": (7, 15, 23), "p0": 0.95, "atm_heads": 8},
     # a 4-block, width-64 encoder on 64 px windows: the pipeline's end-to-end check on CPU, not a paper setting
-    "smoke": {"timm": "vit_tiny_patch16_224", "crop": 64, "stride": 43, "stage_ends": (1, 2, 3), "p0": 0.9,
-              "atm_heads": 2, "timm_kwargs": {"depth": 4, "embed_dim": 64, "num_heads": 2}},
+    "smoke": {"timm": "vit_tiny_patch16_224", "crop": 64, "stride": 43, "scale": (256, 64), "stage_ends": (1, 2, 3),
+              "p0": 0.9, "atm_heads": 2, "timm_kwargs": {"depth": 4, "embed_dim": 64, "num_heads": 2}},
 }
 NUM_CLASSES = 150
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # the configs' data_preprocessor (RGB)
@@ -91,14 +91,15 @@ def ade20k_pairs(root: str | Path, limit: int | None = None) -> list[tuple[Path,
     return pairs[:limit] if limit else pairs
 
 
-def read_pair(image: Path, annotation: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalised image [3, h, w] resized as mmseg's test pipeline, and the label map [H, W] (original size,
-    0-149, 255 ignored)."""
+def read_pair(image: Path, annotation: Path, scale: tuple[int, int] = (2048, 512)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised image [3, h, w] resized as mmseg's test pipeline (long side at most ``scale[0]``, short side
+    at most ``scale[1]``), and the label map [H, W] (original size, 0-149, 255 ignored)."""
     from PIL import Image
 
     img = Image.open(image).convert("RGB")
     w, h = img.size
-    scale = min(2048 / max(w, h), 512 / min(w, h))
+    scale = min(scale[0] / max(w, h), scale[1] / min(w, h))
     img = img.resize((int(w * scale + 0.5), int(h * scale + 0.5)), Image.BILINEAR)
     x = (torch.from_numpy(np.asarray(img, dtype=np.float32)) - torch.tensor(MEAN)) / torch.tensor(STD)
     label = torch.from_numpy(np.asarray(Image.open(annotation), dtype=np.int64))
@@ -142,7 +143,7 @@ def evaluate(model: Segmenter, pairs, method, accelerator, cfg: dict, progress: 
     handle = prunelab.apply(model, method) if method is not None else None
     try:
         for image, annotation in tqdm(mine, disable=not (progress and accelerator.is_main_process)):
-            x, label = read_pair(image, annotation)
+            x, label = read_pair(image, annotation, cfg["scale"])
             scores, m = slide(model, x.to(accelerator.device), cfg["crop"], cfg["stride"], handle)
             scores = F.interpolate(scores[None], size=label.shape, mode="bilinear", align_corners=False)[0]
             label = label.to(accelerator.device)

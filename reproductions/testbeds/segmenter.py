@@ -22,7 +22,6 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import prunelab
@@ -69,11 +68,6 @@ def build(cfg: SegConfig | None = None) -> Segmenter:
                             num_heads=cfg.num_heads)
 
 
-def loss_fn(seg: torch.Tensor, aux: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross-entropy of the final and every auxiliary map, weight 1 each."""
-    return sum(F.cross_entropy(m, masks) for m in (seg, *aux))
-
-
 def _lr(progress: float, peak: float, warmup: float) -> float:
     if progress < warmup:
         return peak * max(progress, 1e-3) / warmup
@@ -103,7 +97,7 @@ def train(cfg: SegConfig | None = None, *, method: DToP | None = None, init: Seg
                 x, y = data.images[i:i + cfg.batch_size], data.masks[i:i + cfg.batch_size]
                 for g in opt.param_groups:
                     g["lr"] = _lr(seen / n, peak, cfg.warmup_frac)
-                loss = loss_fn(*model(x, return_aux=True), y)
+                loss = model.loss(model(x, return_heads=True)[1], y)  # every head's cross-entropy, weight 1 each
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
