@@ -35,6 +35,10 @@ def test_tiny_preset_writes_its_table_speed_and_curve(tmp_path):
     speed = json.loads((out / "speed.json").read_text())["rows"]
     assert {r["method"] for r in speed} == {"DToP", "random exit"} and all(r["speedup"] > 0 for r in speed)
     assert (out / "curve.png").stat().st_size > 0 and result["provenance"]["weights_sha256"]["dtop"]
+    exits = json.loads((out / "exits.json").read_text())["rows"]
+    kinds = {(m, c) for m in ("base", "fine-tuned") for c in ("easy", "hard")}
+    assert {(r["model"], r["canvases"]) for r in exits} == kinds
+    assert all(abs(r["stage1_%"] + r["stage2_%"] + r["last_%"] - 100) < 1e-4 for r in exits)  # float32 means
 
 
 def test_expected_yaml_has_the_readme_rows_and_sources():

@@ -29,7 +29,7 @@ ENTRIES = (
         status="the patch tokens the class token attends to most (head mean) at Zero-TPrune's schedule",
     ),
     MethodEntry(
-        name="random_exit", cls=RandomExit, family="semantic segmentation", seams=("segmenter",), budget="rates",
+        name="random_exit", cls=RandomExit, family="ViT segmentation", seams=("segmenter",), budget="rates",
         backbones=("prunelab Segmenter",), keep_all={"rates": (0.0, 0.0)}, prune={"rates": (0.5, 0.5)},
         bad=(({"rates": (1.5,)}, "rates"), ({"rates": 0.5}, "rates"), ({"seed": "0"}, "seed")),
         status="uniformly random exits at DToP's stages, at the share of tokens DToP exits",

@@ -14,6 +14,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 from prunelab.cli import NON_NEGATIVE, POSITIVE, UNIT, existing, int_arg
@@ -30,6 +31,7 @@ P0 = (0.8, 0.9, 0.95, 0.99)
 K = 5
 COLUMNS = ["model", "method", "p0", "gflops", "gflops_change_%", "miou", "miou_se", "vs_dense", "vs_random",
            "vs_random_se", "miou_easy", "miou_hard", "exit_stage1_%", "exit_stage2_%"]
+EXIT_COLUMNS = ["model", "p0", "canvases", "stage1_%", "stage2_%", "last_%", "gflops"]
 SPEED_COLUMNS = ["method", "batch", "dense_ms", "ms", "speedup", "speedup_iqr", "bound", "of_bound"]
 SPREAD_WARNING = 0.25
 
@@ -78,7 +80,7 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_test: int = 1000, p0
     out = Path(out)
     models = {"base": segmenter.load("base"), "fine-tuned": segmenter.load("dtop")}
     test = make_canvases("test", n_test, seed=1, root=data)
-    rows, found = [], {}
+    rows, exits = [], []
     dense = evaluate(models["base"][0], test)
     dense_g = dense["gflops"]
 
@@ -100,7 +102,11 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_test: int = 1000, p0
         for key, (model, _) in models.items():
             res = evaluate(model, test, DToP(p0=p0, k=k))
             rand = evaluate(model, test, RandomExit(rates=random_rates(res["exit_share"]["all"])))
-            found[(key, p0)] = res
+            for kind, sel in (("easy", ~test.hard), ("hard", test.hard)):
+                shares = res["exit_share"][kind]
+                exits.append({"model": key, "p0": p0, "canvases": kind, "stage1_%": 100 * shares[0],
+                              "stage2_%": 100 * shares[1], "last_%": 100 * shares[2],
+                              "gflops": float(res["gflops_per_image"][sel].mean())})
             rows += [row(key, "DToP", p0, res, rand), row(key, "random exit", p0, rand)]
             if progress:
                 print(f"  {key} p0={p0}: DToP mIoU {res['miou']:.2f} at {res['gflops']:.4f} GFLOPs, random exit "
@@ -139,14 +145,16 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_test: int = 1000, p0
                "median of per-round ratios to dense; bound: dense / method MACs on that batch; of_bound: "
                "(speedup - 1) / (bound - 1)", timing_warnings=warnings)
     write_results(out, "table", rows, meta, COLUMNS, title="DToP, tiny preset: mIoU against GFLOPs")
+    write_results(out, "exits", exits, meta, EXIT_COLUMNS,
+                  title="DToP, tiny preset: share of tokens frozen at each stage, easy and hard canvases")
     write_results(out, "speed", speed, meta, SPEED_COLUMNS, title="DToP, tiny preset: wall-clock against dense")
     fig = plots.curve(rows, f"segmentation test-bed ({n_test} test canvases)")
     fig.savefig(out / "curve.png", dpi=120)
-    print(markdown_table(rows, COLUMNS))
-    print()
-    print(markdown_table(speed, SPEED_COLUMNS))
-    print(f"\nwrote {out / 'table.md'}, {out / 'speed.md'}, {out / 'curve.png'} (+ JSON)")
-    return {"table": rows, "speed": speed, "provenance": meta}
+    plt.close(fig)  # written, not shown: a notebook displays the file
+    for table, columns in ((rows, COLUMNS), (exits, EXIT_COLUMNS), (speed, SPEED_COLUMNS)):
+        print(markdown_table(table, columns), end="\n\n")
+    print(f"wrote {out / 'table.md'}, {out / 'exits.md'}, {out / 'speed.md'}, {out / 'curve.png'} (+ JSON)")
+    return {"table": rows, "exits": exits, "speed": speed, "provenance": meta}
 
 
 def default_out() -> Path:

@@ -31,8 +31,8 @@ from prunelab.reproductions.testbeds.scenes import NUM_CLASSES, SIZE, Canvases, 
 
 WEIGHTS = {"base": Path(__file__).with_name("weights") / "segmenter.safetensors",
            "dtop": Path(__file__).with_name("weights") / "segmenter_dtop.safetensors"}
-SHA256 = {"base": "e784fbfd196ebdee5128fefee659d5964feac3635791243bbb2c3454c91256dd",
-          "dtop": "ee3e81d62bd979c78d7550d78e81d0ed70d668bae85ae677fd2d1bd18d27785c"}
+SHA256 = {"base": "c6c77a289a3b60e29e4516587beac22dbc2e205498bb801e38c8c752ae2bc9ad",
+          "dtop": "cfe7b219373a1fb1349889a380e8586818d6ca75f3e0b3979651ce85a8c67c88"}
 COMMAND = "python -m prunelab.reproductions.testbeds.segmenter"
 
 
@@ -46,14 +46,14 @@ class SegConfig:
     patch_size: int = 4
     stage_ends: tuple[int, ...] = (2, 3, 5)
     # stage A: fresh canvases (half hard), AdamW with warm-up and cosine decay
-    canvases: int = 40_000
+    canvases: int = 160_000
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     # stage B: DToP's fine-tune with early exit active at finetune_p0 (its lr scaled down from stage A's, as the
     # official recipe fine-tunes at a tenth of a base model's rate)
-    finetune_canvases: int = 8_000
+    finetune_canvases: int = 16_000
     finetune_lr: float = 1e-4
     finetune_p0: float = 0.9
     finetune_k: int = 5
