@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # One line per method package (its entry.py); the order is the order of `prunelab list`.
-PACKAGES = ("zero_tprune", "dtop", "fasa", "divprune", "hiprune", "flowcut", "visiondrop", "baselines")
+PACKAGES = ("zero_tprune", "dtop", "top_vim", "fasa", "divprune", "hiprune", "flowcut", "visiondrop", "baselines")
 
 SEAMS = {
     "vit": "prunelab.common.vit (blocks ask for attention statistics; others keep fused SDPA)",
     "decoder": "prunelab.common.decoder (registered 'prunelab' attention function + in-place KV cache)",
     "vlm": "prunelab.common.vlm (hooks in the vision tower, after the projector, after an LLM layer; "
            "LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL)",
+    "vim": "prunelab.methods.top_vim.seam (pruning points after Vim blocks; pruned slots kept in the scan or removed)",
     "segmenter": "prunelab.methods.dtop.seam (early exit after the auxiliary heads of a plain-ViT segmenter; "
                  "ragged batches attended with a key-padding mask)",
 }

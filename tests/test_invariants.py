@@ -23,10 +23,12 @@ from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vit import ViTHandle
 from prunelab.methods.dtop import Segmenter
+from prunelab.methods.top_vim import VimConfig, VisionMamba
 
 # -- backbones: a tiny model, a batch and the output each seam is judged by ---------------------------------------
 VIT = {"vit": "vit_tiny_patch16_224", "deit_distilled": "deit_tiny_distilled_patch16_224"}
 SEGMENTERS = ("linear", "atm")  # prunelab's Segmenter with per-token or ATM heads
+VIMS = ("vim",)  # prunelab's VisionMamba (middle class token, bidirectional scans)
 DECODERS = ("llama", "qwen2")
 VLMS = ("llava", "llava_next", "qwen2_5_vl")
 IMAGES = [1, 2]  # ragged image counts per prompt
@@ -37,12 +39,18 @@ class Backbone:
 
     def __init__(self, seam: str, name: str):
         self.seam, self.name = seam, name
-        if seam in ("vit", "segmenter"):
+        if seam in ("vit", "segmenter", "vim"):
             torch.manual_seed(0)
-            self.model = (timm.create_model(VIT[name], pretrained=False, img_size=32, patch_size=4, depth=4,
-                                            num_classes=10) if seam == "vit" else
-                          Segmenter.create("vit_tiny_patch16_224", 5, stage_ends=(1, 2, 3), head=name, img_size=32,
-                                           patch_size=4, depth=4)).eval()
+            if seam == "vit":
+                self.model = timm.create_model(VIT[name], pretrained=False, img_size=32, patch_size=4, depth=4,
+                                               num_classes=10)
+            elif seam == "segmenter":
+                self.model = Segmenter.create("vit_tiny_patch16_224", 5, stage_ends=(1, 2, 3), head=name,
+                                              img_size=32, patch_size=4, depth=4)
+            else:
+                self.model = VisionMamba(VimConfig(img_size=32, patch_size=4, embed_dim=32, depth=6, num_classes=10,
+                                                   d_state=8))
+            self.model.eval()
             self.x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
             self.size = 3
         elif seam == "decoder":
@@ -57,7 +65,7 @@ class Backbone:
     @torch.no_grad()
     def run(self, b: int | None = None) -> torch.Tensor:
         m = self.model
-        if self.seam in ("vit", "segmenter"):
+        if self.seam in ("vit", "segmenter", "vim"):
             return m(self.x if b is None else self.x[b:b + 1])
         if self.seam == "decoder":
             ids, mask = (self.ids, self.mask) if b is None else (self.ids[b:b + 1], self.mask[b:b + 1])
@@ -75,7 +83,8 @@ class Backbone:
         return self.model(**self.x).logits if self.seam == "vlm" else self.run()
 
 
-BACKBONES = {"vit": list(VIT), "segmenter": list(SEGMENTERS), "decoder": list(DECODERS), "vlm": list(VLMS)}
+BACKBONES = {"vit": list(VIT), "segmenter": list(SEGMENTERS), "vim": list(VIMS), "decoder": list(DECODERS),
+             "vlm": list(VLMS)}
 
 
 @functools.cache

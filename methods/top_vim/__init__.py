@@ -1,11 +1,17 @@
 """ToP-ViM: token pruning in vision state-space models (Zhan et al., NeurIPS 2024, arXiv 2409.18962).
 
-For now the dense backbone only: a plain-PyTorch Vim (hustvl/Vim dd0358a) with its selective scan, which the method
-will hook into.
+The method (:class:`ToPViM`, installed with ``prunelab.apply``), its pure importance and selection functions, the
+analytic MACs, and the plain-PyTorch Vim backbone it prunes (hustvl/Vim dd0358a) with its selective scan and the
+hustvl checkpoint loader. See README.md.
 """
 
 from prunelab.methods.top_vim.checkpoint import load_vim_checkpoint, read_vim_state_dict
+from prunelab.methods.top_vim.flops import VimDims, dense_macs, top_vim_macs, vim_macs
+from prunelab.methods.top_vim.importance import channel_reduce, ssm_signal, token_importance
+from prunelab.methods.top_vim.method import ToPViM, scaled_blocks
 from prunelab.methods.top_vim.scan import selective_scan_ref
+from prunelab.methods.top_vim.seam import ToPViMHandle, ToPViMState
+from prunelab.methods.top_vim.selection import check_vim_reduction, cls_layout, select_tokens, vim_keep_count
 from prunelab.methods.top_vim.vim import (
     RMSNorm,
     SSMOutputs,
@@ -20,5 +26,8 @@ from prunelab.methods.top_vim.vim import (
     vim_tiny,
 )
 
-__all__ = ["selective_scan_ref", "VimMixer", "VimBlock", "VisionMamba", "VimConfig", "VimLayout", "SSMOutputs",
+__all__ = ["ToPViM", "scaled_blocks", "token_importance", "ssm_signal", "channel_reduce", "select_tokens",
+           "vim_keep_count", "cls_layout", "check_vim_reduction", "ToPViMHandle", "ToPViMState", "VimDims",
+           "vim_macs", "dense_macs", "top_vim_macs",
+           "selective_scan_ref", "VimMixer", "VimBlock", "VisionMamba", "VimConfig", "VimLayout", "SSMOutputs",
            "RMSNorm", "add_norm", "unflip", "vim_tiny", "vim_small", "load_vim_checkpoint", "read_vim_state_dict"]

@@ -20,7 +20,8 @@ The model, in hustvl's order:
 ``x_proj`` -> (dt, B, C), ``dt_proj`` and the selective scan with ``D`` and the ``silu(z)`` gate; the backward branch
 is the same with its own ``*_b`` weights on the whole ``xz`` flipped along L; the output is
 ``out_proj((y_fwd + flip(y_bwd)) / 2)``. On request it returns both gated scan outputs before ``out_proj``
-(:class:`SSMOutputs`), which ToP-ViM's importance is computed from.
+(:class:`SSMOutputs`), which ToP-ViM's importance is computed from, and it passes a keep mask to both scans (ToP-ViM's
+"decay_only" alignment); ``VisionMamba.prunelab_seam`` is ``prunelab.apply``'s entry (:mod:`.seam`).
 
 What differs from hustvl: no fused kernels (the unfused equivalent: the add and the norm are computed in float32 and
 the normalised output is cast back to the input dtype, as the fused Triton kernel does); no RoPE, double or random CLS,
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
+from prunelab.common.handle import Handle
 from prunelab.methods.top_vim.scan import IMPLS, selective_scan_ref
 
 
@@ -148,8 +150,11 @@ class VimMixer(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.dt_proj.bias._no_reinit = True
 
-    def _branch(self, xz: torch.Tensor, suffix: str) -> torch.Tensor:
-        """One scan direction on xz [B, 2 d_inner, L] with the weights named ``*{suffix}``; -> [B, d_inner, L]."""
+    def _branch(self, xz: torch.Tensor, suffix: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """One scan direction on xz [B, 2 d_inner, L] with the weights named ``*{suffix}``; -> [B, d_inner, L].
+
+        ``keep`` [B, L] bool (in this branch's frame) is the scan's decay-only mask, None for the dense scan.
+        """
         conv, x_proj, dt_proj = (getattr(self, f"{name}{suffix}") for name in ("conv1d", "x_proj", "dt_proj"))
         length = xz.shape[-1]
         x, z = xz.chunk(2, dim=1)
@@ -160,15 +165,21 @@ class VimMixer(nn.Module):
         A = -torch.exp(getattr(self, f"A{suffix}_log").float())
         D = getattr(self, f"D{suffix}").float()
         return selective_scan_ref(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z=z,
-                                  delta_bias=dt_proj.bias.float(), delta_softplus=True, impl=self.scan_impl)
+                                  delta_bias=dt_proj.bias.float(), delta_softplus=True, keep=keep,
+                                  impl=self.scan_impl)
 
-    def forward(self, hidden_states: torch.Tensor,
-                return_ssm: bool = False) -> torch.Tensor | tuple[torch.Tensor, SSMOutputs]:
-        """Mix [B, L, C] -> [B, L, C]; with ``return_ssm``, also the two scan outputs (:class:`SSMOutputs`)."""
+    def forward(self, hidden_states: torch.Tensor, return_ssm: bool = False,
+                keep: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, SSMOutputs]:
+        """Mix [B, L, C] -> [B, L, C]; with ``return_ssm``, also the two scan outputs (:class:`SSMOutputs`).
+
+        ``keep`` [B, L] bool, in token order, is ToP-ViM's "decay_only" hook: both scans run over every slot, but a
+        slot with ``keep == False`` only decays the state and outputs 0 (:func:`selective_scan_ref`); the backward
+        branch gets the mask flipped with its sequence. None (the default) is the dense mixer.
+        """
         xz = self.in_proj(hidden_states).transpose(1, 2)
-        y_fwd = self._branch(xz, "")
+        y_fwd = self._branch(xz, "", keep)
         # the backward branch flips x and the gate z together and scans the flipped sequence forward
-        y_bwd_flipped = self._branch(xz.flip(-1), "_b")
+        y_bwd_flipped = self._branch(xz.flip(-1), "_b", None if keep is None else keep.flip(-1))
         y = y_fwd + unflip(y_bwd_flipped)
         if self.if_divide_out:
             y = y / 2
@@ -195,17 +206,18 @@ class VimBlock(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, return_ssm: bool = False
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, return_ssm: bool = False,
+                keep: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, SSMOutputs]:
         """[B, L, C] hidden states and residual (None for the first block) -> the new pair, plus the mixer's
-        :class:`SSMOutputs` when ``return_ssm``."""
+        :class:`SSMOutputs` when ``return_ssm``; ``keep`` goes to the mixer (:meth:`VimMixer.forward`)."""
         if residual is not None:
             hidden_states = self.drop_path(hidden_states)
         normed, residual = add_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
         if return_ssm:
-            out, ssm = self.mixer(normed, return_ssm=True)
+            out, ssm = self.mixer(normed, return_ssm=True, keep=keep)
             return out, residual, ssm
-        return self.mixer(normed), residual
+        return self.mixer(normed, keep=keep), residual
 
 
 @dataclass(frozen=True)
@@ -388,6 +400,12 @@ class VisionMamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, num_classes] (the CLS feature when ``num_classes == 0``)."""
         return self.head(self.forward_features(x))
+
+    def prunelab_seam(self, method) -> Handle:
+        """``prunelab.apply``'s entry: install ToP-ViM (:mod:`prunelab.methods.top_vim.seam`)."""
+        from prunelab.methods.top_vim.seam import install
+
+        return install(self, method)
 
 
 def _config(embed_dim: int, overrides: dict) -> VimConfig:

@@ -1,0 +1,20 @@
+"""ToP-ViM's registry entry (``prunelab.registry``)."""
+
+from prunelab.methods.top_vim.method import ToPViM
+from prunelab.registry import MethodEntry
+
+ENTRIES = (
+    MethodEntry(
+        name="top_vim", cls=ToPViM, family="vision SSM", seams=("vim",),
+        paper="Exploring Token Pruning in Vision State Space Models (NeurIPS 2024)",
+        backbones=("prunelab VisionMamba (hustvl Vim-T/S checkpoints)",), budget="keep_ratio",
+        keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
+        bad=(({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"),
+             ({"keep_ratio": "0.8"}, "keep_ratio"), ({"blocks": (0,)}, "blocks"), ({"blocks": (3, 3)}, "blocks"),
+             ({"blocks": (99,)}, "blocks"), ({"alignment": "naive"}, "alignment"),
+             ({"importance_norm": "max"}, "importance_norm"), ({"importance_source": "flipped"}, "importance_source"),
+             ({"selection": "top"}, "selection"), ({"selection": "official"}, "selection")),
+        status="method on a plain-PyTorch Vim (hustvl checkpoints load); scan kernel, tiny and full presets, "
+               "notebook not yet",
+    ),
+)
