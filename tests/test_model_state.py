@@ -1,7 +1,7 @@
 """Model state counts as input: training mode, nested and repeated application, shared configs, copies.
 
-Each case runs on every seam (timm ViT, prunelab's segmenter, transformers decoder, transformers VLM) where it
-applies.
+Each case runs on every seam (timm ViT, prunelab's segmenter and Vim, transformers decoder, transformers VLM) where
+it applies.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prunelab.methods.baselines import OracleTopK, RandomDrop, RandomExit, SinkR
 from prunelab.methods.divprune import DivPrune
 from prunelab.methods.dtop import DToP, Segmenter
 from prunelab.methods.hiprune import HiPrune
+from prunelab.methods.top_vim import ToPViM, VimConfig, VisionMamba
 from prunelab.methods.zero_tprune import ZeroTPrune
 
 
@@ -44,6 +45,13 @@ def _segmenter_case():
     return model, (lambda m=model: m(x)), DToP(p0=0.25, k=1), RandomExit(rates=(0.5, 0.5))
 
 
+def _vim_case():
+    torch.manual_seed(0)
+    model = VisionMamba(VimConfig(img_size=32, patch_size=4, embed_dim=32, depth=6, num_classes=10, d_state=8)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, (lambda m=model: m(x)), ToPViM(keep_ratio=0.5), ToPViM(keep_ratio=0.7, alignment="none")
+
+
 def _decoder_case():
     model = tiny_decoder("llama")
     ids, mask = padded_batch()
@@ -63,7 +71,8 @@ def _vlm_case():
     return model, (lambda m=model: m(**x).logits), DivPrune(budget=4), hiprune
 
 
-CASES = {"vit": _vit_case, "segmenter": _segmenter_case, "decoder": _decoder_case, "vlm": _vlm_case}
+CASES = {"vit": _vit_case, "segmenter": _segmenter_case, "vim": _vim_case, "decoder": _decoder_case,
+         "vlm": _vlm_case}
 
 
 @pytest.fixture(params=list(CASES))
