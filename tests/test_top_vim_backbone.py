@@ -63,7 +63,7 @@ def closed_form(u, delta, A, B, C, D, z, delta_bias, keep=None) -> torch.Tensor:
 
 
 # -- the selective scan ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["loop", "parallel"])
+@pytest.mark.parametrize("impl", ["loop", "parallel", "stepped"])
 def test_scan_on_a_hand_computed_case(impl):
     # one channel, one state, Δ = 1, A = -ln 2: the state halves every step; u = (1, 0, 0, 2)
     u = torch.tensor([[[1.0, 0.0, 0.0, 2.0]]])
@@ -78,7 +78,7 @@ def test_scan_on_a_hand_computed_case(impl):
     torch.testing.assert_close(y[0, 0], expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["loop", "parallel"])
+@pytest.mark.parametrize("impl", ["loop", "parallel", "stepped"])
 def test_scan_matches_the_closed_form_with_softplus_bias_d_and_gate(impl):
     x = scan_inputs(2, 3, 2, 5)
     y = selective_scan_ref(**x, delta_softplus=True, impl=impl)
@@ -106,7 +106,7 @@ def test_scan_keeps_the_input_dtype_and_computes_in_float32():
     torch.testing.assert_close(y, ref.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("impl", ["loop", "parallel"])
+@pytest.mark.parametrize("impl", ["loop", "parallel", "stepped"])
 def test_keep_all_true_equals_dense_exactly(impl):
     x = scan_inputs(2, 4, 3, 11)
     dense = selective_scan_ref(**x, delta_softplus=True, impl=impl)
@@ -114,7 +114,7 @@ def test_keep_all_true_equals_dense_exactly(impl):
     assert torch.equal(dense, kept)
 
 
-@pytest.mark.parametrize("impl", ["loop", "parallel"])
+@pytest.mark.parametrize("impl", ["loop", "parallel", "stepped"])
 def test_keep_false_decays_the_state_without_input_and_outputs_zero(impl):
     x = scan_inputs(2, 2, 2, 6, seed=3)
     keep = torch.tensor([[True, False, True, False, False, True], [False, True, True, True, False, True]])
@@ -356,3 +356,24 @@ def test_bad_config_names_the_parameter(kw, name):
 def test_wrong_image_shape_names_x():
     with pytest.raises(ValueError, match=r"^x:"):
         tiny()(torch.randn(1, 3, 32, 24))
+
+
+@pytest.mark.parametrize("length", [1, 7, 63])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_stepped_scan_values_and_gradients_match_autograd_through_the_loop(length, pruned):
+    x = scan_inputs(2, 5, 4, length, seed=length)
+    keep = (torch.rand(2, length, generator=torch.Generator().manual_seed(3)) > 0.3) if pruned else None
+    weight = torch.randn(2, 5, length, generator=torch.Generator().manual_seed(4))
+
+    def run(impl):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+        y = selective_scan_ref(**leaves, delta_softplus=True, keep=keep, impl=impl)
+        (y * weight).sum().backward()
+        return y, {k: v.grad for k, v in leaves.items()}
+
+    y_loop, g_loop = run("loop")
+    y_step, g_step = run("stepped")
+    torch.testing.assert_close(y_step, y_loop, atol=1e-5, rtol=1e-5)
+    for k in x:  # float32 sums in another order: relative to each gradient's scale
+        scale = g_loop[k].abs().max().clamp(min=1e-6)
+        assert (g_step[k] - g_loop[k]).abs().max() / scale < 1e-5, k

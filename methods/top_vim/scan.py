@@ -16,6 +16,10 @@ Two implementations, chosen by ``impl``:
 - ``"parallel"``: a Hillis-Steele scan over the pairs ``(exp(Δ_t A), Δ_t B_t u_t)`` under the associative
   composition ``(a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2)``: ``ceil(log2 L)`` vectorised steps. Every factor is a
   decay in (0, 1], so no division or log-space rescaling is needed; results equal the loop up to float32 rounding.
+  Its backward is the adjoint recurrence run the same way (not autograd through the steps).
+- ``"stepped"``: the loop with each step's decay and input formed on a [B, D, N] slice (no [B, D, L, N] tensor
+  is built) and a hand-written backward (:class:`_SteppedScan`): O(L) work, no autograd graph over the steps; for
+  training on CPU, where the other paths are bound by moving [B, D, L, N] tensors through memory.
 
 What differs from mamba-ssm: only real ``A`` and ``B``, ``C`` of shape [B, N, L] (Vim's case; no complex ``A``, no
 grouped or constant ``B``/``C``), no ``return_last_state``; and one addition, ``keep`` (below).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("loop", "parallel")
+IMPLS = ("loop", "parallel", "stepped")
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, keep, impl) -> None:
@@ -67,16 +71,90 @@ def _scan_loop(dA: torch.Tensor, dBu: torch.Tensor, C: torch.Tensor) -> torch.Te
     return torch.stack(ys, dim=2)
 
 
-def _scan_parallel(dA: torch.Tensor, dBu: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Same as :func:`_scan_loop`, by Hillis-Steele doubling over L (``ceil(log2 L)`` steps, O(L log L) work)."""
-    a, h = dA, dBu
+def _doubling(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All prefix states of ``h_t = a_t h_{t-1} + b_t`` (``h_{-1} = 0``) along dim 2, by Hillis-Steele doubling."""
     step = 1
-    while step < dA.shape[2]:
+    while step < a.shape[2]:
         # each position absorbs the segment ending `step` earlier; the first `step` positions are already complete
-        h = torch.cat([h[:, :, :step], a[:, :, step:] * h[:, :, :-step] + h[:, :, step:]], dim=2)
+        b = torch.cat([b[:, :, :step], a[:, :, step:] * b[:, :, :-step] + b[:, :, step:]], dim=2)
         a = torch.cat([a[:, :, :step], a[:, :, step:] * a[:, :, :-step]], dim=2)
         step *= 2
-    return torch.einsum("bdln,bnl->bdl", h, C)
+    return b
+
+
+class _ParallelScan(torch.autograd.Function):
+    """``y_t = <C_t, h_t>``, ``h_t = dA_t h_{t-1} + dBu_t`` with a hand-written backward.
+
+    Autograd through the doubling steps records every intermediate; here the forward keeps only the states ``h``
+    and the backward runs the adjoint recurrence ``lam_t = gy_t C_t + dA_{t+1} lam_{t+1}`` (the same doubling on the
+    reversed sequence): ``d dBu_t = lam_t``, ``d dA_t = lam_t h_{t-1}``, ``d C_t = sum_d gy_t h_t``.
+    """
+
+    @staticmethod
+    def forward(ctx, dA, dBu, C):
+        h = _doubling(dA, dBu)
+        ctx.save_for_backward(dA, C, h)
+        return torch.einsum("bdln,bnl->bdl", h, C)
+
+    @staticmethod
+    def backward(ctx, gy):
+        dA, C, h = ctx.saved_tensors
+        g_h = torch.einsum("bdl,bnl->bdln", gy, C)
+        a_next = torch.cat([dA[:, :, 1:], torch.zeros_like(dA[:, :, :1])], dim=2)  # dA_{t+1}, nothing after L - 1
+        lam = _doubling(a_next.flip(2), g_h.flip(2)).flip(2)
+        h_prev = torch.cat([torch.zeros_like(h[:, :, :1]), h[:, :, :-1]], dim=2)
+        return lam * h_prev, lam, torch.einsum("bdl,bdln->bnl", gy, h)
+
+
+class _SteppedScan(torch.autograd.Function):
+    """The selective scan one step at a time, fused: each step forms its decay ``exp(Δ_t A)`` and input
+    ``Δ_t u_t B_t`` on a [B, D, N] slice (the [B, D, L, N] tensors of the other paths are never built), and the
+    backward is written out: the adjoint ``lam_t = gy_t C_t + exp(Δ_{t+1} A) lam_{t+1}`` walked back from the end,
+    with, per step, ``dC_t = sum_d gy_t h_t``, ``dΔ_t = sum_n (lam_t h_{t-1} exp(Δ_t A) A + lam_t u_t B_t)``,
+    ``du_t = Δ_t sum_n lam_t B_t``, ``dB_t = sum_d lam_t Δ_t u_t``, ``dA = sum_t lam_t h_{t-1} exp(Δ_t A) Δ_t``.
+    Inputs: delta, u [B, D, L] (delta after bias and softplus; u with the keep mask applied), A [D, N],
+    B, C [B, N, L]."""
+
+    @staticmethod
+    def forward(ctx, delta, u, A, B, C):
+        b, d, length = u.shape
+        h = u.new_empty(b, d, length, A.shape[1])
+        y = u.new_empty(b, d, length)
+        state = u.new_zeros(b, d, A.shape[1])
+        du = delta * u
+        for t in range(length):
+            state = torch.addcmul(du[:, :, t, None] * B[:, None, :, t], torch.exp(delta[:, :, t, None] * A), state)
+            h[:, :, t] = state
+            y[:, :, t] = torch.bmm(state, C[:, :, t, None])[..., 0]
+        ctx.save_for_backward(delta, u, A, B, C, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        delta, u, A, B, C, h = ctx.saved_tensors
+        length = u.shape[2]
+        g_delta, g_u, g_B, g_C = (torch.empty_like(t) for t in (delta, u, B, C))
+        g_A = torch.zeros_like(A)
+        lam = torch.zeros_like(h[:, :, 0])
+        decay_next = None
+        for t in range(length - 1, -1, -1):
+            lam = gy[:, :, t, None] * C[:, None, :, t] + (decay_next * lam if decay_next is not None else 0.0)
+            decay = torch.exp(delta[:, :, t, None] * A)
+            g_C[:, :, t] = torch.einsum("bd,bdn->bn", gy[:, :, t], h[:, :, t])
+            lam_B = torch.einsum("bdn,bn->bd", lam, B[:, :, t])
+            g_decay = lam * h[:, :, t - 1] * decay if t else torch.zeros_like(lam)
+            g_delta[:, :, t] = torch.einsum("bdn,dn->bd", g_decay, A) + u[:, :, t] * lam_B
+            g_u[:, :, t] = delta[:, :, t] * lam_B
+            g_B[:, :, t] = torch.einsum("bdn,bd->bn", lam, delta[:, :, t] * u[:, :, t])
+            g_A += torch.einsum("bdn,bd->dn", g_decay, delta[:, :, t])
+            decay_next = decay
+        return g_delta, g_u, g_A, g_B, g_C
+
+
+def _scan_parallel(dA: torch.Tensor, dBu: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Same as :func:`_scan_loop`, by Hillis-Steele doubling over L (``ceil(log2 L)`` steps, O(L log L) work), with
+    the adjoint recurrence as its backward (:class:`_ParallelScan`)."""
+    return _ParallelScan.apply(dA, dBu, C)
 
 
 def selective_scan_ref(
@@ -117,12 +195,16 @@ def selective_scan_ref(
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    if keep is not None:
-        # a pruned slot only decays the state: its input term is removed, exp(delta A) is kept
-        dBu = torch.where(keep[:, None, :, None], dBu, 0.0)
-    y = _scan_loop(dA, dBu, C) if impl == "loop" else _scan_parallel(dA, dBu, C)
+    if impl == "stepped":
+        # a pruned slot only decays the state: zeroing u there removes its input term, exp(delta A) is kept
+        y = _SteppedScan.apply(delta, u if keep is None else torch.where(keep[:, None, :], u, 0.0), A, B, C)
+    else:
+        dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+        dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+        if keep is not None:
+            # a pruned slot only decays the state: its input term is removed, exp(delta A) is kept
+            dBu = torch.where(keep[:, None, :, None], dBu, 0.0)
+        y = _scan_loop(dA, dBu, C) if impl == "loop" else _scan_parallel(dA, dBu, C)
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:
