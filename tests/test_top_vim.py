@@ -23,6 +23,7 @@ from prunelab.methods.top_vim import (
     dense_macs,
     scaled_blocks,
     select_tokens,
+    selective_scan_ref,
     token_importance,
     top_vim_macs,
     vim_keep_count,
@@ -31,7 +32,8 @@ from prunelab.methods.top_vim import (
 )
 from prunelab.methods.top_vim.flops import token_macs, visit_macs
 
-ALIGNMENTS = ("zero_slot", "decay_only", "none")
+ALIGNMENTS = ("zero_slot", "decay_only", "gapped", "none")
+PACKED = ("gapped", "none")  # the sequence shrinks to the kept tokens
 CLS = 32  # the tiny model's 8 x 8 grid: M = 64 patches, the CLS at M // 2
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -180,7 +182,7 @@ def test_every_stage_keeps_an_odd_count_by_the_rule_with_the_cls(alignment, sele
         else:
             assert (ids[:, 1:] > ids[:, :-1]).all() and (ids == CLS).any(1).all()
             # the step as a Reduction of the sequence it saw, with the layout protecting that sequence's CLS
-            if alignment == "none":
+            if alignment in PACKED:
                 step = Reduction(torch.searchsorted(before.contiguous(), ids), before.shape[1])
                 cls = (before == CLS).int().argmax(1)
             else:
@@ -190,12 +192,12 @@ def test_every_stage_keeps_an_odd_count_by_the_rule_with_the_cls(alignment, sele
             assert (ids[:, k // 2] == CLS).all()
         n, before = k, ids
     final = state.kept[4]
-    if alignment == "none":
+    if alignment in PACKED:
         assert tokens.shape == (2, 35, 32) and final[torch.arange(2), state.cls_index].tolist() == [CLS, CLS]
     else:
         assert tokens.shape == (2, 65, 32) and state.cls_index.tolist() == [CLS, CLS]
     assert state.tokens_per_block == [65, 53, 53, 43, 35, 35]
-    assert state.slots_per_block == ([65, 53, 53, 43, 35, 35] if alignment == "none" else [65] * 6)
+    assert state.slots_per_block == ([65, 53, 53, 43, 35, 35] if alignment in PACKED else [65] * 6)
 
 
 def test_importance_maps_are_the_dense_scores_at_the_first_pruning_block():
@@ -250,11 +252,12 @@ def test_aligned_outputs_differ_from_physical_removal_and_from_each_other():
         assert torch.equal(outs[a][2].kept[2], ids)
     rows = torch.arange(2)[:, None]
     physical = outs["none"][1]
-    for a in ("zero_slot", "decay_only"):
-        kept = outs[a][1][rows, ids]
+    for a in ("zero_slot", "decay_only", "gapped"):
+        kept = outs[a][1] if a == "gapped" else outs[a][1][rows, ids]
         assert (kept - physical).abs().max() > 0.05  # the position gap changes every kept token's scan
         assert not torch.allclose(outs[a][0], outs["none"][0], atol=1e-3)
     assert (outs["zero_slot"][1] - outs["decay_only"][1]).abs().max() > 1e-3  # decay_only drops the slots' input
+    assert not torch.equal(outs["decay_only"][1][rows, ids], outs["gapped"][1])  # another step at the slots
 
 
 def test_decay_only_passes_the_keep_mask_to_both_scans():
@@ -277,6 +280,68 @@ def test_decay_only_passes_the_keep_mask_to_both_scans():
         assert torch.equal(y.transpose(1, 2)[~keep], torch.zeros_like(y.transpose(1, 2)[~keep]))
         assert y.transpose(1, 2)[keep].abs().amax(-1).min() > 0
     assert not torch.allclose(ssm.bwd()[..., 5], dense_ssm.bwd()[..., 5], atol=1e-4)
+
+
+def _gapped_setup(length: int = 13):
+    torch.manual_seed(0)
+    mixer = VimMixer(16, d_state=4)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pos = torch.tensor([[0, 2, 3, 6, 9, 12], [1, 4, 5, 6, 7, 10]])  # gaps inside, at the start and at the end
+    keep = torch.zeros(2, length, dtype=torch.bool).scatter_(1, pos, True)
+    return mixer, keep, pos
+
+
+def test_gapped_conv_equals_the_full_conv_with_zeros_in_the_gaps():
+    from prunelab.methods.top_vim.vim import gapped_conv
+
+    mixer, keep, pos = _gapped_setup()
+    x = torch.randn(2, mixer.d_inner, keep.shape[1])
+    with torch.no_grad():
+        full = mixer.conv1d(torch.where(keep[:, None], x, 0.0))[..., :keep.shape[1]]
+        packed = gapped_conv(mixer.conv1d, torch.stack([x[b][:, pos[b]] for b in range(2)]), pos)
+    torch.testing.assert_close(packed, torch.stack([full[b][:, pos[b]] for b in range(2)]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["loop", "parallel", "stepped"])
+def test_gapped_equals_a_full_length_decay_only_scan_whose_pruned_slots_step_by_the_bias(impl):
+    mixer, keep, pos = _gapped_setup()
+    mixer.scan_impl = impl
+    length = keep.shape[1]
+    h = torch.randn(2, length, 16)
+
+    def branch(xz, suffix, keep):  # the full-length decay-only branch, the pre-bias step zeroed at pruned slots
+        conv, x_proj, dt_proj = (getattr(mixer, f"{n}{suffix}") for n in ("conv1d", "x_proj", "dt_proj"))
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(conv(x)[..., :length])
+        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [mixer.dt_rank, 4, 4], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2) * keep[:, None]
+        return selective_scan_ref(x, delta, -torch.exp(getattr(mixer, f"A{suffix}_log")), B.transpose(1, 2),
+                                  C.transpose(1, 2), getattr(mixer, f"D{suffix}"), z=z, delta_bias=dt_proj.bias,
+                                  delta_softplus=True, keep=keep)
+
+    with torch.no_grad():
+        packed = mixer(torch.stack([h[b][pos[b]] for b in range(2)]), positions=pos)
+        xz = mixer.in_proj(torch.where(keep[..., None], h, 0.0)).transpose(1, 2)
+        y = (branch(xz, "", keep) + branch(xz.flip(-1), "_b", keep.flip(-1)).flip(-1)) / 2
+        ref = mixer.out_proj(y.transpose(1, 2))
+    torch.testing.assert_close(packed, torch.stack([ref[b][pos[b]] for b in range(2)]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        mixer(h, keep=keep, positions=pos)
+
+
+@pytest.mark.gpu
+def test_gpu_gapped_model_runs_the_triton_scan_and_matches_the_cpu_path():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = vim_small(scan_impl="stepped").eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    method = ToPViM(alignment="gapped")
+    cpu, _, cpu_state = run(method, model, x)
+    gpu, _, gpu_state = run(method, model.cuda(), x.cuda())
+    assert all(torch.equal(cpu_state.kept[b], gpu_state.kept[b].cpu()) for b in cpu_state.kept)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=2e-3)
 
 
 def test_decay_only_equals_a_hand_written_masked_loop():
@@ -321,6 +386,7 @@ def test_macs_count_kept_tokens_and_the_scans_visits_to_pruned_slots():
     tokens = [65, 53, 53, 43, 35, 35]
     physical = top_vim_macs(MODEL, ToPViM(alignment="none"))
     assert physical == vim_macs(dims, tokens) < dense
+    assert top_vim_macs(MODEL, ToPViM(alignment="gapped")) == physical  # a gap decays with the next token's step
     visits = sum(65 - n for n in tokens)
     for alignment in ("zero_slot", "decay_only"):
         assert top_vim_macs(MODEL, ToPViM(alignment=alignment)) == physical + visits * visit_macs(dims)
@@ -407,3 +473,32 @@ def test_bad_installs_name_the_parameter_and_leave_the_model_alone():
     assert prunelab.handle_of(model) is None and "forward" not in vars(model)
     with prunelab.apply(tiny(rms_norm=False), ToPViM(alignment="decay_only")):
         pass
+
+
+# -- the random baseline ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_random_vim_runs_at_top_vims_budget_and_draws_per_image(alignment):
+    from prunelab.methods.baselines import RandomVim
+
+    top, rand = ToPViM(alignment=alignment), RandomVim(alignment=alignment)
+    _, _, s_top = run(top)
+    logits, _, s_rand = run(rand)
+    assert s_rand.tokens_per_block == s_top.tokens_per_block and s_rand.slots_per_block == s_top.slots_per_block
+    assert s_rand.macs(MODEL) == s_top.macs(MODEL)
+    assert any(not torch.equal(s_rand.kept[b], s_top.kept[b]) for b in s_top.kept)
+    for b in range(2):  # an image's draw does not depend on its batch, nor on the call
+        single, _, one = run(rand, x=X[b:b + 1])
+        torch.testing.assert_close(logits[b:b + 1], single, atol=1e-5, rtol=1e-4)
+        assert all(torch.equal(s_rand.kept[k][b:b + 1], one.kept[k]) for k in s_rand.kept)
+    _, _, other = run(RandomVim(alignment=alignment, seed=1))
+    assert any(not torch.equal(other.kept[b], s_rand.kept[b]) for b in s_rand.kept)
+    check_vim_reduction(Reduction(s_rand.kept[max(s_rand.kept)], 65), torch.full((2,), CLS), grid=None)
+
+
+def test_random_vim_refuses_to_score_outside_the_seam():
+    from prunelab.methods.baselines import RandomVim
+
+    with torch.no_grad():
+        _, ssm = MODEL.forward_tokens(X, return_ssm=True)
+    with pytest.raises(RuntimeError, match="outside a forward"):
+        RandomVim().importance(ssm[0])

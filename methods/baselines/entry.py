@@ -7,6 +7,7 @@ from prunelab.methods.baselines import (
     RandomDrop,
     RandomExit,
     RandomPrune,
+    RandomVim,
     SinkRecent,
 )
 from prunelab.registry import MethodEntry
@@ -33,6 +34,12 @@ ENTRIES = (
         backbones=("prunelab Segmenter",), keep_all={"rates": (0.0, 0.0)}, prune={"rates": (0.5, 0.5)},
         bad=(({"rates": (1.5,)}, "rates"), ({"rates": 0.5}, "rates"), ({"seed": "0"}, "seed")),
         status="uniformly random exits at DToP's stages, at the share of tokens DToP exits",
+    ),
+    MethodEntry(
+        name="random_vim", cls=RandomVim, family="vision SSM", seams=("vim",), budget="keep_ratio",
+        backbones=("prunelab VisionMamba",), keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
+        bad=(({"keep_ratio": 1.5}, "keep_ratio"), ({"seed": "0"}, "seed"), ({"alignment": "naive"}, "alignment")),
+        status="uniformly random tokens at ToP-ViM's blocks, keep counts and alignment; seeded per image",
     ),
     MethodEntry(
         name="random_prune", cls=RandomPrune, family="VLM", seams=("vlm",),

@@ -5,7 +5,8 @@ from prunelab.registry import MethodEntry
 
 ENTRIES = (
     MethodEntry(
-        name="top_vim", cls=ToPViM, family="vision SSM", seams=("vim",),
+        name="top_vim", cls=ToPViM, family="vision SSM", seams=("vim",), baselines=("random_vim",),
+        reproduction="top_vim",
         paper="Exploring Token Pruning in Vision State Space Models (NeurIPS 2024)",
         backbones=("prunelab VisionMamba (hustvl Vim-T/S checkpoints)",), budget="keep_ratio",
         keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
@@ -14,7 +15,7 @@ ENTRIES = (
              ({"blocks": (99,)}, "blocks"), ({"alignment": "naive"}, "alignment"),
              ({"importance_norm": "max"}, "importance_norm"), ({"importance_source": "flipped"}, "importance_source"),
              ({"selection": "top"}, "selection"), ({"selection": "official"}, "selection")),
-        status="method on a plain-PyTorch Vim (hustvl checkpoints load); scan kernel, tiny and full presets, "
-               "notebook not yet",
+        status="Vim-T/S in plain PyTorch (hustvl checkpoints load); four alignments incl. a packed 'gapped' fast "
+               "path; tiny preset on a trained Vim test-bed, full preset, notebook; PlainMamba not yet",
     ),
 )

@@ -20,7 +20,7 @@ from prunelab.methods.top_vim.importance import NORMS, SOURCES, token_importance
 from prunelab.methods.top_vim.selection import SELECTIONS, select_tokens, vim_keep_count
 from prunelab.methods.top_vim.vim import SSMOutputs
 
-ALIGNMENTS = ("zero_slot", "decay_only", "none")
+ALIGNMENTS = ("zero_slot", "decay_only", "gapped", "none")
 PAPER_BLOCKS, PAPER_DEPTH = (5, 10, 15), 24  # official vim/models_mamba.py: layernum 5, 10, 15 of Vim-S's 24
 
 __all__ = ["ToPViM", "ALIGNMENTS", "PAPER_BLOCKS", "PAPER_DEPTH", "scaled_blocks"]
@@ -46,8 +46,9 @@ class ToPViM:
         alignment: the pruning-aware hidden-state alignment (the paper's Sec. on alignment, Eq. 5-6 left open):
             ``"zero_slot"`` keeps every slot in the sequence and zeroes the pruned ones (the official commented-out
             masking code), ``"decay_only"`` also passes the keep mask to the later scans, where a pruned slot only
-            decays the state, ``"none"`` removes the pruned tokens (the official active path; the paper's naive
-            pruning).
+            decays the state, ``"gapped"`` is decay_only with the pruned slot's step ``softplus(dt_bias)``, computed
+            on the kept tokens only (the fast path), ``"none"`` removes the pruned tokens (the official active path;
+            the paper's naive pruning).
         importance_norm: ``"clip"`` (the paper's), ``"l1"``, ``"l2"`` or ``"none"`` (the paper's ablation; the
             official active path sums without clipping).
         importance_source: ``"both"`` directions (default), ``"forward"``, ``"backward"``, or
@@ -116,7 +117,8 @@ class ToPViM:
         return tokens
 
     def slots_per_block(self, num_tokens: int, depth: int) -> list[int]:
-        """Sequence slots each block's scans walk: all of them under alignment, the kept tokens under "none"."""
-        if self.alignment == "none":
+        """Sequence slots each block's scans walk: all of them under zero_slot and decay_only, the kept tokens under
+        "gapped" (the gaps decay in one step with the next kept token) and "none"."""
+        if self.alignment in ("none", "gapped"):
             return self.tokens_per_block(num_tokens, depth)
         return [num_tokens] * depth

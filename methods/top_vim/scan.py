@@ -28,6 +28,11 @@ grouped or constant ``B``/``C``), no ``return_last_state``; and one addition, ``
 card's §2, Step 3, an inferred reading of the paper's Eq. 5-6): at a position with ``keep == False`` the state still
 decays by ``exp(Δ_t A)`` but receives no input (``Δ_t B_t u_t`` is zeroed) and the output is exactly 0. The caller
 decides what ``delta`` a pruned position carries. ``keep=None`` is the dense scan; all-True equals it bit for bit.
+
+``gaps`` ([B, L]) with ``gap_delta`` ([D]) is the same decay-only semantics on a *packed* sequence (ToP-ViM's
+``"gapped"`` alignment): the pruned slots are absent, and before each token the state decays as its ``gaps_t``
+missing slots would with step ``gap_delta`` and no input. A full-length scan with ``keep`` and ``delta`` such that a
+pruned slot's step is ``gap_delta`` gives the same outputs at the kept tokens, in L steps instead of K.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 IMPLS = ("loop", "parallel", "stepped")
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias, keep, impl) -> None:
+def _check(u, delta, A, B, C, D, z, delta_bias, keep, impl, gaps=None, gap_delta=None) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if u.dim() != 3:
@@ -57,6 +62,11 @@ def _check(u, delta, A, B, C, D, z, delta_bias, keep, impl) -> None:
             raise ValueError(f"{name}: expected [D={d}], got {tuple(t.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z: expected the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if (gaps is None) != (gap_delta is None):
+        raise ValueError("gaps: gaps and gap_delta go together")
+    if gaps is not None and (gaps.shape != (b, length) or gap_delta.shape != (d,) or keep is not None):
+        raise ValueError(f"gaps: expected [B={b}, L={length}] with gap_delta [D={d}] and no keep, got "
+                         f"{tuple(gaps.shape)}, {tuple(gap_delta.shape)}")
     if keep is not None and (keep.dtype != torch.bool or keep.shape != (b, length)):
         raise ValueError(f"keep: expected bool [B={b}, L={length}], got {keep.dtype} {tuple(keep.shape)}")
 
@@ -169,6 +179,8 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     keep: torch.Tensor | None = None,
     impl: str = "loop",
+    gaps: torch.Tensor | None = None,
+    gap_delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mamba's selective scan, computed in float32 (mamba-ssm's ``selective_scan_ref`` semantics).
 
@@ -183,23 +195,32 @@ def selective_scan_ref(
         delta_bias: [D] added to ``delta`` before the softplus.
         delta_softplus: apply softplus to ``delta`` (Vim: True).
         keep: [B, L] bool, the "decay_only" alignment hook (module docstring); None is the dense scan.
-        impl: ``"loop"`` (the reference) or ``"parallel"`` (Hillis-Steele, the same up to float32 rounding).
+        impl: ``"loop"`` (the reference), ``"parallel"`` (Hillis-Steele, the same up to float32 rounding) or
+            ``"stepped"`` (the loop on [B, D, N] slices with a hand-written backward).
+        gaps: [B, L] the number of pruned slots between each token and the one before it in a packed sequence
+            (ToP-ViM's ``"gapped"`` alignment); before token t the state decays by ``exp(gaps_t * gap_delta A)``, as
+            ``gaps_t`` slots with step ``gap_delta`` and no input would. None: no slots between the tokens.
+        gap_delta: [D] the step size of a pruned slot (after softplus), with ``gaps``.
 
     Returns:
         y: [B, D, L] in ``u``'s dtype.
     """
-    _check(u, delta, A, B, C, D, z, delta_bias, keep, impl)
+    _check(u, delta, A, B, C, D, z, delta_bias, keep, impl, gaps, gap_delta)
     dtype_in = u.dtype
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
+    # the decay's step: with gaps, exp(g gap_delta A) exp(delta A) = exp((delta + g gap_delta) A); the input keeps delta
+    decay = delta if gaps is None else delta + gaps.float()[:, None, :] * gap_delta.float()[:, None]
     if impl == "stepped":
-        # a pruned slot only decays the state: zeroing u there removes its input term, exp(delta A) is kept
-        y = _SteppedScan.apply(delta, u if keep is None else torch.where(keep[:, None, :], u, 0.0), A, B, C)
+        # a pruned slot only decays the state: zeroing u there removes its input term, exp(delta A) is kept; with
+        # gaps the input term decay * B * (u delta / decay) is delta * B * u
+        u_in = u if keep is None else torch.where(keep[:, None, :], u, 0.0)
+        y = _SteppedScan.apply(decay, u_in if gaps is None else u_in * delta / decay, A, B, C)
     else:
-        dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+        dA = torch.exp(torch.einsum("bdl,dn->bdln", decay, A))
         dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
         if keep is not None:
             # a pruned slot only decays the state: its input term is removed, exp(delta A) is kept

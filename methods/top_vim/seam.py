@@ -17,6 +17,12 @@ and selects the survivors (under ``no_grad``: selection is not trained); then, b
   bias) returns 0; ``norm_f`` maps it to 0 and the head reads only the CLS. The slot still advances both scans: the
   state decays by exp(Δ_t A) and takes the input Δ_t B_t x_t, where x_t is the causal conv's leakage from the kept
   neighbours plus the conv bias. (LayerNorm's bias breaks the argument, so zero_slot needs RMSNorm.)
+- ``"gapped"``: decay_only with the pruned slot's step taken as ``softplus(dt_bias)`` (its input-free value), run
+  on the kept tokens only: hidden states and residual are gathered as under ``"none"``, and the later blocks get
+  the kept tokens' original positions (``VimBlock(..., positions=)``): the causal conv reads the kept tokens where
+  they lie, and each scan decays its state over every gap as the missing slots would. It equals a full-length
+  decay-only run whose pruned slots carry that step, but computes K tokens instead of L: the speed path (on a GPU
+  the same op is ``kernels/gapped_scan``).
 - ``"decay_only"``: as zero_slot, and the keep mask goes to every later scan (``VimBlock(..., keep=)``): a pruned
   slot receives no input and outputs 0, but the state still decays by exp(Δ_t A). Δ_t there is whatever the block
   computes at the zeroed slot: softplus(dt_proj(x_proj(x_t)) + dt_bias) with x_t the conv leakage above. The
@@ -96,7 +102,7 @@ class ToPViMHandle(Handle):
 
 def pruned_tokens(model: VisionMamba, method: Any, state: ToPViMState, x: torch.Tensor) -> torch.Tensor:
     """The tokens after ``norm_f`` with pruning: [B, M + 1, C] under the aligned modes (pruned slots 0), [B, K, C]
-    (the kept tokens in sequence order) under ``"none"``. Fills ``state``."""
+    (the kept tokens in sequence order) under ``"none"`` and ``"gapped"``. Fills ``state``."""
     blocks = set(method.prune_blocks(len(model.layers)))
     hidden, residual = model.embed(x), None
     B, N, _ = hidden.shape
@@ -104,16 +110,19 @@ def pruned_tokens(model: VisionMamba, method: Any, state: ToPViMState, x: torch.
     cls = torch.full((B,), model.layout.cls_index, dtype=torch.int64, device=dev)
     ids = torch.arange(N, device=dev).expand(B, N)  # original position of each slot of the current sequence
     alive: torch.Tensor | None = None  # aligned modes: [B, N] slots still holding a token; None: all
-    physical = method.alignment == "none"
+    physical = method.alignment in ("none", "gapped")  # the sequence shrinks to the kept tokens
+    positions: torch.Tensor | None = None  # "gapped", once something is pruned: the kept tokens' original positions
+    if hasattr(method, "start_forward"):  # per-forward state of a method (RandomVim's per-image generators)
+        method.start_forward(B)
     kept, importance, tokens, slots = {}, {}, [], []
     for block, layer in enumerate(model.layers, start=1):
         tokens.append(hidden.shape[1] if alive is None else int(alive[0].sum()))
         slots.append(hidden.shape[1])
         scan_keep = alive if method.alignment == "decay_only" else None
         if block not in blocks:
-            hidden, residual = layer(hidden, residual, keep=scan_keep)
+            hidden, residual = layer(hidden, residual, keep=scan_keep, positions=positions)
             continue
-        hidden, residual, ssm = layer(hidden, residual, return_ssm=True, keep=scan_keep)
+        hidden, residual, ssm = layer(hidden, residual, return_ssm=True, keep=scan_keep, positions=positions)
         with torch.no_grad():
             scores = method.importance(ssm)
             red = method.select(scores, cls, alive=alive)
@@ -125,6 +134,8 @@ def pruned_tokens(model: VisionMamba, method: Any, state: ToPViMState, x: torch.
             cls = cls_slot(red, cls)
             if not red.is_identity:
                 hidden, residual, ids = red.gather(hidden), red.gather(residual), red.gather(ids)
+                if method.alignment == "gapped":
+                    positions = ids
             kept[block] = ids
         else:
             kept[block] = red.keep
@@ -155,7 +166,7 @@ def install(model: Any, method: Any) -> ToPViMHandle:
     method.prune_blocks(len(model.layers))  # an error naming blocks, before anything is installed
     if method.alignment == "zero_slot" and not all(isinstance(m.norm, RMSNorm) for m in model.layers):
         raise ValueError("alignment: 'zero_slot' needs RMSNorm blocks (LayerNorm's bias revives a zeroed slot); "
-                         "use 'decay_only' or 'none' on this model")
+                         "use 'decay_only', 'gapped' or 'none' on this model")
     if any(name in vars(model) for name in OVERRIDDEN):
         raise RuntimeError("model: the Vision Mamba's forward is already overridden")
     state = ToPViMState()

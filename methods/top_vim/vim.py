@@ -105,6 +105,21 @@ def add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Modul
 
 
 # -- the mixer -------------------------------------------------------------------------------------------------------
+def gapped_conv(conv: nn.Conv1d, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A causal depthwise ``conv`` over a packed sequence: x [B, D, K] holds the tokens at original positions
+    ``positions`` [B, K] (strictly increasing); the slots in between hold 0. Equals the full-length causal conv of the
+    sequence with zeros in the gaps, read at the kept positions; -> [B, D, K]."""
+    width = conv.kernel_size[0]
+    w = conv.weight[:, 0, :]  # [D, width]: tap j multiplies x at t - (width - 1 - j)
+    out = conv.bias[None, :, None].expand_as(x) if conv.bias is not None else torch.zeros_like(x)
+    for i in range(min(width, x.shape[-1])):  # the packed neighbour i tokens back, if it lies within the window
+        offset = positions[:, i:] - positions[:, :positions.shape[1] - i]  # [B, K - i], >= i
+        tap = w[:, (width - 1 - offset).clamp(min=0)].permute(1, 0, 2)  # [B, D, K - i]
+        term = torch.where((offset < width)[:, None], tap * x[..., :x.shape[-1] - i], 0.0)
+        out = out + F.pad(term, (i, 0))
+    return out
+
+
 class VimMixer(nn.Module):
     """Vim's bidirectional Mamba mixer (mamba-ssm ``Mamba`` with ``bimamba_type="v2"``); [B, L, C] -> [B, L, C].
 
@@ -150,36 +165,57 @@ class VimMixer(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.dt_proj.bias._no_reinit = True
 
-    def _branch(self, xz: torch.Tensor, suffix: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def _branch(self, xz: torch.Tensor, suffix: str, keep: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """One scan direction on xz [B, 2 d_inner, L] with the weights named ``*{suffix}``; -> [B, d_inner, L].
 
         ``keep`` [B, L] bool (in this branch's frame) is the scan's decay-only mask, None for the dense scan.
+        ``positions`` [B, L] (ascending, in this branch's frame) places a packed sequence on its original slots: the
+        conv reads only the tokens present (an absent slot holds 0) and each gap decays the scan's state with the
+        step ``softplus(dt_proj.bias)`` and no input (:func:`selective_scan_ref`'s ``gaps``; on CUDA without
+        autograd, the Triton kernel ``prunelab.kernels.gapped_scan``).
         """
         conv, x_proj, dt_proj = (getattr(self, f"{name}{suffix}") for name in ("conv1d", "x_proj", "dt_proj"))
         length = xz.shape[-1]
         x, z = xz.chunk(2, dim=1)
         # padding d_conv - 1 on both sides; keeping the first L outputs makes the conv causal
-        x = F.silu(conv(x)[..., :length])
+        x = F.silu(conv(x)[..., :length] if positions is None else gapped_conv(conv, x, positions))
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # dt_proj's bias enters the scan as delta_bias
         A = -torch.exp(getattr(self, f"A{suffix}_log").float())
         D = getattr(self, f"D{suffix}").float()
+        gaps = gap_delta = None
+        if positions is not None:
+            gaps = (positions[:, 1:] - positions[:, :-1] - 1).clamp(min=0)
+            gaps = torch.cat([torch.zeros_like(positions[:, :1]), gaps], dim=1)  # before the first: a zero state
+            gap_delta = F.softplus(dt_proj.bias.float())
+        if positions is not None and x.is_cuda and not torch.is_grad_enabled():
+            from prunelab.kernels.gapped_scan import gapped_scan  # the Triton kernel: K steps, gaps folded in
+
+            return gapped_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), positions, gap_delta, D=D, z=z,
+                               delta_bias=dt_proj.bias.float(), delta_softplus=True)
         return selective_scan_ref(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z=z,
                                   delta_bias=dt_proj.bias.float(), delta_softplus=True, keep=keep,
-                                  impl=self.scan_impl)
+                                  impl=self.scan_impl, gaps=gaps, gap_delta=gap_delta)
 
-    def forward(self, hidden_states: torch.Tensor, return_ssm: bool = False,
-                keep: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, SSMOutputs]:
+    def forward(self, hidden_states: torch.Tensor, return_ssm: bool = False, keep: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, SSMOutputs]:
         """Mix [B, L, C] -> [B, L, C]; with ``return_ssm``, also the two scan outputs (:class:`SSMOutputs`).
 
         ``keep`` [B, L] bool, in token order, is ToP-ViM's "decay_only" hook: both scans run over every slot, but a
         slot with ``keep == False`` only decays the state and outputs 0 (:func:`selective_scan_ref`); the backward
-        branch gets the mask flipped with its sequence. None (the default) is the dense mixer.
+        branch gets the mask flipped with its sequence. ``positions`` [B, L] int64, strictly increasing, is the
+        "gapped" hook: the L tokens are the survivors of a longer sequence at those original positions, and every
+        missing slot decays both scans' states with step ``softplus(dt_proj.bias)``. None (the default) for both is
+        the dense mixer.
         """
+        if keep is not None and positions is not None:
+            raise ValueError("positions: a packed sequence has no pruned slots to mask (keep must be None)")
         xz = self.in_proj(hidden_states).transpose(1, 2)
-        y_fwd = self._branch(xz, "", keep)
+        y_fwd = self._branch(xz, "", keep, positions)
         # the backward branch flips x and the gate z together and scans the flipped sequence forward
-        y_bwd_flipped = self._branch(xz.flip(-1), "_b", None if keep is None else keep.flip(-1))
+        flipped = None if positions is None else (positions[:, -1:] - positions).flip(-1)
+        y_bwd_flipped = self._branch(xz.flip(-1), "_b", None if keep is None else keep.flip(-1), flipped)
         y = y_fwd + unflip(y_bwd_flipped)
         if self.if_divide_out:
             y = y / 2
@@ -207,17 +243,18 @@ class VimBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, return_ssm: bool = False,
-                keep: torch.Tensor | None = None
+                keep: torch.Tensor | None = None, positions: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, SSMOutputs]:
         """[B, L, C] hidden states and residual (None for the first block) -> the new pair, plus the mixer's
-        :class:`SSMOutputs` when ``return_ssm``; ``keep`` goes to the mixer (:meth:`VimMixer.forward`)."""
+        :class:`SSMOutputs` when ``return_ssm``; ``keep`` and ``positions`` go to the mixer
+        (:meth:`VimMixer.forward`)."""
         if residual is not None:
             hidden_states = self.drop_path(hidden_states)
         normed, residual = add_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
         if return_ssm:
-            out, ssm = self.mixer(normed, return_ssm=True, keep=keep)
+            out, ssm = self.mixer(normed, return_ssm=True, keep=keep, positions=positions)
             return out, residual, ssm
-        return self.mixer(normed, keep=keep), residual
+        return self.mixer(normed, keep=keep, positions=positions), residual
 
 
 @dataclass(frozen=True)
