@@ -1,14 +1,18 @@
-"""The vision-Mamba test-bed's training code: the low-resolution phase, a short run, saving and loading (the trained
-weights do not ship yet)."""
+"""The vision-Mamba test-bed: the low-resolution phase, a short run with its refine cycle, saving and loading, and the
+shipped weights (checksums, held-out accuracy)."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 import torch
 
-from prunelab.reproductions.testbeds import vim
+from prunelab.reproductions.testbeds import shipped, vim
 from prunelab.reproductions.testbeds.fashion import load_fashion_mnist, preprocess
 
+BASE_TOP1_FLOOR = 70.0
 SMALL = vim.VimBedConfig(embed_dim=32, depth=2, d_state=4, phases=((28, 64), (56, 32)), batch_size=16)
 
 
@@ -40,15 +44,45 @@ def test_a_short_curriculum_trains_and_round_trips(tmp_path):
     assert info["images_seen"] == 96 and info["phases"] == [[28, 64], [56, 32]]
     path = tmp_path / "vim.safetensors"
     vim.save(model, info, path)
-    loaded, meta = vim.load(path)
+    loaded, meta = vim.load(path=path)
     x = preprocess(load_fashion_mnist("test")[0][:4])
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert meta["config"]["embed_dim"] == 32
 
 
-def test_bad_phases_and_missing_weights_are_named():
+def test_the_refine_cycle_adds_its_images_and_records_them():
+    cfg = dataclasses.replace(SMALL, phases=((28, 32), (56, 16)), refine=((56, 16),))
+    model, info = vim.train_base(cfg, progress=False)
+    assert info["images_seen"] == 64 and info["refine"]["images_seen"] == 16 and info["refine"]["lr"] == cfg.refine_lr
+    assert vim._config(json.loads(json.dumps(info["config"]))) == cfg
+
+
+def test_bad_phases_stages_and_missing_weights_are_named(tmp_path):
     with pytest.raises(ValueError, match="phases"):
         vim.train(SMALL, phases=((28, 32),), progress=False)
     with pytest.raises(FileNotFoundError, match="train them"):
-        vim.load()
+        vim.load("base", tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="stage"):
+        vim.load("final")
+
+
+@pytest.mark.parametrize("stage", list(vim.WEIGHTS))
+def test_shipped_weights_match_their_checksum(stage):
+    assert shipped.sha256(vim.WEIGHTS[stage]) == vim.SHA256[stage]
+
+
+def test_a_wrong_checksum_is_refused(monkeypatch):
+    monkeypatch.setitem(vim.SHA256, "base", "0" * 64)
+    with pytest.raises(ValueError, match="SHA-256"):
+        vim.load("base")
+
+
+def test_the_shipped_vim_classifies_held_out_images():
+    model, info = vim.load("base")
+    images, labels = load_fashion_mnist("test")
+    top1 = 100 * vim.hits(model, images[:300], labels[:300]).float().mean().item()
+    assert top1 > BASE_TOP1_FLOOR and info["test_top1"] > BASE_TOP1_FLOOR  # chance: 10 %
+    assert info["refine"]["images_seen"] == 9_000 and info["test_images"] == 10_000
+    tuned, tuned_info = vim.load("ft_top")
+    assert tuned_info["base_sha256"] == vim.SHA256["base"] and tuned_info["images_seen"] == vim.FINETUNE_IMAGES
