@@ -9,10 +9,11 @@ Training follows the ViT test-bed's resolution curriculum: most images at 28 px,
 tokens and a step costs about a quarter, then 56 px on the real 197-token sequence; then a second cosine cycle at
 56 px (``refine``), because the scan's dynamics adapt to the 4x longer sequence more slowly than attention does. During
 the 28 px phase :func:`low_res` resamples the 14 x 14 position embedding to 7 x 7 on the fly (bicubic, the middle
-CLS's own entry kept), so one set of parameters serves both resolutions. ``python -m prunelab.reproductions.testbeds.vim`` trains it and
-writes the weights (fp16, SHA-256 in :data:`SHA256`), then the fine-tuned stages: the base trained on for
-:data:`FINETUNE_IMAGES` more images at 56 px with a method applied (:func:`finetune_methods`), as ToP-ViM fine-tunes
-after inserting its pruning; ToP-ViM's tiny reproduction evaluates them.
+CLS's own entry kept), so one set of parameters serves both resolutions. ``python -m
+prunelab.reproductions.testbeds.vim`` trains it and writes the weights (fp16, SHA-256 in :data:`SHA256`), then the
+fine-tuned stages: the base trained on for :data:`FINETUNE_IMAGES` more images at 56 px with a method applied
+(:func:`finetune_methods`), as ToP-ViM fine-tunes after inserting its pruning; ToP-ViM's tiny reproduction evaluates
+them.
 """
 
 from __future__ import annotations

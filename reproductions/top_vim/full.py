@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.top_vim import ToPViM, VimConfig, VisionMamba, dense_macs, load_vim_checkpoint, top_vim_macs
 from prunelab.methods.top_vim.method import ALIGNMENTS, scaled_blocks
 from prunelab.methods.top_vim.scan import IMPLS
+from prunelab.reproductions.zero_tprune.evaluate import standard_error
 
 MODELS = {  # hustvl's released middle-CLS configs (vim.py); smoke: a 4-block, 32-d Vim on 32 px images
     "vim_t": {"embed_dim": 192},
@@ -142,12 +142,6 @@ def top1(model: VisionMamba, method: ToPViM | None, loader, accelerator, desc: s
             correct += int((pred == labels).sum())
             total += labels.numel()
     return correct, total
-
-
-def standard_error(correct: int, total: int) -> float:
-    """Binomial standard error of a top-1 accuracy, in points."""
-    p = correct / total
-    return 100 * math.sqrt(p * (1 - p) / total)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
