@@ -21,7 +21,6 @@ images are sharded by accelerate and the predictions gathered (``gather_for_metr
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.top_vim import ToPViM, VimConfig, VisionMamba, dense_macs, load_vim_checkpoint, top_vim_macs
 from prunelab.methods.top_vim.method import ALIGNMENTS, scaled_blocks
 from prunelab.methods.top_vim.scan import IMPLS
-from prunelab.reproductions.zero_tprune.evaluate import standard_error
+from prunelab.reproductions.zero_tprune.evaluate import accelerated_top1, standard_error
 
 MODELS = {  # hustvl's released middle-CLS configs (vim.py); smoke: a 4-block, 32-d Vim on 32 px images
     "vim_t": {"embed_dim": 192},
@@ -127,23 +126,6 @@ def eval_transform(img_size: int):
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
-@torch.inference_mode()
-def top1(model: VisionMamba, method: ToPViM | None, loader, accelerator, desc: str, progress: bool):
-    """(correct, total) over the loader's images, gathered over processes, with ``method`` applied."""
-    from tqdm.auto import tqdm
-
-    import prunelab
-
-    correct = total = 0
-    with contextlib.nullcontext() if method is None else prunelab.apply(model, method):
-        for images, labels in tqdm(loader, desc=desc, disable=not (progress and accelerator.is_main_process)):
-            pred = model(images).argmax(-1)
-            pred, labels = accelerator.gather_for_metrics((pred, labels))
-            correct += int((pred == labels).sum())
-            total += labels.numel()
-    return correct, total
-
-
 def run(args: argparse.Namespace, out: Path) -> dict:
     from accelerate import Accelerator
 
@@ -180,7 +162,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     paper_schedule = args.keep_ratio == PAPER_KEEP_RATIO and top.prune_blocks(depth) == scaled_blocks(depth)
     rows = []
     for key, name, method in (("dense", "dense", None), ("naive", "EViT-style", naive), ("top", "ToP-ViM", top)):
-        correct, total = top1(models[key], method, loader, accelerator, name, not args.no_progress)
+        correct, total = accelerated_top1(models[key], method, loader, accelerator, name, not args.no_progress)
         macs = dense_macs(model) if method is None else top_vim_macs(model, method)
         cited = paper.get(key, {}) if (paper_schedule or method is None) else {}
         rows.append({"method": name, "alignment": "" if method is None else method.alignment,

@@ -42,6 +42,22 @@ def applied(model, method):
     return contextlib.nullcontext() if method is None else prunelab.apply(model, method)
 
 
+@torch.inference_mode()
+def accelerated_top1(model, method, loader, accelerator, desc: str, progress: bool) -> tuple[int, int]:
+    """(correct, total) over an accelerate-prepared loader, predictions gathered over processes, with ``method``
+    applied (``None``: dense); the full presets' ImageNet evaluation."""
+    from tqdm.auto import tqdm
+
+    correct = total = 0
+    with applied(model, method):
+        for images, labels in tqdm(loader, desc=desc, disable=not (progress and accelerator.is_main_process)):
+            pred = model(images).argmax(-1)
+            pred, labels = accelerator.gather_for_metrics((pred, labels))
+            correct += int((pred == labels).sum())
+            total += labels.numel()
+    return correct, total
+
+
 def model_gflops(model, method) -> float:
     """Analytic GFLOPs (MAC convention) of one image through ``model`` with ``method`` applied."""
     dims = ViTDims.from_timm(model)

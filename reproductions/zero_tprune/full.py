@@ -17,7 +17,13 @@ import yaml
 from prunelab.cli import NON_NEGATIVE, POSITIVE, existing
 from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.zero_tprune.method import PAPER_FLOPS_REDUCTION
-from prunelab.reproductions.zero_tprune.evaluate import VARIANTS, model_gflops, standard_error, throughput
+from prunelab.reproductions.zero_tprune.evaluate import (
+    VARIANTS,
+    accelerated_top1,
+    model_gflops,
+    standard_error,
+    throughput,
+)
 
 COLUMNS = ["method", "gflops", "throughput_img_s", "throughput_change_%", "top1", "top1_se", "top1_change",
            "paper_top1"]
@@ -55,22 +61,6 @@ def _loader(args, model, accelerator):
     return accelerator.prepare(loader)
 
 
-@torch.inference_mode()
-def _top1(model, method, loader, accelerator, desc, progress):
-    from tqdm.auto import tqdm
-
-    from prunelab.reproductions.zero_tprune.evaluate import applied
-
-    correct = total = 0
-    with applied(model, method):
-        for images, labels in tqdm(loader, desc=desc, disable=not (progress and accelerator.is_main_process)):
-            pred = model(images).argmax(-1)
-            pred, labels = accelerator.gather_for_metrics((pred, labels))
-            correct += int((pred == labels).sum())
-            total += labels.numel()
-    return correct, total
-
-
 def run(args: argparse.Namespace, out: Path) -> dict:
     import timm
     from accelerate import Accelerator
@@ -87,7 +77,8 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     for key in ("dense", "zero_tprune", "random_drop"):
         variant = VARIANTS[key]
         method = variant.method(point)
-        correct, total = _top1(model, method, loader, accelerator, variant.name, not args.no_progress)
+        correct, total = accelerated_top1(model, method, loader, accelerator, variant.name,
+                                          not args.no_progress)
         acc = 100 * correct / total
         tput = throughput(model, method, tput_x) if accelerator.is_main_process else float("nan")
         dense_top1 = acc if dense_top1 is None else dense_top1
