@@ -18,7 +18,8 @@ class RandomVim(ToPViM):
 
     Every image draws from its own generator, seeded with ``seed`` at the start of each forward (the seam calls
     :meth:`start_forward`), so an image's tokens do not depend on the batch it is in nor on the call. Images of equal
-    length therefore draw the same positions; pass another ``seed`` for an independent draw.
+    length therefore draw the same positions: at a fixed image size every image keeps the same random subset of
+    positions, one subset per ``seed`` (compare several seeds for the spread between subsets).
     """
 
     seed: int = 0
