@@ -186,14 +186,14 @@ class VimMixer(nn.Module):
         D = getattr(self, f"D{suffix}").float()
         gaps = gap_delta = None
         if positions is not None:
-            gaps = (positions[:, 1:] - positions[:, :-1] - 1).clamp(min=0)
-            gaps = torch.cat([torch.zeros_like(positions[:, :1]), gaps], dim=1)  # before the first: a zero state
             gap_delta = F.softplus(dt_proj.bias.float())
-        if positions is not None and x.is_cuda and not torch.is_grad_enabled():
-            from prunelab.kernels.gapped_scan import gapped_scan  # the Triton kernel: K steps, gaps folded in
+            if x.is_cuda and not torch.is_grad_enabled():
+                from prunelab.kernels.gapped_scan import gapped_scan  # the Triton kernel: K steps, gaps folded in
 
-            return gapped_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), positions, gap_delta, D=D, z=z,
-                               delta_bias=dt_proj.bias.float(), delta_softplus=True)
+                return gapped_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), positions, gap_delta, D=D,
+                                   z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
+            gaps = torch.cat([torch.zeros_like(positions[:, :1]),  # before the first kept token: a zero state
+                              positions[:, 1:] - positions[:, :-1] - 1], dim=1)
         return selective_scan_ref(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z=z,
                                   delta_bias=dt_proj.bias.float(), delta_softplus=True, keep=keep,
                                   impl=self.scan_impl, gaps=gaps, gap_delta=gap_delta)

@@ -91,13 +91,13 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_test: int = 1000, ra
             cache[key] = vim.hits(models[stage][0], raw, y, method)
         return cache[key]
 
-    def row(stage: str, name: str, method, versus_random: bool = True, **extra) -> dict:
+    def row(stage: str, name: str, method, versus_random: bool = True) -> dict:
         h = hits(stage, method)
         correct, total = int(h.sum()), h.numel()
         g = dense_g if method is None else top_vim_macs(models[stage][0], method) / 1e9
         r = {"model": stage, "method": name, "alignment": getattr(method, "alignment", ""),
              "keep_ratio": getattr(method, "keep_ratio", 1.0), "gflops": g, "gflops_change_%": 100 * (g / dense_g - 1),
-             "top1": 100 * correct / total, "top1_se": standard_error(correct, total), **extra}
+             "top1": 100 * correct / total, "top1_se": standard_error(correct, total)}
         if method is not None:
             r["vs_dense"], r["vs_dense_se"] = paired_difference(h, hits("base", None))
             if versus_random and not isinstance(method, RandomVim):
@@ -125,7 +125,7 @@ def run_tiny(out: str | Path, *, data: str | None = None, n_test: int = 1000, ra
             hits(stage, tuned[stage][1]), hits("ft_random", tuned["ft_random"][1]))
 
     # Zero-shot budget curve on the base model.
-    curve = [row("base", "dense", None) | {"keep_ratio": 1.0}]
+    curve = [table[0]]  # dense
     for ratio in sorted(set(ratios) | {POINT}, reverse=True):
         for name, method in variants(ratio).items():
             if name != "ToP-ViM decay_only":
