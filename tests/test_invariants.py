@@ -23,12 +23,12 @@ from prunelab.common.reduction import Reduction, check_reduction
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vit import ViTHandle
 from prunelab.methods.dtop import Segmenter
-from prunelab.methods.top_vim import VimConfig, VisionMamba
+from prunelab.methods.top_vim import PlainMamba, PlainMambaConfig, VimConfig, VisionMamba
 
 # -- backbones: a tiny model, a batch and the output each seam is judged by ---------------------------------------
 VIT = {"vit": "vit_tiny_patch16_224", "deit_distilled": "deit_tiny_distilled_patch16_224"}
 SEGMENTERS = ("linear", "atm")  # prunelab's Segmenter with per-token or ATM heads
-VIMS = ("vim",)  # prunelab's VisionMamba (middle class token, bidirectional scans)
+VIMS = ("vim", "plain_mamba")  # prunelab's VisionMamba (middle CLS, bidirectional) and PlainMamba (zig-zag, no CLS)
 DECODERS = ("llama", "qwen2")
 VLMS = ("llava", "llava_next", "qwen2_5_vl")
 IMAGES = [1, 2]  # ragged image counts per prompt
@@ -47,9 +47,12 @@ class Backbone:
             elif seam == "segmenter":
                 self.model = Segmenter.create("vit_tiny_patch16_224", 5, stage_ends=(1, 2, 3), head=name,
                                               img_size=32, patch_size=4, depth=4)
-            else:
+            elif name == "vim":
                 self.model = VisionMamba(VimConfig(img_size=32, patch_size=4, embed_dim=32, depth=6, num_classes=10,
                                                    d_state=8))
+            else:
+                self.model = PlainMamba(PlainMambaConfig(img_size=32, patch_size=8, embed_dim=32, depth=6, d_state=8,
+                                                         conv_size=3, num_classes=10))
             self.model.eval()
             self.x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
             self.size = 3

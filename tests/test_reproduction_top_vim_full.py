@@ -56,7 +56,8 @@ def test_expected_yaml_has_the_rows_with_source_and_confidence():
     assert [exp["vim_t"][k]["top1"] for k in ("dense", "naive", "top")] == [76.1, 71.3, 75.1]
     assert [exp["vim_t"][k]["gflops"] for k in ("dense", "naive", "top")] == [1.45, 1.28, 1.29]
     assert exp["plainmamba_l3"]["top"] == {"top1": 81.7, "gflops_change_pct": -41.6}
-    assert exp["plainmamba_l3"]["dense"]["top1"] == 82.3
+    assert exp["plainmamba_l3"]["dense"] == {"top1": 82.3, "gflops": 14.4}
+    assert exp["plainmamba_l3"]["naive"] == {"top1": 79.3}
     ablation = exp["alignment_ablation_vim_s"]
     assert (ablation["without_alignment"]["top1"], ablation["with_alignment"]["top1"]) == (75.4, 78.8)
     for key, entry in exp.items():
@@ -156,3 +157,83 @@ def test_finetune_runs_an_epoch_and_writes_a_loadable_checkpoint(tmp_path):
     assert saved["args"]["alignment"] == "zero_slot" and saved["args"]["keep_ratio"] == 0.8
     with pytest.raises(SystemExit):
         finetune.main(["--imagenet-train", str(data), "--out", str(tmp_path / "x.pth"), "--model", "smoke"])
+
+
+def test_plain_mamba_l3_gflops_and_default_schedule():
+    from prunelab.methods.top_vim import ToPViM
+
+    model = full.build_model("plainmamba_l3")
+    exp = full.expected()["plainmamba_l3"]
+    dense = full.gflops(model, None)
+    assert dense == pytest.approx(exp["dense"]["gflops"], abs=0.01)
+    top = ToPViM(keep_ratio=full.PLAIN_KEEP_RATIO, alignment="gapped")
+    assert top.prune_blocks(36) == (8, 15, 23)
+    change = 100 * (full.gflops(model, top) / dense - 1)
+    assert change == pytest.approx(exp["top"]["gflops_change_pct"], abs=1.0)  # -42.2 against the abstract's -41.6
+
+
+PLAIN_SMOKE = ["--model", "plainmamba_smoke", *SMOKE[2:]]
+
+
+def _mmcls_checkpoint(model, path):
+    """``model`` saved as the PlainMamba release saves it (mmcv, mmcls ImageClassifier names)."""
+    state = {(k.replace("head.", "head.fc.") if k.startswith("head.") else f"backbone.{k}"): v
+             for k, v in model.state_dict().items()}
+    torch.save({"meta": {}, "state_dict": state}, path)
+
+
+def test_full_preset_plain_mamba_end_to_end(tmp_path):
+    data = _fake_imagenet(tmp_path / "val")
+    model = full.build_model("plainmamba_smoke")
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[2] = 10.0  # right on 3 of 6 images
+    _mmcls_checkpoint(model, tmp_path / "l.pth")
+    out = tmp_path / "out"
+    main(["reproduce", "top_vim", "--preset", "full", "--imagenet", str(data), "--checkpoint", str(tmp_path / "l.pth"),
+          "--out", str(out), *PLAIN_SMOKE])
+    result = json.loads((out / "table.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["dense", "ToP-ViM without alignment", "ToP-ViM"]
+    assert rows["ToP-ViM"]["alignment"] == "gapped" and rows["ToP-ViM without alignment"]["alignment"] == "none"
+    assert all(r["top1"] == pytest.approx(50.0) for r in rows.values())
+    assert rows["ToP-ViM"]["gflops"] == rows["ToP-ViM without alignment"]["gflops"] < rows["dense"]["gflops"]
+    assert result["provenance"]["keep_ratio"] == full.PLAIN_KEEP_RATIO
+    with pytest.raises(SystemExit, match="--alignment: PlainMamba supports"):
+        _run_full(["--imagenet", str(data), "--no-pretrained", "--alignment", "zero_slot", *PLAIN_SMOKE], tmp_path)
+    with pytest.raises(ValueError, match="--checkpoint.*does not fit this PlainMamba"):
+        torch.save({"model": full.build_model("smoke").state_dict()}, tmp_path / "vim.pth")
+        _run_full(["--imagenet", str(data), "--checkpoint", str(tmp_path / "vim.pth"), *PLAIN_SMOKE], tmp_path)
+
+
+def test_finetune_plain_mamba_writes_a_loadable_checkpoint(tmp_path):
+    from prunelab.methods.top_vim.checkpoint import load_plain_mamba_checkpoint, read_plain_mamba_state_dict
+    from prunelab.reproductions.top_vim import finetune
+
+    data = _fake_imagenet(tmp_path / "train")
+    start = tmp_path / "l.pth"
+    _mmcls_checkpoint(full.build_model("plainmamba_smoke"), start)
+    out = finetune.main(["--imagenet-train", str(data), "--checkpoint", str(start), "--out",
+                         str(tmp_path / "tuned.pth"), "--model", "plainmamba_smoke", "--epochs", "1", "--limit", "4",
+                         "--batch-size", "2", "--workers", "0", "--no-progress"])
+    model = load_plain_mamba_checkpoint(full.build_model("plainmamba_smoke"), out)
+    before = read_plain_mamba_state_dict(start)
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    saved = torch.load(out, weights_only=True)
+    assert saved["args"]["alignment"] == "gapped" and saved["args"]["keep_ratio"] == full.PLAIN_KEEP_RATIO
+
+
+def test_randaugment_posterize_keeps_zero_bits():
+    from PIL import Image
+    from timm.data import create_transform
+
+    from prunelab.reproductions.top_vim.finetune import zero_bit_posterize
+
+    transform = zero_bit_posterize(create_transform(input_size=32, is_training=True,
+                                                    auto_augment="rand-m9-mstd0.5-inc1"))
+    ops = [op for t in transform.transforms if hasattr(t, "ops") for op in t.ops if op.name.startswith("Posterize")]
+    assert ops
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert ops[0].aug_fn(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert ops[0].aug_fn(img, 4).getpixel((0, 0)) == (192, 96, 48)

@@ -10,6 +10,7 @@ from prunelab.methods.baselines import (
     RandomVim,
     SinkRecent,
 )
+from prunelab.methods.top_vim.entry import plain_alignment
 from prunelab.registry import MethodEntry
 
 _KV_BAD = (({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"gqa_mode": "mean"}, "gqa_mode"),
@@ -37,7 +38,8 @@ ENTRIES = (
     ),
     MethodEntry(
         name="random_vim", cls=RandomVim, family="vision SSM", seams=("vim",), budget="keep_ratio",
-        backbones=("prunelab VisionMamba",), keep_all={"keep_ratio": 1.0}, prune={"keep_ratio": 0.5},
+        backbones=("prunelab VisionMamba", "prunelab PlainMamba"), keep_all={"keep_ratio": 1.0},
+        prune={"keep_ratio": 0.5}, tiny=plain_alignment,
         bad=(({"keep_ratio": 1.5}, "keep_ratio"), ({"seed": "0"}, "seed"), ({"alignment": "naive"}, "alignment")),
         status="uniformly random tokens at ToP-ViM's blocks, keep counts and alignment; seeded per image",
     ),

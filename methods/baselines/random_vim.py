@@ -8,6 +8,7 @@ import torch
 
 from prunelab.common.validate import check_int
 from prunelab.methods.top_vim.method import ToPViM
+from prunelab.methods.top_vim.plain_mamba import PlainSSMOutput
 from prunelab.methods.top_vim.vim import SSMOutputs
 
 
@@ -32,8 +33,9 @@ class RandomVim(ToPViM):
     def start_forward(self, batch_size: int) -> None:
         self._gens[:] = [torch.Generator().manual_seed(self.seed) for _ in range(batch_size)]
 
-    def importance(self, ssm: SSMOutputs) -> torch.Tensor:
-        B, _, L = ssm.fwd.shape
+    def importance(self, ssm: SSMOutputs | PlainSSMOutput) -> torch.Tensor:
+        signal = ssm.fwd if isinstance(ssm, SSMOutputs) else ssm.y
+        B, _, L = signal.shape
         if len(self._gens) != B:
             raise RuntimeError("RandomVim: importance() called outside a forward of the Vision Mamba seam")
-        return torch.stack([torch.rand(L, generator=g) for g in self._gens]).to(ssm.fwd.device)
+        return torch.stack([torch.rand(L, generator=g) for g in self._gens]).to(signal.device)

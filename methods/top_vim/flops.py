@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["VimDims", "token_macs", "visit_macs", "vim_macs", "dense_macs", "top_vim_macs"]
+__all__ = ["VimDims", "token_macs", "visit_macs", "vim_macs", "dense_macs", "top_vim_macs", "SCAN_CONVENTIONS",
+           "PlainDims", "plain_mamba_macs"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,69 @@ def top_vim_macs(model: Any, method: Any) -> int:
     dims = VimDims.from_model(model)
     return vim_macs(dims, method.tokens_per_block(dims.num_tokens, dims.depth),
                     method.slots_per_block(dims.num_tokens, dims.depth))
+
+
+# -- PlainMamba --------------------------------------------------------------------------------------------------------
+SCAN_CONVENTIONS = {"prunelab": 2, "fvcore": 9}  # MACs per scan step, state and channel
+
+
+@dataclass(frozen=True)
+class PlainDims:
+    """The sizes that determine a PlainMamba's MACs."""
+
+    depth: int
+    embed_dim: int
+    d_inner: int
+    d_state: int
+    conv_size: int
+    dt_rank: int
+    grid: tuple[int, int]
+    stem: tuple[int, int]  # the stem's output size
+    in_chans: int
+    num_convs: int  # 3x3 64-channel convs after the stem
+    patch_half: int  # the projection's kernel size (patch_size / 2)
+    dwconv_layers: int  # layers with the 3x3 depthwise conv after them (L1: one)
+    num_outputs: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def from_model(cls, model: Any) -> PlainDims:
+        """The sizes of a :class:`~prunelab.methods.top_vim.plain_mamba.PlainMamba`."""
+        cfg, mixer = model.cfg, model.layers[0].mamba
+        stem = tuple((s + 2 * 3 - 7) // 2 + 1 for s in cfg.img_size)
+        return cls(depth=cfg.depth, embed_dim=cfg.embed_dim, d_inner=mixer.d_inner, d_state=mixer.d_state,
+                   conv_size=cfg.conv_size, dt_rank=mixer.dt_rank, grid=model.grid, stem=stem, in_chans=cfg.in_chans,
+                   num_convs=cfg.num_convs_patch_embed, patch_half=cfg.patch_size // 2,
+                   dwconv_layers=len(cfg.layers_with_dwconv), num_outputs=getattr(model.head, "out_features", 0))
+
+
+def plain_mamba_macs(dims: PlainDims, tokens_per_block: Sequence[int] | None = None,
+                     scan_convention: str = "prunelab") -> int:
+    """MACs of a PlainMamba forward pass of one image, with ``tokens_per_block`` tokens in each block (default:
+    every grid cell).
+
+    Per block, on the tokens it holds: ``in_proj`` C * 2 d_inner, ``out_proj`` d_inner * C and four scans of
+    ``s`` N d_inner each; on every grid cell (as :class:`~prunelab.methods.top_vim.plain_mamba.PlainMamba2D`
+    computes them, since a scan step may read Δ, B, C of an empty cell): the depthwise conv d_inner k^2, ``x_proj``
+    d_inner (dt_rank + 2 N) and ``dt_proj`` dt_rank d_inner. A run of empty cells decays the state in one step with
+    the next kept token, so gaps cost nothing extra. ``s`` is 2 under ``scan_convention="prunelab"`` (the state
+    update and the read-out, as :func:`vim_macs` counts) and 9 under ``"fvcore"`` (the selective-scan count of the
+    fvcore handle VMamba and PlainMamba report GFLOPs with: dense PlainMamba-L1 3.0 G, L3 14.4 G).
+    """
+    if scan_convention not in SCAN_CONVENTIONS:
+        raise ValueError(f"scan_convention: expected one of {sorted(SCAN_CONVENTIONS)}, got {scan_convention!r}")
+    cells = dims.num_tokens
+    tokens = list(tokens_per_block) if tokens_per_block is not None else [cells] * dims.depth
+    if len(tokens) != dims.depth or any(not 1 <= n <= cells for n in tokens):
+        raise ValueError(f"tokens_per_block: expected {dims.depth} counts in [1, {cells}], got {tokens}")
+    c, d, n, r = dims.embed_dim, dims.d_inner, dims.d_state, dims.dt_rank
+    per_token = c * 2 * d + d * c + 4 * SCAN_CONVENTIONS[scan_convention] * n * d
+    per_cell = d * dims.conv_size ** 2 + d * (r + 2 * n) + r * d
+    stem_cells = dims.stem[0] * dims.stem[1]
+    embed = (stem_cells * (dims.in_chans * 49 * 64 + dims.num_convs * 9 * 64 * 64)
+             + cells * 64 * dims.patch_half ** 2 * c)
+    blocks = sum(k * per_token + cells * per_cell for k in tokens) + dims.dwconv_layers * cells * 9 * c
+    return embed + blocks + c * dims.num_outputs

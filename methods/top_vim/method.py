@@ -16,7 +16,8 @@ import torch
 
 from prunelab.common.reduction import Reduction
 from prunelab.common.validate import check_choice, check_ints, check_real
-from prunelab.methods.top_vim.importance import NORMS, SOURCES, token_importance
+from prunelab.methods.top_vim.importance import NORMS, SOURCES, channel_reduce, token_importance
+from prunelab.methods.top_vim.plain_mamba import PlainSSMOutput
 from prunelab.methods.top_vim.selection import SELECTIONS, select_tokens, vim_keep_count
 from prunelab.methods.top_vim.vim import SSMOutputs
 
@@ -98,8 +99,12 @@ class ToPViM:
                              "last block changes nothing)")
         return self.blocks
 
-    def importance(self, ssm: SSMOutputs) -> torch.Tensor:
-        """S [B, L] from one mixer's scan outputs (:func:`.importance.token_importance`)."""
+    def importance(self, ssm: SSMOutputs | PlainSSMOutput) -> torch.Tensor:
+        """S [B, L] from one mixer's scan outputs (:func:`.importance.token_importance`; for PlainMamba, the
+        channel reduction of its gated scan output)."""
+        if isinstance(ssm, PlainSSMOutput):
+            with torch.no_grad():
+                return channel_reduce(ssm.y.float(), self.importance_norm)
         return token_importance(ssm, self.importance_norm, self.importance_source)
 
     def select(self, scores: torch.Tensor, cls_index: torch.Tensor | int,

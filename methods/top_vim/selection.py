@@ -38,7 +38,8 @@ from prunelab.common.validate import check_choice, check_int, check_real
 
 SELECTIONS = ("global", "balanced", "official")
 
-__all__ = ["SELECTIONS", "vim_keep_count", "select_tokens", "cls_slot", "cls_layout", "check_vim_reduction"]
+__all__ = ["SELECTIONS", "vim_keep_count", "select_tokens", "cls_slot", "cls_layout", "check_vim_reduction",
+           "plain_keep_count", "select_plain"]
 
 
 def vim_keep_count(n: int, keep_ratio: float) -> int:
@@ -139,3 +140,22 @@ def check_vim_reduction(red: Reduction, cls_index: torch.Tensor | int, *, grid: 
     for c in cls.unique().tolist():
         rows = cls == c
         check_reduction(Reduction(red.keep[rows], red.n), layout=cls_layout(red.n, c, grid), name=name)
+
+
+def plain_keep_count(n: int, keep_ratio: float) -> int:
+    """Tokens kept of ``n`` in a sequence without CLS (PlainMamba): ``ceil(n * keep_ratio)``, at least 1; the
+    official rule without the CLS and the odd length it forces (1e-9 tolerance as in :func:`vim_keep_count`)."""
+    n = check_int(n, "n", low=1)
+    keep_ratio = check_real(keep_ratio, "keep_ratio", low=0.0, high=1.0, low_open=True)
+    return n if keep_ratio == 1.0 else max(1, math.ceil(n * keep_ratio - 1e-9))
+
+
+def select_plain(scores: torch.Tensor, keep_ratio: float) -> Reduction:
+    """One ToP-ViM pruning step on a sequence without CLS: the :func:`plain_keep_count` best tokens per row, in
+    ascending order (ties to the lower index). ``scores``: [B, K]."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected [B, K], got {tuple(scores.shape)}")
+    B, K = scores.shape
+    k = plain_keep_count(K, keep_ratio)
+    everything = torch.ones(B, K, dtype=torch.bool, device=scores.device)
+    return Reduction(_ranked(scores.float(), everything, k), K)

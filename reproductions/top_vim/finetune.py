@@ -22,7 +22,8 @@ Not reproduced: ``main.py``'s repeated-augmentation sampler (on by default in it
 plain shuffled sharding), its model EMA (kept but never evaluated or saved as the model), the evaluation after every
 epoch and the ``best_checkpoint.pth`` chosen on the validation set (here the last epoch is saved), and the official
 code's pruning path (its hard-coded gather-based block; here ``ToPViM`` with ``--alignment``, default the paper's
-aligned ``zero_slot``; ``--alignment none`` fine-tunes the EViT-style baseline). The output holds
+aligned ``zero_slot``, ``gapped`` for PlainMamba, whose recipe is not released and which gets the same one;
+``--alignment none`` fine-tunes the EViT-style baseline). The output holds
 ``{"model": state_dict, "args": dict, "train_loss": [per-epoch means]}``; ``load_vim_checkpoint`` reads it, and the
 full preset evaluates it with ``--finetuned``.
 """
@@ -38,7 +39,15 @@ import torch
 from prunelab.cli import NON_NEGATIVE, POSITIVE, RATIO, existing
 from prunelab.methods.top_vim.method import ALIGNMENTS
 from prunelab.methods.top_vim.scan import IMPLS
-from prunelab.reproductions.top_vim.full import MODELS, build_model, classes_of, image_folder, load, method_for
+from prunelab.reproductions.top_vim.full import (
+    MODELS,
+    build_model,
+    classes_of,
+    defaults,
+    image_folder,
+    load,
+    method_for,
+)
 
 NO_DECAY = ("pos_embed", "cls_token")  # hustvl VisionMamba.no_weight_decay() (of the names this model has)
 
@@ -62,14 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per process (even: mixup pairs them)")
     p.add_argument("--workers", type=NON_NEGATIVE, default=8)
     p.add_argument("--limit", type=POSITIVE, default=None, help="train on N images only (smoke runs)")
-    p.add_argument("--keep-ratio", type=RATIO, default=0.8)
+    p.add_argument("--keep-ratio", type=RATIO, default=None, help="default: 0.8 for Vim, 0.6 for PlainMamba")
     p.add_argument("--blocks", type=POSITIVE, nargs="+", default=None, help="default: 5 10 15 of 24, scaled")
-    p.add_argument("--alignment", choices=ALIGNMENTS, default="zero_slot")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default=None,
+                   help="default: zero_slot for Vim, gapped for PlainMamba")
     p.add_argument("--scan-impl", choices=IMPLS, default="parallel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights (pipeline checks)")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = defaults(p.parse_args(argv))
     if args.checkpoint is None and not args.no_pretrained:
         p.error("--checkpoint: the dense checkpoint to fine-tune is required (or --no-pretrained)")
     if args.batch_size % 2:
@@ -78,6 +88,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')}: expected a number >= 0, got {getattr(args, name)}")
     return args
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits giving the black image older Pillow gave (Pillow >= 12 refuses 0 bits)."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else posterize(img, bits_to_keep, **kwargs)
+
+
+def zero_bit_posterize(transform):
+    """Let ``transform``'s RandAugment posterize keep 0 bits. ``rand-m9-mstd0.5-inc1`` draws magnitudes up to 10,
+    where "PosterizeIncreasing" keeps 0 bits: the black image with the Pillow DeiT and Vim trained with, an error
+    (and a crashed epoch) with ours. Returns ``transform``, changed in place."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
 
 
 def lr_at(epoch: int, base: float, args: argparse.Namespace) -> float:
@@ -104,9 +136,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.checkpoint is not None:
         load(model, args.checkpoint, "--checkpoint")
     method = method_for(args, args.alignment, model.cfg.depth)
-    data = image_folder(args.imagenet_train, create_transform(
+    data = image_folder(args.imagenet_train, zero_bit_posterize(create_transform(
         input_size=model.cfg.img_size[0], is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
-        interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1), args.limit, "--imagenet-train")
+        interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)), args.limit, "--imagenet-train")
     if len(classes_of(data)) > model.cfg.num_classes:
         raise ValueError(f"--imagenet-train: {len(classes_of(data))} class folders, more than the model's "
                          f"{model.cfg.num_classes} classes")

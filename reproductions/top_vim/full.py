@@ -1,5 +1,5 @@
-"""Full preset: ToP-ViM on ImageNet-1k val with hustvl's Vim-S or Vim-T (Zhan et al., "Exploring Token Pruning in
-Vision State Space Models", NeurIPS 2024, arXiv 2409.18962).
+"""Full preset: ToP-ViM on ImageNet-1k val with hustvl's Vim-S or Vim-T, or PlainMamba-L1/L2/L3 (Zhan et al.,
+"Exploring Token Pruning in Vision State Space Models", NeurIPS 2024, arXiv 2409.18962).
 
 Three rows at the same schedule (default: prune after blocks 5, 10, 15 at keep ratio 0.8, as the official code
 ZLKong/ToP-ViM at b5bc231 hard-codes in ``vim/models_mamba.py``): the dense model, EViT-style naive pruning
@@ -13,6 +13,12 @@ Data: ``--imagenet`` is the validation set in ImageFolder layout (``val/<wnid>/*
 training folder). The transform is DeiT's evaluation transform that hustvl/Vim's ``vim/datasets.py`` uses: resize
 the shorter side to ``int(224 / 0.875) = 256`` (bicubic), centre crop 224, ImageNet mean and std. GFLOPs are the
 analytic per-image MACs of :mod:`prunelab.methods.top_vim.flops` (Vim-S: 5.08 dense, 3.57 naive, 3.61 aligned).
+
+PlainMamba (``--model plainmamba_l3``, the paper's headline: 82.3 -> 81.7 at -41.6 % FLOPs; checkpoints from
+ChenhongyiYang/PlainMamba): no CLS, so ``--alignment`` is ``gapped`` (default) or ``none`` (the naive row), and no
+schedule is released: the default is the Vim-S blocks scaled to the depth (L3: 8, 15, 23) at ``--keep-ratio 0.6``
+(:data:`PLAIN_KEEP_RATIO`). Its GFLOPs use the fvcore scan count of the release (dense L3: 14.4). The release's test
+transform (resize the shorter side to 256, bicubic, centre crop 224, ImageNet mean and std) is the same as Vim's.
 
 Several GPUs: ``accelerate launch -m prunelab.cli reproduce top_vim --preset full --imagenet DIR --checkpoint FILE``;
 images are sharded by accelerate and the predictions gathered (``gather_for_metrics``).
@@ -29,37 +35,55 @@ import yaml
 from prunelab.cli import NON_NEGATIVE, POSITIVE, RATIO, existing
 from prunelab.common.provenance import markdown_table, provenance, write_results
 from prunelab.methods.top_vim import ToPViM, VimConfig, VisionMamba, dense_macs, load_vim_checkpoint, top_vim_macs
+from prunelab.methods.top_vim.checkpoint import load_plain_mamba_checkpoint
+from prunelab.methods.top_vim.flops import PlainDims, plain_mamba_macs
 from prunelab.methods.top_vim.method import ALIGNMENTS, scaled_blocks
+from prunelab.methods.top_vim.plain_mamba import ARCHS, PlainMamba, PlainMambaConfig
+from prunelab.methods.top_vim.plain_seam import PLAIN_ALIGNMENTS, plain_tokens_per_block
 from prunelab.methods.top_vim.scan import IMPLS
 from prunelab.reproductions.zero_tprune.evaluate import accelerated_top1, standard_error
 
-MODELS = {  # hustvl's released middle-CLS configs (vim.py); smoke: a 4-block, 32-d Vim on 32 px images
+MODELS = {  # hustvl's released middle-CLS configs (vim.py); PlainMamba's arch_zoo (plain_mamba.py)
     "vim_t": {"embed_dim": 192},
     "vim_s": {"embed_dim": 384},
-    # the pipeline's end-to-end check on CPU, not a paper setting
+    "plainmamba_l1": {"arch": "L1"},
+    "plainmamba_l2": {"arch": "L2"},
+    "plainmamba_l3": {"arch": "L3"},
+    # the pipeline's end-to-end checks on CPU, not paper settings
     "smoke": {"embed_dim": 32, "depth": 4, "img_size": 32, "patch_size": 8, "d_state": 4},
+    "plainmamba_smoke": {"arch": "L1", "embed_dim": 32, "depth": 4, "img_size": 32, "patch_size": 8, "d_state": 4,
+                         "conv_size": 3},
 }
-EVAL_CROP_RATIO = 0.875  # DeiT's --eval-crop-ratio default, kept by hustvl/Vim
+EVAL_CROP_RATIO = 0.875  # DeiT's --eval-crop-ratio default, kept by hustvl/Vim; PlainMamba's resize 256, crop 224
 PAPER_KEEP_RATIO = 0.8
+# PlainMamba: no schedule is released. Vim-S's blocks scaled to 36 (8, 15, 23) at 0.6 change the GFLOPs by -42.2 %
+# under the release's count, the round ratio nearest the abstract's -41.6 %
+PLAIN_KEEP_RATIO = 0.6
 COLUMNS = ["method", "alignment", "weights", "gflops", "gflops_change_%", "top1", "top1_se", "top1_change",
-           "paper_top1", "paper_gflops"]
+           "paper_top1", "paper_gflops", "paper_gflops_change_%"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imagenet", type=existing("dir"), required=True,
                         help="ImageNet-1k validation folder (ImageFolder layout: val/<wnid>/*.JPEG)")
     parser.add_argument("--model", choices=sorted(MODELS), default="vim_s",
-                        help="vim_s / vim_t: hustvl's Vim-S / Vim-T; smoke: a tiny Vim for pipeline checks")
+                        help="vim_s / vim_t: hustvl's Vim-S / Vim-T; plainmamba_l1/l2/l3: PlainMamba; smoke, "
+                             "plainmamba_smoke: tiny models for pipeline checks")
     parser.add_argument("--checkpoint", type=existing("file"), default=None,
-                        help="hustvl Vim checkpoint (.pth, dense); required unless --no-pretrained")
+                        help="dense checkpoint (.pth): hustvl Vim, or PlainMamba's l1/l2/l3.pth; required unless "
+                             "--no-pretrained")
     parser.add_argument("--finetuned", type=existing("file"), default=None,
                         help="checkpoint fine-tuned with ToP-ViM (finetune.py); default: the method zero-shot")
     parser.add_argument("--finetuned-naive", type=existing("file"), default=None,
                         help="checkpoint fine-tuned with naive pruning (finetune.py --alignment none)")
-    parser.add_argument("--keep-ratio", type=RATIO, default=PAPER_KEEP_RATIO, help="keep ratio per pruning step")
+    parser.add_argument("--keep-ratio", type=RATIO, default=None,
+                        help=f"keep ratio per pruning step (default: {PAPER_KEEP_RATIO} for Vim, "
+                             f"{PLAIN_KEEP_RATIO} for PlainMamba)")
     parser.add_argument("--blocks", type=POSITIVE, nargs="+", default=None,
                         help="1-based blocks after which tokens are pruned (default: 5 10 15 of 24, scaled)")
-    parser.add_argument("--alignment", choices=ALIGNMENTS, default="zero_slot", help="ToP-ViM's alignment")
+    parser.add_argument("--alignment", choices=ALIGNMENTS, default=None,
+                        help="ToP-ViM's alignment (default: zero_slot for Vim, gapped for PlainMamba, which supports "
+                             "gapped and none)")
     parser.add_argument("--scan-impl", choices=IMPLS, default="parallel", help="selective-scan implementation")
     parser.add_argument("--batch-size", type=POSITIVE, default=64)
     parser.add_argument("--workers", type=NON_NEGATIVE, default=8, help="data-loading processes")
@@ -74,17 +98,48 @@ def expected() -> dict:
     return yaml.safe_load(Path(__file__).with_name("expected.yaml").read_text())
 
 
-def build_model(name: str, scan_impl: str = "parallel") -> VisionMamba:
-    """The ``--model`` config (hustvl's Vim-T/S, or the smoke Vim), randomly initialised."""
-    return VisionMamba(VimConfig(**MODELS[name], scan_impl=scan_impl))
+def is_plain(name: str) -> bool:
+    return name.startswith("plainmamba")
 
 
-def load(model: VisionMamba, path: str, option: str) -> VisionMamba:
-    """:func:`load_vim_checkpoint`, its error naming the command-line option."""
+def build_model(name: str, scan_impl: str = "parallel") -> VisionMamba | PlainMamba:
+    """The ``--model`` config (hustvl's Vim-T/S, PlainMamba-L1/L2/L3 or a smoke model), randomly initialised."""
+    cfg = dict(MODELS[name])
+    if is_plain(name):
+        return PlainMamba(PlainMambaConfig(**{**ARCHS[cfg.pop("arch")], **cfg, "scan_impl": scan_impl}))
+    return VisionMamba(VimConfig(**cfg, scan_impl=scan_impl))
+
+
+def load(model: VisionMamba | PlainMamba, path: str, option: str) -> VisionMamba | PlainMamba:
+    """:func:`load_vim_checkpoint` or :func:`load_plain_mamba_checkpoint`, the error naming the option."""
     try:
+        if isinstance(model, PlainMamba):
+            return load_plain_mamba_checkpoint(model, path)
         return load_vim_checkpoint(model, path)
     except ValueError as err:
         raise ValueError(f"{option}: {err}") from err
+
+
+def defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the family-dependent defaults of ``--keep-ratio`` and ``--alignment`` (in place); returns ``args``."""
+    plain = is_plain(args.model)
+    if args.keep_ratio is None:
+        args.keep_ratio = PLAIN_KEEP_RATIO if plain else PAPER_KEEP_RATIO
+    if args.alignment is None:
+        args.alignment = "gapped" if plain else "zero_slot"
+    if plain and args.alignment not in PLAIN_ALIGNMENTS:
+        raise SystemExit(f"--alignment: PlainMamba supports {', '.join(PLAIN_ALIGNMENTS)}, got {args.alignment}")
+    return args
+
+
+def gflops(model: VisionMamba | PlainMamba, method: ToPViM | None) -> float:
+    """Per-image GFLOPs (one MAC = one FLOP): Vim by :func:`vim_macs`; PlainMamba by :func:`plain_mamba_macs` with
+    the fvcore scan count its release reports (dense L3: 14.4)."""
+    if isinstance(model, PlainMamba):
+        dims = PlainDims.from_model(model)
+        tokens = None if method is None else plain_tokens_per_block(method, dims.num_tokens, dims.depth)
+        return plain_mamba_macs(dims, tokens, scan_convention="fvcore") / 1e9
+    return (dense_macs(model) if method is None else top_vim_macs(model, method)) / 1e9
 
 
 def method_for(args: argparse.Namespace, alignment: str, depth: int) -> ToPViM:
@@ -131,7 +186,9 @@ def run(args: argparse.Namespace, out: Path) -> dict:
 
     if args.checkpoint is None and not args.no_pretrained:
         raise SystemExit("--checkpoint: required (a hustvl Vim checkpoint, e.g. vim_s_midclstok_80p5acc.pth for "
-                         "--model vim_s); --no-pretrained checks the pipeline on random weights")
+                         "--model vim_s, or PlainMamba's l3.pth for --model plainmamba_l3); --no-pretrained checks the "
+                         "pipeline on random weights")
+    defaults(args)
     accelerator = Accelerator()
     model = build_model(args.model, args.scan_impl)
     depth, img_size = model.cfg.depth, model.cfg.img_size[0]
@@ -152,23 +209,25 @@ def run(args: argparse.Namespace, out: Path) -> dict:
 
     dataset = image_folder(args.imagenet, eval_transform(img_size), args.limit)
     classes, num_classes = len(classes_of(dataset)), model.cfg.num_classes
-    if classes > num_classes or (args.model != "smoke" and classes != num_classes):
+    if classes > num_classes or ("smoke" not in args.model and classes != num_classes):
         raise ValueError(f"--imagenet: {classes} class folders, the model has {num_classes} classes (pass the "
                          "ImageNet-1k val folder with all 1000 <wnid> folders)")
     loader = accelerator.prepare(torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available()))
 
     paper = expected().get(args.model) or {}
-    paper_schedule = args.keep_ratio == PAPER_KEEP_RATIO and top.prune_blocks(depth) == scaled_blocks(depth)
+    default_ratio = PLAIN_KEEP_RATIO if is_plain(args.model) else PAPER_KEEP_RATIO
+    paper_schedule = args.keep_ratio == default_ratio and top.prune_blocks(depth) == scaled_blocks(depth)
     rows = []
-    for key, name, method in (("dense", "dense", None), ("naive", "EViT-style", naive), ("top", "ToP-ViM", top)):
+    naive_name = "ToP-ViM without alignment" if is_plain(args.model) else "EViT-style"
+    for key, name, method in (("dense", "dense", None), ("naive", naive_name, naive), ("top", "ToP-ViM", top)):
         correct, total = accelerated_top1(models[key], method, loader, accelerator, name, not args.no_progress)
-        macs = dense_macs(model) if method is None else top_vim_macs(model, method)
         cited = paper.get(key, {}) if (paper_schedule or method is None) else {}
         rows.append({"method": name, "alignment": "" if method is None else method.alignment,
-                     "weights": weights[key], "gflops": macs / 1e9, "top1": 100 * correct / total,
+                     "weights": weights[key], "gflops": gflops(model, method), "top1": 100 * correct / total,
                      "top1_se": standard_error(correct, total), "paper_top1": cited.get("top1", "n/a"),
-                     "paper_gflops": cited.get("gflops", "n/a")})
+                     "paper_gflops": cited.get("gflops", "n/a"),
+                     "paper_gflops_change_%": cited.get("gflops_change_pct", "n/a")})
     for r in rows:
         r["gflops_change_%"] = 100 * (r["gflops"] / rows[0]["gflops"] - 1)
         r["top1_change"] = r["top1"] - rows[0]["top1"]
