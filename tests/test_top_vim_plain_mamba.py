@@ -292,3 +292,33 @@ def test_bad_config_is_refused(kwargs, match):
 def test_wrong_image_size_is_refused():
     with pytest.raises(ValueError, match=r"x: expected \[B, 3, 32, 32\]"):
         tiny()(torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("alignment", ["gapped", "none"])
+def test_kernel_wiring_equals_the_scan_path(alignment, monkeypatch):
+    # the CUDA branch's call of kernels.gapped_scan, run on CPU (its "auto" impl is the torch reference there)
+    from prunelab.methods.top_vim import plain_mamba
+
+    model = tiny().eval()
+    method = ToPViM(keep_ratio=0.6, blocks=(1, 2), alignment=alignment)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), prunelab.apply(model, method):
+        expected = model(x)
+        monkeypatch.setattr(plain_mamba, "use_kernel", lambda u: True)
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_plain_mamba_matches_the_cpu_path():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = plain_mamba_l1(scan_impl="stepped").eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    method = ToPViM(keep_ratio=0.6, alignment="gapped")
+    with torch.no_grad(), prunelab.apply(model, method) as handle:
+        cpu = model(x)
+        kept = {b: k.clone() for b, k in handle.kept.items()}
+        gpu = model.cuda()(x.cuda())
+        assert all(torch.equal(kept[b], handle.kept[b].cpu()) for b in kept)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=2e-3)

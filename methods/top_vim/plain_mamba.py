@@ -33,7 +33,8 @@ Pruned sequences (ToP-ViM): ``positions`` [B, K] (ascending raster cells) says w
 The conv reads 0 at the empty cells; each scan walks the kept tokens in its zig-zag order, reading Δ, B, C where the
 full-grid scan would (its own step's cell under ``param_order="raster"``: the conv output there, its leakage from
 kept neighbours if the cell is empty), and over every run of empty cells its state decays by
-exp(g softplus(dt_bias) A) (``gap_delta``; g empty cells) or, with ``gap_delta=None``, not at all. See
+exp(g softplus(dt_bias) A) (``gap_delta``; g empty cells) or, with ``gap_delta=None``, not at all. On CUDA without
+autograd the four pruned scans are one launch of the Triton kernel ``prunelab.kernels.gapped_scan``. See
 :mod:`.plain_seam`.
 
 What differs from the release: no fused CUDA scan (:func:`.scan.selective_scan_ref`), no ``init_layer_scale``, no
@@ -93,6 +94,11 @@ def zigzag_orders(hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"hw: expected a positive grid, got {hw}")
     orders, moves = _zigzag(int(h), int(w))
     return orders.clone(), moves.clone()
+
+
+def use_kernel(u: torch.Tensor) -> bool:
+    """Whether a pruned mixer scans with ``prunelab.kernels.gapped_scan`` (CUDA, no autograd)."""
+    return u.is_cuda and not torch.is_grad_enabled()
 
 
 # -- the mixer ---------------------------------------------------------------------------------------------------------
@@ -209,8 +215,15 @@ class PlainMamba2D(nn.Module):
         elif gap_delta not in ("bias", None):
             raise ValueError(f"gap_delta: expected 'bias' or None, got {gap_delta!r}")
         A = -torch.exp(self.A_log.float())
-        ys = selective_scan_ref(u, delta_s, A, B_s, C_s, self.D.float(), delta_bias=self.dt_proj.bias.float(),
-                                delta_softplus=True, impl=self.scan_impl, gaps=gaps, gap_delta=gd)  # [4B, E, K]
+        if K != length and use_kernel(u):  # the Triton kernel: K steps, gaps folded in
+            from prunelab.kernels.gapped_scan import gapped_scan
+
+            gd = torch.zeros_like(self.D, dtype=torch.float32) if gd is None else gd  # "none": no decay over gaps
+            ys = gapped_scan(u, delta_s, A, B_s, C_s, flat(steps), gd, D=self.D.float(),
+                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        else:
+            ys = selective_scan_ref(u, delta_s, A, B_s, C_s, self.D.float(), delta_bias=self.dt_proj.bias.float(),
+                                    delta_softplus=True, impl=self.scan_impl, gaps=gaps, gap_delta=gd)  # [4B, E, K]
         back = torch.argsort(flat(perm), dim=1)[:, None].expand(4 * B, E, K)  # scan order -> token order
         y = ys.gather(2, back).view(4, B, E, K).sum(0).to(z.dtype) * F.silu(z).transpose(1, 2)
         out = self.out_proj(y.transpose(1, 2))
