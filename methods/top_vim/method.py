@@ -112,13 +112,14 @@ class ToPViM:
         """The slots that stay after a pruning block (:func:`.selection.select_tokens`)."""
         return select_tokens(scores, cls_index, self.keep_ratio, alive=alive, selection=self.selection)
 
-    def tokens_per_block(self, num_tokens: int, depth: int) -> list[int]:
-        """Tokens each of the ``depth`` blocks computes for a sequence of ``num_tokens`` (CLS included)."""
+    def tokens_per_block(self, num_tokens: int, depth: int, count=vim_keep_count) -> list[int]:
+        """Tokens each of the ``depth`` blocks computes for a sequence of ``num_tokens`` (CLS included), a pruning
+        step keeping ``count(n, keep_ratio)`` of n (PlainMamba: :func:`.selection.plain_keep_count`)."""
         after, n, tokens = set(self.prune_blocks(depth)), num_tokens, []
         for block in range(1, depth + 1):
             tokens.append(n)
             if block in after:
-                n = vim_keep_count(n, self.keep_ratio)
+                n = count(n, self.keep_ratio)
         return tokens
 
     def slots_per_block(self, num_tokens: int, depth: int) -> list[int]:

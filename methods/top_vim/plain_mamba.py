@@ -56,6 +56,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from prunelab.common.handle import Handle
 from prunelab.methods.top_vim.scan import IMPLS, selective_scan_ref
+from prunelab.methods.top_vim.vim import check_config_ints
 
 PARAM_ORDERS = ("raster", "scan")
 DIRECTIONS = ("start", "right", "left", "up", "down")  # the index into direction_Bs
@@ -285,18 +286,9 @@ class PlainMambaConfig:
     scan_impl: str = "parallel"
 
     def __post_init__(self) -> None:
-        size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
-        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
-            raise ValueError(f"img_size: expected a positive int or (H, W), got {self.img_size!r}")
-        object.__setattr__(self, "img_size", size)
-        for name, low in (("in_chans", 1), ("patch_size", 2), ("embed_dim", 1), ("depth", 1),
-                          ("num_convs_patch_embed", 0), ("d_state", 1), ("expand", 1), ("conv_size", 1),
-                          ("dt_rank", 1), ("num_classes", 0)):
-            value = getattr(self, name)
-            if value is None and name == "dt_rank":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        size = check_config_ints(self, {"in_chans": 1, "patch_size": 2, "embed_dim": 1, "depth": 1,
+                                        "num_convs_patch_embed": 0, "d_state": 1, "expand": 1, "conv_size": 1,
+                                        "dt_rank": 1, "num_classes": 0}, optional=("dt_rank",))
         if self.patch_size % 2 or self.patch_size > min(size):
             raise ValueError(f"patch_size: expected an even size up to img_size {size}, got {self.patch_size}")
         if self.conv_size % 2 != 1:

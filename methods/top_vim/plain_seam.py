@@ -51,12 +51,7 @@ class PlainToPState(ToPViMState):
 
 def plain_tokens_per_block(method: Any, num_tokens: int, depth: int) -> list[int]:
     """Tokens each of the ``depth`` blocks computes under ``method``'s schedule on a grid of ``num_tokens`` cells."""
-    after, n, tokens = set(method.prune_blocks(depth)), num_tokens, []
-    for block in range(1, depth + 1):
-        tokens.append(n)
-        if block in after:
-            n = plain_keep_count(n, method.keep_ratio)
-    return tokens
+    return method.tokens_per_block(num_tokens, depth, count=plain_keep_count)
 
 
 def pruned_tokens(model: PlainMamba, method: Any, state: PlainToPState, x: torch.Tensor) -> torch.Tensor:

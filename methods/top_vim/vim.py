@@ -257,6 +257,22 @@ class VimBlock(nn.Module):
         return self.mixer(normed, keep=keep, positions=positions), residual
 
 
+def check_config_ints(cfg, minimum: dict[str, int], optional: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Validate a frozen backbone config in place: ``img_size`` becomes (H, W), each field of ``minimum`` must be an
+    int at least its value (those in ``optional`` may be None); returns (H, W)."""
+    size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+        raise ValueError(f"img_size: expected a positive int or (H, W), got {cfg.img_size!r}")
+    object.__setattr__(cfg, "img_size", size)
+    for name, low in minimum.items():
+        value = getattr(cfg, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return size
+
+
 @dataclass(frozen=True)
 class VimConfig:
     """VisionMamba's hyperparameters; the defaults are hustvl's Vim-T (``vim_tiny_patch16_224_bimambav2_...``)."""
@@ -281,18 +297,9 @@ class VimConfig:
     scan_impl: str = "parallel"
 
     def __post_init__(self) -> None:
-        size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
-        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
-            raise ValueError(f"img_size: expected a positive int or (H, W), got {self.img_size!r}")
-        object.__setattr__(self, "img_size", size)
-        minimum = {"patch_size": 1, "stride": 1, "in_chans": 1, "embed_dim": 1, "depth": 1, "d_state": 1,
-                   "d_conv": 1, "expand": 1, "dt_rank": 1, "num_classes": 0}
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            if value is None and name in ("stride", "dt_rank"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        size = check_config_ints(self, {"patch_size": 1, "stride": 1, "in_chans": 1, "embed_dim": 1, "depth": 1,
+                                        "d_state": 1, "d_conv": 1, "expand": 1, "dt_rank": 1, "num_classes": 0},
+                                 optional=("stride", "dt_rank"))
         if self.patch_size > min(size):
             raise ValueError(f"patch_size: {self.patch_size} is larger than img_size {size}")
         for name in ("rms_norm", "residual_in_fp32", "if_divide_out"):
