@@ -22,7 +22,8 @@ SEAMS = {
     "decoder": "prunelab.common.decoder (registered 'prunelab' attention function + in-place KV cache)",
     "vlm": "prunelab.common.vlm (hooks in the vision tower, after the projector, after an LLM layer; "
            "LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL)",
-    "vim": "prunelab.methods.top_vim.seam (pruning points after Vim blocks; pruned slots kept in the scan or removed)",
+    "vim": "prunelab.methods.top_vim.seam and .plain_seam (pruning points after Vim or PlainMamba blocks; pruned "
+           "slots kept in the scans or removed)",
     "segmenter": "prunelab.methods.dtop.seam (early exit after the auxiliary heads of a plain-ViT segmenter; "
                  "ragged batches attended with a key-padding mask)",
 }

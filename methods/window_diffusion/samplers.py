@@ -1,0 +1,145 @@
+"""The vanilla sampler Window-Diffusion accelerates: LLaDA's single-block low-confidence remasking, batched.
+
+Papers: Nie et al., "Large Language Diffusion Models" (LLaDA, arXiv 2502.09992), Algorithm 5 (low-confidence
+remasking), as ``generate()`` in GSAI-ML/LLaDA's ``generate.py`` runs it with one block; Window-Diffusion (Zuo et al.,
+arXiv 2601.20332) evaluates LLaDA with steps = generation length, temperature 0 and no classifier-free guidance.
+Compared against vhicrgit/Window-Diffusion at d8bb349 (``llada/model/modeling_llada.py``: ``generate`` with every step
+a full step, ``get_num_transfer_tokens``, ``add_gumbel_noise``); nothing was copied.
+
+The answer starts as G mask tokens after the prompt. Step t (of ``steps``) runs the whole sequence, predicts
+x0 = argmax of the logits at every position (with Gumbel noise in float64 when ``temperature > 0``), scores each
+still-masked position by the softmax probability of its prediction (``remasking="low_confidence"``) or by a uniform
+draw (``"random"``), and unmasks the n_t best; n_t splits G evenly over the steps, the remainder going to the first
+steps. Ties go to the lower position (a stable sort; the official ``torch.topk`` leaves them unspecified).
+
+Batches: prompts of different lengths are left-padded; padding is never attended and position ids count real tokens
+(:class:`~.model.DiffusionLM`), so each row computes what it computes alone. Every row has the same G and schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunelab.methods.window_diffusion.model import DiffusionLM
+
+REMASKING = ("low_confidence", "random")
+
+__all__ = ["REMASKING", "Generation", "num_transfer_tokens", "pad_prompts", "llada_generate", "add_gumbel_noise"]
+
+
+@dataclass
+class Generation:
+    """A batch of generations.
+
+    Attributes:
+        ids: [B, P + G] the left-padded prompts followed by the answers.
+        attention_mask: [B, P + G] 1 for real tokens.
+        prompt_length: P, the padded prompt length (the answers are ``ids[:, P:]``).
+        decoded_at: [B, G] the 0-based step at which each answer position was unmasked.
+        forward_tokens: tokens the model computed per row, summed over the steps (the FLOPs' driver).
+    """
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_length: int
+    decoded_at: torch.Tensor
+    forward_tokens: int
+
+    @property
+    def answer(self) -> torch.Tensor:
+        """[B, G] the generated tokens."""
+        return self.ids[:, self.prompt_length:]
+
+
+def num_transfer_tokens(gen_length: int, steps: int) -> list[int]:
+    """Tokens unmasked at each step: ``gen_length // steps``, plus one in the first ``gen_length % steps`` steps."""
+    base, rest = divmod(gen_length, steps)
+    return [base + (t < rest) for t in range(steps)]
+
+
+def pad_prompts(prompts, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a list of 1-D prompts (token lists or tensors) to ``[B, P]`` ids and an attention mask."""
+    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise ValueError("prompts: expected a non-empty list of non-empty token sequences")
+    width = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.numel():] = r
+        mask[i, width - r.numel():] = 1
+    return ids.to(device), mask.to(device)
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None):
+    """LLaDA's Gumbel-max in float64: ``exp(logits) / (-log U)^temperature`` (argmax of it samples the tempered
+    distribution); ``temperature == 0`` returns the logits."""
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def _check(model, gen_length, steps, temperature, remasking):
+    if not isinstance(model, DiffusionLM):
+        raise TypeError(f"model: expected a DiffusionLM, got {type(model).__name__}")
+    if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 1:
+        raise ValueError(f"gen_length: expected an int >= 1, got {gen_length!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= gen_length:
+        raise ValueError(f"steps: expected an int in [1, gen_length={gen_length}], got {steps!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
+
+
+@torch.no_grad()
+def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | None = None, *,
+                   temperature: float = 0.0, remasking: str = "low_confidence", pad_id: int | None = None,
+                   generator: torch.Generator | None = None, progress: bool = False) -> Generation:
+    """LLaDA's single-block sampler (module docstring).
+
+    Args:
+        model: the :class:`DiffusionLM`.
+        prompts: a list of 1-D token sequences (lengths may differ), without mask tokens.
+        gen_length: G, the answer length.
+        steps: denoising steps in [1, G]; None: G (one token per step, Window-Diffusion's setting).
+        temperature: 0 decodes greedily; > 0 samples with LLaDA's float64 Gumbel noise.
+        remasking: ``"low_confidence"`` (the paper's) or ``"random"``.
+        pad_id: the id of left padding (never attended); None: the model's EOS id, else 0.
+        generator: the random source of ``temperature > 0`` and ``"random"``.
+        progress: a tqdm bar over the steps.
+    """
+    steps = gen_length if steps is None else steps
+    _check(model, gen_length, steps, temperature, remasking)
+    device = next(model.parameters()).device
+    pad_id = (model.eos_id if model.eos_id is not None else 0) if pad_id is None else pad_id
+    if pad_id == model.mask_id:
+        raise ValueError(f"pad_id: {pad_id} is the mask token")
+    prompt_ids, prompt_mask = pad_prompts(prompts, pad_id, device)
+    if bool((prompt_ids[prompt_mask.bool()] == model.mask_id).any()):
+        raise ValueError(f"prompts: contain the mask token {model.mask_id}")
+    B, P = prompt_ids.shape
+    ids = torch.cat([prompt_ids, torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=device)], 1)
+    mask = torch.cat([prompt_mask, torch.ones(B, gen_length, dtype=torch.long, device=device)], 1)
+    decoded_at = torch.full((B, gen_length), -1, dtype=torch.long, device=device)
+    schedule = num_transfer_tokens(gen_length, steps)
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps), desc="LLaDA sampling", disable=not progress):
+        masked = ids == model.mask_id
+        logits = model(ids, mask)
+        x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+        if remasking == "low_confidence":
+            score = torch.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+        else:
+            score = torch.rand(ids.shape, device=device, generator=generator)
+        score = torch.where(masked, score, float("-inf"))
+        # the n_t best masked positions per row; ties to the lower position
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :schedule[step]]
+        ids = ids.scatter(1, order, x0.gather(1, order))
+        decoded_at.scatter_(1, order - P, step)
+    return Generation(ids, mask, P, decoded_at, forward_tokens=steps * ids.shape[1])
