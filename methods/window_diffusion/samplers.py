@@ -18,7 +18,7 @@ Batches: prompts of different lengths are left-padded; padding is never attended
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,8 @@ class Generation:
         prompt_length: P, the padded prompt length (the answers are ``ids[:, P:]``).
         decoded_at: [B, G] the 0-based step at which each answer position was unmasked.
         forward_tokens: tokens the model computed per row, summed over the steps (the FLOPs' driver).
+        log: per step ``(kind, queries, keys)``: "full" (vanilla), "refresh" or "pruned" (Window-Diffusion), the
+            tokens computed per row and the keys each of them attends to (mean over rows).
     """
 
     ids: torch.Tensor
@@ -46,6 +48,7 @@ class Generation:
     prompt_length: int
     decoded_at: torch.Tensor
     forward_tokens: int
+    log: list = field(default_factory=list)
 
     @property
     def answer(self) -> torch.Tensor:
@@ -142,4 +145,5 @@ def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | No
         order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :schedule[step]]
         ids = ids.scatter(1, order, x0.gather(1, order))
         decoded_at.scatter_(1, order - P, step)
-    return Generation(ids, mask, P, decoded_at, forward_tokens=steps * ids.shape[1])
+    n = ids.shape[1]
+    return Generation(ids, mask, P, decoded_at, forward_tokens=steps * n, log=[("full", n, float(n))] * steps)
