@@ -1,9 +1,10 @@
 """Window-Diffusion (Zuo et al., arXiv 2601.20332): windowed token pruning and caching for masked diffusion LMs.
 
 Built so far: the diffusion LM it accelerates (:class:`DiffusionLM`, LLaDA / Dream on transformers' Llama / Qwen2
-parts, with loaders for their checkpoints), LLaDA's vanilla sampler (:func:`llada_generate`), Dream's leftmost-mask loop
-(:func:`dream_generate`) and the windowed scheduler on LLaDA (:class:`WindowDiffusion`, :func:`window_generate`, the cache in :mod:`.window`, MACs in
-:mod:`.flops`). Dream's windowed path and the reproductions are not built yet; see README.md.
+parts, with loaders for their checkpoints), LLaDA's vanilla sampler (:func:`llada_generate`), Dream's leftmost-mask
+loop (:func:`dream_generate`) and the windowed scheduler on LLaDA (:class:`WindowDiffusion`, :func:`window_generate`,
+the cache in :mod:`.window`, MACs in :mod:`.flops`). Dream's windowed path and the reproductions are not built yet;
+see README.md.
 """
 
 from prunelab.methods.window_diffusion.checkpoint import load_dream, load_llada
