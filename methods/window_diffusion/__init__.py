@@ -2,13 +2,14 @@
 
 Built so far: the diffusion LM it accelerates (:class:`DiffusionLM`, LLaDA / Dream on transformers' Llama / Qwen2
 parts, with loaders for their checkpoints), LLaDA's vanilla sampler (:func:`llada_generate`), Dream's leftmost-mask
-loop (:func:`dream_generate`) and the windowed scheduler on LLaDA (:class:`WindowDiffusion`, :func:`window_generate`,
-the cache in :mod:`.window`, MACs in :mod:`.flops`). Dream's windowed path and the reproductions are not built yet;
-see README.md.
+loop (:func:`dream_generate`) and the windowed schedulers: LLaDA's (:class:`WindowDiffusion`,
+:func:`window_generate`) and Dream's (:class:`DreamWindow`, :func:`dream_window_generate`), on one cache
+(:mod:`.window`), with MACs in :mod:`.flops`. The reproductions are not built yet; see README.md.
 """
 
 from prunelab.methods.window_diffusion.checkpoint import load_dream, load_llada
 from prunelab.methods.window_diffusion.dream import dream_generate
+from prunelab.methods.window_diffusion.dream_window import DreamWindow, dream_window_generate
 from prunelab.methods.window_diffusion.flops import run_macs, step_macs
 from prunelab.methods.window_diffusion.method import WindowDiffusion, window_generate
 from prunelab.methods.window_diffusion.model import DiffusionLM, bidirectional_mask, padded_positions, tiny_llada
@@ -16,4 +17,4 @@ from prunelab.methods.window_diffusion.samplers import Generation, llada_generat
 
 __all__ = ["DiffusionLM", "bidirectional_mask", "padded_positions", "tiny_llada", "load_llada", "load_dream",
            "Generation", "llada_generate", "num_transfer_tokens", "pad_prompts", "WindowDiffusion", "window_generate",
-           "run_macs", "step_macs", "dream_generate"]
+           "run_macs", "step_macs", "dream_generate", "DreamWindow", "dream_window_generate"]

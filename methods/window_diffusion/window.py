@@ -34,8 +34,9 @@ class WindowCache(DynamicCache):
     forward's K/V into scattering the active rows and returning the window rows.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, capacity: int | None = None) -> None:
         super().__init__(config=config)
+        self.capacity = capacity  # rows kept per layer: a refresh of a shorter prefix is zero-padded to it
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.write: torch.Tensor | None = None
@@ -43,7 +44,10 @@ class WindowCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.write is None:  # a refresh: record the whole forward's K/V
-            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+            extra = 0 if self.capacity is None else max(self.capacity - key_states.shape[2], 0)
+            pad = (0, 0, 0, extra)
+            self.keys[layer_idx] = torch.nn.functional.pad(key_states, pad) if extra else key_states
+            self.values[layer_idx] = torch.nn.functional.pad(value_states, pad) if extra else value_states
             return key_states, value_states
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         b, h, _, d = keys.shape
