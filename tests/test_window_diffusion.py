@@ -145,7 +145,7 @@ def test_bad_settings_name_the_field(kwargs, match):
         WindowDiffusion(**kwargs)
 
 
-def test_dream_models_are_refused_for_now(model):
+def test_dream_models_are_sent_to_their_path(model):
     dream = DiffusionLM(model.lm, model.mask_id, shift_logits=True)
-    with pytest.raises(NotImplementedError, match="Dream"):
+    with pytest.raises(ValueError, match="dream_window_generate"):
         window_generate(dream, [[1, 2]], 4)

@@ -56,7 +56,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from prunelab.common.handle import Handle
 from prunelab.methods.top_vim.scan import IMPLS, selective_scan_ref
-from prunelab.methods.top_vim.vim import check_config_ints
+from prunelab.methods.top_vim.vim import check_config_ints, init_dt_proj
 
 PARAM_ORDERS = ("raster", "scan")
 DIRECTIONS = ("start", "right", "left", "up", "down")  # the index into direction_Bs
@@ -161,12 +161,7 @@ class PlainMamba2D(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.direction_Bs = nn.Parameter(torch.zeros(len(DIRECTIONS), d_state))
         trunc_normal_(self.direction_Bs, std=0.02)
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init_dt_proj(self.dt_proj, dt_min, dt_max, dt_init_floor)
 
     def forward(self, hidden: torch.Tensor, hw: tuple[int, int], positions: torch.Tensor | None = None,
                 gap_delta: str | None = "bias", return_ssm: bool = False

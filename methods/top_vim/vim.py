@@ -104,6 +104,17 @@ def add_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Modul
     return _norm_fp32(norm, residual).to(hidden.dtype), residual
 
 
+def init_dt_proj(dt_proj: nn.Linear, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:
+    """mamba-ssm's Δ initialisation: weight uniform in +-rank^-1/2, bias softplus^-1 of a log-uniform step in
+    [dt_min, dt_max] (at least ``floor``)."""
+    std = dt_proj.in_features ** -0.5
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    d = dt_proj.out_features
+    dt = torch.exp(torch.rand(d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    with torch.no_grad():
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+
 # -- the mixer -------------------------------------------------------------------------------------------------------
 def gapped_conv(conv: nn.Conv1d, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """A causal depthwise ``conv`` over a packed sequence: x [B, D, K] holds the tokens at original positions
@@ -157,12 +168,7 @@ class VimMixer(nn.Module):
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(d_inner)))
 
         # mamba_simple.py's dt initialisation, forward branch only (hustvl leaves dt_proj_b at nn.Linear's default)
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init_dt_proj(self.dt_proj, dt_min, dt_max, dt_init_floor)
         self.dt_proj.bias._no_reinit = True
 
     def _branch(self, xz: torch.Tensor, suffix: str, keep: torch.Tensor | None = None,

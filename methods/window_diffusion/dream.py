@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from prunelab.methods.window_diffusion.model import DiffusionLM
-from prunelab.methods.window_diffusion.samplers import Generation, pad_prompts
+from prunelab.methods.window_diffusion.samplers import Generation, start_sequences
 
 CONFIDENCES = ("entropy", "maskgit_plus", "topk_margin")
 
@@ -88,16 +88,9 @@ def dream_generate(model: DiffusionLM, prompts, max_new_tokens: int, *, window_t
         raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
     if early_stop and model.eos_id is None:
         raise ValueError("early_stop: the model has no eos_id")
-    device = next(model.parameters()).device
-    pad_id = (model.eos_id if model.eos_id is not None else 0) if pad_id is None else pad_id
-    prompt_ids, prompt_mask = pad_prompts(prompts, pad_id, device)
-    if pad_id == model.mask_id or bool((prompt_ids[prompt_mask.bool()] == model.mask_id).any()):
-        raise ValueError(f"prompts: the mask token {model.mask_id} is neither a prompt token nor the padding")
-    B, P = prompt_ids.shape
     G = max_new_tokens
-    ids = torch.cat([prompt_ids, torch.full((B, G), model.mask_id, dtype=torch.long, device=device)], 1)
-    real = torch.cat([prompt_mask, torch.ones(B, G, dtype=torch.long, device=device)], 1)
-    decoded_at = torch.full((B, G), -1, dtype=torch.long, device=device)
+    ids, real, P, decoded_at = start_sequences(model, prompts, G, pad_id)
+    B, device = ids.shape[0], ids.device
     running = torch.ones(B, dtype=torch.bool, device=device)
     log = []
     from tqdm.auto import tqdm

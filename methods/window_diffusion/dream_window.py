@@ -36,7 +36,7 @@ import torch
 from prunelab.common.validate import check_choice, check_int
 from prunelab.methods.window_diffusion.dream import CONFIDENCES, sample_tokens
 from prunelab.methods.window_diffusion.model import DiffusionLM
-from prunelab.methods.window_diffusion.samplers import Generation, pad_prompts
+from prunelab.methods.window_diffusion.samplers import Generation, start_sequences
 from prunelab.methods.window_diffusion.window import WindowCache, pad_indices, partial_forward, refresh_forward
 
 __all__ = ["DreamWindow", "dream_schedule", "dream_window_generate"]
@@ -103,17 +103,9 @@ def dream_window_generate(model: DiffusionLM, prompts, max_new_tokens: int, meth
     if early_stop and (model.eos_id is None or len(prompts) != 1):
         raise NotImplementedError("early_stop: the windowed Dream path stops at EOS at batch 1 only for now (a batch "
                                   "would mix refresh and pruned rows), and needs the model's eos_id")
-    device = next(model.parameters()).device
-    pad_id = (model.eos_id if model.eos_id is not None else 0) if pad_id is None else pad_id
-    prompt_ids, prompt_mask = pad_prompts(prompts, pad_id, device)
-    if pad_id == model.mask_id or bool((prompt_ids[prompt_mask.bool()] == model.mask_id).any()):
-        raise ValueError(f"prompts: the mask token {model.mask_id} is neither a prompt token nor the padding")
-    B, P = prompt_ids.shape
-    ids = torch.cat([prompt_ids, torch.full((B, G), model.mask_id, dtype=torch.long, device=device)], 1)
-    real = torch.cat([prompt_mask, torch.ones(B, G, dtype=torch.long, device=device)], 1)
-    N = ids.shape[1]
+    ids, real, P, decoded_at = start_sequences(model, prompts, G, pad_id)
+    (B, N), device = ids.shape, ids.device
     pos = torch.arange(N, device=device)
-    decoded_at = torch.full((B, G), -1, dtype=torch.long, device=device)
     cache = WindowCache(model.config, capacity=N)
     phase, ended, log = 0, False, []
     from tqdm.auto import tqdm

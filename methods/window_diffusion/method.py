@@ -37,7 +37,7 @@ from prunelab.methods.window_diffusion.samplers import (
     _check,
     add_gumbel_noise,
     num_transfer_tokens,
-    pad_prompts,
+    start_sequences,
 )
 from prunelab.methods.window_diffusion.window import WindowCache, pad_indices, partial_forward, refresh_forward
 
@@ -114,20 +114,12 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
     """
     method = method or WindowDiffusion()
     if model.shift_logits:
-        raise NotImplementedError("model: Dream's windowed path (shifted logits over a contiguous window) is not "
-                                  "built yet; window_generate runs LLaDA-style models")
+        raise ValueError("model: shifted (Dream) logits need a contiguous window: use dream_window_generate; "
+                         "window_generate runs LLaDA-style models")
     steps = gen_length if steps is None else steps
     _check(model, gen_length, steps, temperature, remasking)
-    device = next(model.parameters()).device
-    pad_id = (model.eos_id if model.eos_id is not None else 0) if pad_id is None else pad_id
-    prompt_ids, prompt_mask = pad_prompts(prompts, pad_id, device)
-    if pad_id == model.mask_id or bool((prompt_ids[prompt_mask.bool()] == model.mask_id).any()):
-        raise ValueError(f"prompts: the mask token {model.mask_id} is neither a prompt token nor the padding")
-    B, P = prompt_ids.shape
-    ids = torch.cat([prompt_ids, torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=device)], 1)
-    real = torch.cat([prompt_mask, torch.ones(B, gen_length, dtype=torch.long, device=device)], 1)
-    N = ids.shape[1]
-    decoded_at = torch.full((B, gen_length), -1, dtype=torch.long, device=device)
+    ids, real, P, decoded_at = start_sequences(model, prompts, gen_length, pad_id)
+    N, device = ids.shape[1], ids.device
     schedule = num_transfer_tokens(gen_length, steps)
     cache = WindowCache(model.config)
     phase, window, transient, fresh = 0, None, None, None

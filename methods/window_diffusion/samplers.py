@@ -26,7 +26,8 @@ from prunelab.methods.window_diffusion.model import DiffusionLM
 
 REMASKING = ("low_confidence", "random")
 
-__all__ = ["REMASKING", "Generation", "num_transfer_tokens", "pad_prompts", "llada_generate", "add_gumbel_noise"]
+__all__ = ["REMASKING", "Generation", "num_transfer_tokens", "pad_prompts", "start_sequences", "llada_generate",
+           "add_gumbel_noise"]
 
 
 @dataclass
@@ -76,6 +77,25 @@ def pad_prompts(prompts, pad_id: int, device=None) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device)
 
 
+def start_sequences(model: DiffusionLM, prompts, gen_length: int, pad_id: int | None = None):
+    """The sequences a sampler starts from: left-padded prompts followed by ``gen_length`` masks.
+
+    Returns ``(ids [B, P + G], attention_mask [B, P + G], P, decoded_at [B, G] of -1)``; ``pad_id`` None is the
+    model's EOS id, else 0. Errors name ``pad_id`` or ``prompts`` when the mask token would be padding or a prompt
+    token."""
+    device = next(model.parameters()).device
+    pad_id = (model.eos_id if model.eos_id is not None else 0) if pad_id is None else pad_id
+    if pad_id == model.mask_id:
+        raise ValueError(f"pad_id: {pad_id} is the mask token")
+    prompt_ids, prompt_mask = pad_prompts(prompts, pad_id, device)
+    if bool((prompt_ids[prompt_mask.bool()] == model.mask_id).any()):
+        raise ValueError(f"prompts: contain the mask token {model.mask_id}")
+    B, P = prompt_ids.shape
+    ids = torch.cat([prompt_ids, torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=device)], 1)
+    mask = torch.cat([prompt_mask, torch.ones(B, gen_length, dtype=torch.long, device=device)], 1)
+    return ids, mask, P, torch.full((B, gen_length), -1, dtype=torch.long, device=device)
+
+
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None):
     """LLaDA's Gumbel-max in float64: ``exp(logits) / (-log U)^temperature`` (argmax of it samples the tempered
     distribution); ``temperature == 0`` returns the logits."""
@@ -118,17 +138,7 @@ def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | No
     """
     steps = gen_length if steps is None else steps
     _check(model, gen_length, steps, temperature, remasking)
-    device = next(model.parameters()).device
-    pad_id = (model.eos_id if model.eos_id is not None else 0) if pad_id is None else pad_id
-    if pad_id == model.mask_id:
-        raise ValueError(f"pad_id: {pad_id} is the mask token")
-    prompt_ids, prompt_mask = pad_prompts(prompts, pad_id, device)
-    if bool((prompt_ids[prompt_mask.bool()] == model.mask_id).any()):
-        raise ValueError(f"prompts: contain the mask token {model.mask_id}")
-    B, P = prompt_ids.shape
-    ids = torch.cat([prompt_ids, torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=device)], 1)
-    mask = torch.cat([prompt_mask, torch.ones(B, gen_length, dtype=torch.long, device=device)], 1)
-    decoded_at = torch.full((B, gen_length), -1, dtype=torch.long, device=device)
+    ids, mask, P, decoded_at = start_sequences(model, prompts, gen_length, pad_id)
     schedule = num_transfer_tokens(gen_length, steps)
     from tqdm.auto import tqdm
 
@@ -139,7 +149,7 @@ def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | No
         if remasking == "low_confidence":
             score = torch.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
         else:
-            score = torch.rand(ids.shape, device=device, generator=generator)
+            score = torch.rand(ids.shape, device=ids.device, generator=generator)
         score = torch.where(masked, score, float("-inf"))
         # the n_t best masked positions per row; ties to the lower position
         order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :schedule[step]]
