@@ -4,7 +4,9 @@
         [--width 256] [--layers 4] [--vocab 2048] [--window 64 --active 16 --cycle 32] [--device cpu|cuda]
 
 A random LLaDA-shaped model (Llama blocks, bidirectional): the timing does not depend on the weights, the agreement
-does (a random model's tokens say nothing about quality; the trained test-bed is where quality is measured). Steps =
+does (a random model's tokens say nothing about quality). ``--testbed`` runs the trained diffusion-LM test-bed instead
+(``prunelab.reproductions.testbeds.diffusion_lm``, characters of CPython's pydoc texts), prompted with seeded windows
+of its held-out text: there the agreement with the vanilla sampler is meaningful. Steps =
 generation length, temperature 0, as the paper evaluates LLaDA. Vanilla and windowed runs are interleaved round by
 round; the speed-up is the median of the per-round ratios with its spread (IQR, or min-max under four rounds).
 ``bound`` = vanilla MACs / windowed MACs (:mod:`prunelab.methods.window_diffusion.flops`); ``of_bound`` =
@@ -36,17 +38,29 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--active", type=int, default=16)
     p.add_argument("--cycle", type=int, default=32)
+    p.add_argument("--testbed", action="store_true", help="the trained diffusion-LM test-bed, held-out prompts")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args(argv)
-    model = tiny_llada(vocab_size=args.vocab, hidden_size=args.width, layers=args.layers, heads=args.width // 64,
-                       kv_heads=args.width // 64, intermediate_size=int(args.width * 8 / 3) // 64 * 64,
-                       max_positions=4096).to(args.device)
-    method = WindowDiffusion(window_tokens=args.window, active_tokens=args.active, refresh_cycle=args.cycle)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, args.vocab - 2, (args.prompt,), generator=g) for _ in range(args.batch)]
+    if args.testbed:
+        from prunelab.reproductions.testbeds import diffusion_lm
+
+        model, charset, _ = diffusion_lm.load()
+        held = charset.encode(diffusion_lm.corpus()[1])
+        starts = torch.randint(0, len(held) - args.prompt, (args.batch,), generator=g).tolist()
+        prompts = [held[s:s + args.prompt] for s in starts]
+        args.width, args.layers, args.vocab = model.config.hidden_size, model.config.num_hidden_layers, charset.size
+    else:
+        model = tiny_llada(vocab_size=args.vocab, hidden_size=args.width, layers=args.layers, heads=args.width // 64,
+                           kv_heads=args.width // 64, intermediate_size=int(args.width * 8 / 3) // 64 * 64,
+                           max_positions=4096)
+        prompts = [torch.randint(0, args.vocab - 2, (args.prompt,), generator=g) for _ in range(args.batch)]
+    model = model.to(args.device)
+    method = WindowDiffusion(window_tokens=args.window, active_tokens=args.active, refresh_cycle=args.cycle)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"LLaDA-shaped random model: width {args.width}, {args.layers} layers, vocab {args.vocab}; prompt "
+    kind = "the diffusion-LM test-bed" if args.testbed else "LLaDA-shaped random model"
+    print(f"{kind}: width {args.width}, {args.layers} layers, vocab {args.vocab}; prompt "
           f"{args.prompt}, batch {args.batch}; window {args.window}, active {args.active}, refresh cycle {args.cycle}; "
           f"{name}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     def run(fn, *fn_args):

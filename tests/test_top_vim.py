@@ -1,4 +1,5 @@
-"""ToP-ViM: importance, selection, the three alignments, the seam and the MACs (the paper card's tests 1-4 and 6-8)."""
+"""ToP-ViM: importance, selection, the three alignments, the seam and the MACs (the invariants every
+alignment must keep)."""
 
 from __future__ import annotations
 

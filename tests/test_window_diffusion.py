@@ -1,4 +1,4 @@
-"""Window-Diffusion's scheduler and cache: the card's invariants on a tiny random LLaDA-shaped model."""
+"""Window-Diffusion's scheduler and cache: the invariants it must keep, on a tiny random LLaDA-shaped model."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Paper: Zhan et al., "Exploring Token Pruning in Vision State Space Models", Neur
 Compared against hustvl/Vim at commit dd0358a, ``mamba-1p1p1/mamba_ssm/ops/selective_scan_interface.py``
 (``selective_scan_ref``; the CUDA ``selective_scan_fn`` the released models run has the same semantics).
 
-The recurrence (the card's §2, with Vim's input-dependent ``B`` and ``C``), per batch row, channel ``d``, state ``n``:
+The recurrence (Mamba's selective SSM, with Vim's input-dependent ``B`` and ``C``), per batch row, channel ``d``,
+state ``n``:
 
     Δ_t = softplus(delta_t + delta_bias)                  (when delta_softplus)
     h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,   h_{-1} = 0
@@ -24,8 +25,8 @@ Two implementations, chosen by ``impl``:
 What differs from mamba-ssm: only real ``A`` and ``B``, ``C`` of shape [B, N, L] (Vim's case; no complex ``A``, no
 grouped or constant ``B``/``C``), no ``return_last_state``; and one addition, ``keep`` (below).
 
-``keep`` ([B, L] bool) is the "decay_only" alignment hook for ToP-ViM's pruning-aware hidden-state alignment (the
-card's §2, Step 3, an inferred reading of the paper's Eq. 5-6): at a position with ``keep == False`` the state still
+``keep`` ([B, L] bool) is the "decay_only" alignment hook for ToP-ViM's pruning-aware hidden-state alignment (an
+inferred reading of the paper's Eq. 5-6): at a position with ``keep == False`` the state still
 decays by ``exp(Δ_t A)`` but receives no input (``Δ_t B_t u_t`` is zeroed) and the output is exactly 0. The caller
 decides what ``delta`` a pruned position carries. ``keep=None`` is the dense scan; all-True equals it bit for bit.
 

@@ -5,7 +5,7 @@ The official LLaVA-1.5 setting (official README: ``--dominant 42 --contextual 6`
 ``[[30,5],[22,4],[16,3]]``) keeps 48 / 35 / 26 / 19 visual tokens over the four quarters of the 32 LLM layers, an
 average of T = 32 per layer.
 
-- :func:`budget_schedule` derives a schedule for another average ``T`` (the card's rule, not in the paper):
+- :func:`budget_schedule` derives a schedule for another average ``T`` (a rule of ours, not in the paper):
   stage sizes ``s_k = round(T * (48, 35, 26) / 32)`` for the first three, the last one
   ``4 T - s_0 - s_1 - s_2`` so that their mean is exactly ``T``; each size split with the official per-stage
   contextual share (6/48, 5/35, 4/26, 3/19), or one share for every stage.
