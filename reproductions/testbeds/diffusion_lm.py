@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from prunelab.methods.window_diffusion import DiffusionLM
 from prunelab.reproductions.testbeds import shipped
+from prunelab.reproductions.testbeds.training import warmup_cosine
 
 WEIGHTS = Path(__file__).with_name("weights") / "diffusion_lm.safetensors"
 SHA256 = "6d15b20d1fb756c5554ea5055183cb1b7e81cddd1d95fd78c4f793904df8ef45"
@@ -123,12 +123,6 @@ def llada_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generator, 
     return (ce * masked / t).sum() / (B * L)
 
 
-def _lr(progress: float, peak: float, warmup: float) -> float:
-    if progress < warmup:
-        return peak * max(progress, 1e-3) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
-
-
 def train(cfg: DLMConfig | None = None, *, progress: bool = True) -> tuple[DiffusionLM, dict]:
     """Train a fresh test-bed on random windows of the training text; returns the model (fp16-rounded, eval) and
     its training record."""
@@ -145,7 +139,7 @@ def train(cfg: DLMConfig | None = None, *, progress: bool = True) -> tuple[Diffu
     bar = tqdm(range(cfg.steps), desc="train diffusion LM", disable=not progress, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr(step / cfg.steps, cfg.lr, cfg.warmup_frac)
+            g["lr"] = warmup_cosine(step / cfg.steps, cfg.lr, cfg.warmup_frac)
         starts = torch.randint(0, len(data) - cfg.seq_len, (cfg.batch_size,), generator=gen)
         x = torch.stack([data[s:s + cfg.seq_len] for s in starts.tolist()])
         loss = llada_loss(model, x, gen, cfg.eps)

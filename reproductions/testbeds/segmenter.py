@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import prunelab
 from prunelab.methods.dtop import DToP, Segmenter
 from prunelab.reproductions.testbeds import shipped
 from prunelab.reproductions.testbeds.scenes import NUM_CLASSES, SIZE, Canvases, make_canvases
+from prunelab.reproductions.testbeds.training import warmup_cosine
 
 WEIGHTS = {"base": Path(__file__).with_name("weights") / "segmenter.safetensors",
            "dtop": Path(__file__).with_name("weights") / "segmenter_dtop.safetensors"}
@@ -68,12 +68,6 @@ def build(cfg: SegConfig | None = None) -> Segmenter:
                             num_heads=cfg.num_heads)
 
 
-def _lr(progress: float, peak: float, warmup: float) -> float:
-    if progress < warmup:
-        return peak * max(progress, 1e-3) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
-
-
 def train(cfg: SegConfig | None = None, *, method: DToP | None = None, init: Segmenter | None = None,
           data_root: str | None = None, progress: bool = True) -> tuple[Segmenter, dict]:
     """Stage A (``method`` None: a fresh model, nothing pruned) or stage B (``method`` applied to a copy of
@@ -96,7 +90,7 @@ def train(cfg: SegConfig | None = None, *, method: DToP | None = None, init: Seg
             for i in range(0, len(data.images), cfg.batch_size):
                 x, y = data.images[i:i + cfg.batch_size], data.masks[i:i + cfg.batch_size]
                 for g in opt.param_groups:
-                    g["lr"] = _lr(seen / n, peak, cfg.warmup_frac)
+                    g["lr"] = warmup_cosine(seen / n, peak, cfg.warmup_frac)
                 loss = model.loss(model(x, return_heads=True)[1], y)  # every head's cross-entropy, weight 1 each
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

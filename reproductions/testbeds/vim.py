@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from prunelab.methods.top_vim import VimConfig, VisionMamba
 from prunelab.reproductions.testbeds import shipped
 from prunelab.reproductions.testbeds.fashion import IMG_SIZE, batches, load_fashion_mnist, preprocess
+from prunelab.reproductions.testbeds.training import warmup_cosine
 
 _DIR = Path(__file__).with_name("weights")
 # "base": the trained test-bed; the others: the base fine-tuned for FINETUNE_IMAGES images with a method applied
@@ -136,12 +136,6 @@ def train_base(cfg: VimBedConfig | None = None, *, data_root: str | None = None,
     return model, info
 
 
-def _lr(progress: float, peak: float, warmup: float) -> float:
-    if progress < warmup:
-        return peak * max(progress, 1e-3) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
-
-
 def train(cfg: VimBedConfig | None = None, *, model: VisionMamba | None = None, method=None,
           phases: tuple[tuple[int, int], ...] | None = None, lr: float | None = None, data_root: str | None = None,
           progress: bool = True, desc: str = "train Vim") -> tuple[VisionMamba, dict]:
@@ -174,7 +168,7 @@ def train(cfg: VimBedConfig | None = None, *, model: VisionMamba | None = None, 
                     for idx in torch.randperm(len(train_x), generator=gen).split(cfg.batch_size):
                         idx = idx[: n - done]
                         for g in opt.param_groups:
-                            g["lr"] = _lr(cost / total_cost, peak, cfg.warmup_frac)
+                            g["lr"] = warmup_cosine(cost / total_cost, peak, cfg.warmup_frac)
                         loss = F.cross_entropy(model(preprocess(train_x[idx], size)), train_y[idx])
                         opt.zero_grad(set_to_none=True)
                         loss.backward()

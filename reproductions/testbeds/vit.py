@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from prunelab.reproductions.testbeds.fashion import (
     split_paths,
 )
 from prunelab.reproductions.testbeds.shipped import sha256
+from prunelab.reproductions.testbeds.training import warmup_cosine
 
 WEIGHTS = Path(__file__).with_name("weights") / "vit.safetensors"
 SHA256 = "6edb37d9dc71882cd0810faa73c2187c40f5250215cd900369d2181eaad48b7b"
@@ -140,9 +140,7 @@ def _low_res(model: VisionTransformer) -> Iterator[None]:
 
 def _lr_at(progress: float, cfg: ViTConfig) -> float:
     """Linear warmup then cosine decay to zero; ``progress`` runs from 0 to 1 over the training compute."""
-    if progress < cfg.warmup_frac:
-        return cfg.lr * max(progress, 1e-3) / cfg.warmup_frac
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (progress - cfg.warmup_frac) / (1.0 - cfg.warmup_frac)))
+    return warmup_cosine(progress, cfg.lr, cfg.warmup_frac)
 
 
 def train(
