@@ -24,33 +24,24 @@ import torch
 
 from prunelab.common.timing import interleave, ratio_summary
 from prunelab.methods.top_vim import (
-    PlainDims,
     PlainMamba,
     ToPViM,
-    dense_macs,
     plain_mamba_l1,
     plain_mamba_l2,
     plain_mamba_l3,
-    plain_mamba_macs,
-    top_vim_macs,
     vim_small,
     vim_tiny,
 )
-from prunelab.methods.top_vim.plain_seam import plain_tokens_per_block
 from prunelab.methods.top_vim.scan import IMPLS
+from prunelab.reproductions.top_vim.full import PLAIN_KEEP_RATIO, gflops
 
 MODELS = {"vim_s": vim_small, "vim_t": vim_tiny, "plainmamba_l1": plain_mamba_l1, "plainmamba_l2": plain_mamba_l2,
           "plainmamba_l3": plain_mamba_l3}
-PLAIN_KEEP_RATIO = 0.6  # the full preset's PlainMamba default
 
 
-def macs(model, method=None, scan_convention: str = "prunelab") -> int:
-    """Per-image MACs of ``model`` under ``method`` (None: dense)."""
-    if isinstance(model, PlainMamba):
-        dims = PlainDims.from_model(model)
-        return plain_mamba_macs(dims, None if method is None else
-                                plain_tokens_per_block(method, dims.num_tokens, dims.depth), scan_convention)
-    return dense_macs(model) if method is None else top_vim_macs(model, method)
+def macs(model, method=None, scan_convention: str = "prunelab") -> float:
+    """Per-image MACs of ``model`` under ``method`` (None: dense); the full preset's count."""
+    return gflops(model, method, scan_convention) * 1e9
 
 
 def main(argv=None) -> list[dict]:

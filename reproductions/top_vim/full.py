@@ -132,13 +132,13 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def gflops(model: VisionMamba | PlainMamba, method: ToPViM | None) -> float:
-    """Per-image GFLOPs (one MAC = one FLOP): Vim by :func:`vim_macs`; PlainMamba by :func:`plain_mamba_macs` with
-    the fvcore scan count its release reports (dense L3: 14.4)."""
+def gflops(model: VisionMamba | PlainMamba, method: ToPViM | None, scan_convention: str = "fvcore") -> float:
+    """Per-image GFLOPs (one MAC = one FLOP) under ``method`` (None: dense): Vim by :func:`vim_macs`; PlainMamba by
+    :func:`plain_mamba_macs`, by default with the fvcore scan count its release reports (dense L3: 14.4)."""
     if isinstance(model, PlainMamba):
         dims = PlainDims.from_model(model)
         tokens = None if method is None else plain_tokens_per_block(method, dims.num_tokens, dims.depth)
-        return plain_mamba_macs(dims, tokens, scan_convention="fvcore") / 1e9
+        return plain_mamba_macs(dims, tokens, scan_convention=scan_convention) / 1e9
     return (dense_macs(model) if method is None else top_vim_macs(model, method)) / 1e9
 
 
