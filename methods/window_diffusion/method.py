@@ -35,8 +35,8 @@ from prunelab.methods.window_diffusion.model import DiffusionLM
 from prunelab.methods.window_diffusion.samplers import (
     Generation,
     _check,
-    add_gumbel_noise,
     num_transfer_tokens,
+    pick,
     start_sequences,
 )
 from prunelab.methods.window_diffusion.window import WindowCache, pad_indices, partial_forward, refresh_forward
@@ -89,19 +89,6 @@ def _rows(selected: torch.Tensor) -> torch.Tensor:
     return torch.sort(torch.where(selected, pos, n), dim=1).values[:, :count]
 
 
-def _pick(logits, candidates, count, temperature, remasking, generator, leftmost=False):
-    """The sampler's decode on one forward: predictions x0 and the ``count`` chosen columns per row."""
-    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
-    if leftmost:
-        score = -torch.arange(candidates.shape[1], device=logits.device, dtype=torch.float32).expand(candidates.shape)
-    elif remasking == "low_confidence":
-        score = torch.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-    else:
-        score = torch.rand(candidates.shape, device=logits.device, generator=generator)
-    score = torch.where(candidates, score, float("-inf"))
-    return x0, torch.sort(score, dim=1, descending=True, stable=True).indices[:, :count]
-
-
 @torch.no_grad()
 def window_generate(model: DiffusionLM, prompts, gen_length: int, method: WindowDiffusion | None = None,
                     steps: int | None = None, *, temperature: float = 0.0, remasking: str = "low_confidence",
@@ -123,6 +110,7 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
     schedule = num_transfer_tokens(gen_length, steps)
     cache = WindowCache(model.config)
     phase, window, transient, fresh = 0, None, None, None
+    w_idx = w_valid = None  # the phase's window as padded indices, fixed at its refresh
     log = []
     from tqdm.auto import tqdm
 
@@ -143,15 +131,14 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
                 inside = ~masked | (_mask_rank(masked) < method.window_tokens)
                 end = int(torch.where(inside, torch.arange(N, device=device) + 1, 0).max())
             logits = refresh_forward(model, ids[:, :end], real[:, :end], cache)
-            x0, cols = _pick(logits, masked[:, :end], schedule[step], temperature, remasking, generator,
+            x0, cols = pick(logits, masked[:, :end], schedule[step], temperature, remasking, generator,
                              leftmost=method.refresh_decode == "leftmost")
             log.append(("refresh", end, float(end)))
             chosen = cols
         else:
             a_idx = _rows(active)
-            w_idx, w_valid = pad_indices([torch.nonzero(row).flatten() for row in window])
             logits = partial_forward(model, ids, real, cache, a_idx, w_idx, w_valid)
-            x0, cols = _pick(logits, masked.gather(1, a_idx), schedule[step], temperature, remasking, generator)
+            x0, cols = pick(logits, masked.gather(1, a_idx), schedule[step], temperature, remasking, generator)
             log.append(("pruned", a_idx.shape[1], float(w_valid.sum(1).float().mean())))
             chosen = a_idx.gather(1, cols)
         ids = ids.scatter(1, chosen, x0.gather(1, cols))
@@ -161,8 +148,9 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
             now = ids == model.mask_id
             window = (real.bool() & ~now) | (_mask_rank(now) < method.window_tokens)
             window[:, end:] = False  # under refresh_scope="window" the cache holds the computed prefix only
+            w_idx, w_valid = pad_indices([torch.nonzero(row).flatten() for row in window])
             transient, fresh = torch.zeros_like(masked), newly
         else:
             transient, fresh = transient | newly, torch.zeros_like(masked)
-        phase = (phase + 1) % method.refresh_cycle if not refresh else 1 % method.refresh_cycle
+        phase = ((0 if refresh else phase) + 1) % method.refresh_cycle
     return Generation(ids, real, P, decoded_at, forward_tokens=sum(q for _, q, _ in log), log=log)

@@ -26,7 +26,7 @@ from prunelab.methods.window_diffusion.model import DiffusionLM
 
 REMASKING = ("low_confidence", "random")
 
-__all__ = ["REMASKING", "Generation", "num_transfer_tokens", "pad_prompts", "start_sequences", "llada_generate",
+__all__ = ["REMASKING", "Generation", "num_transfer_tokens", "pad_prompts", "start_sequences", "pick", "llada_generate",
            "add_gumbel_noise"]
 
 
@@ -106,6 +106,23 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
+def pick(logits: torch.Tensor, candidates: torch.Tensor, count: int, temperature: float = 0.0,
+         remasking: str = "low_confidence", generator: torch.Generator | None = None, leftmost: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode of LLaDA's sampler on logits [B, M, V]: the predictions x0 [B, M] and the ``count`` chosen columns
+    [B, count] among ``candidates`` [B, M] (the still-masked ones): the most confident (``remasking``), or the
+    leftmost; ties go to the lower column."""
+    x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+    if leftmost:
+        score = -torch.arange(candidates.shape[1], device=logits.device, dtype=torch.float32).expand(candidates.shape)
+    elif remasking == "low_confidence":
+        score = torch.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+    else:
+        score = torch.rand(candidates.shape, device=logits.device, generator=generator)
+    score = torch.where(candidates, score, float("-inf"))
+    return x0, torch.sort(score, dim=1, descending=True, stable=True).indices[:, :count]
+
+
 def _check(model, gen_length, steps, temperature, remasking):
     if not isinstance(model, DiffusionLM):
         raise TypeError(f"model: expected a DiffusionLM, got {type(model).__name__}")
@@ -143,16 +160,8 @@ def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | No
     from tqdm.auto import tqdm
 
     for step in tqdm(range(steps), desc="LLaDA sampling", disable=not progress):
-        masked = ids == model.mask_id
         logits = model(ids, mask)
-        x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
-        if remasking == "low_confidence":
-            score = torch.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-        else:
-            score = torch.rand(ids.shape, device=ids.device, generator=generator)
-        score = torch.where(masked, score, float("-inf"))
-        # the n_t best masked positions per row; ties to the lower position
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :schedule[step]]
+        x0, order = pick(logits, ids == model.mask_id, schedule[step], temperature, remasking, generator)
         ids = ids.scatter(1, order, x0.gather(1, order))
         decoded_at.scatter_(1, order - P, step)
     n = ids.shape[1]
