@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # One line per method package (its entry.py); the order is the order of `prunelab list`.
-PACKAGES = ("zero_tprune", "dtop", "top_vim", "fasa", "divprune", "hiprune", "flowcut", "visiondrop", "baselines")
+PACKAGES = ("zero_tprune", "dtop", "top_vim", "fasa", "divprune", "hiprune", "flowcut", "visiondrop",
+            "window_diffusion", "baselines")
 
 SEAMS = {
     "vit": "prunelab.common.vit (blocks ask for attention statistics; others keep fused SDPA)",
@@ -26,6 +27,8 @@ SEAMS = {
            "slots kept in the scans or removed)",
     "segmenter": "prunelab.methods.dtop.seam (early exit after the auxiliary heads of a plain-ViT segmenter; "
                  "ragged batches attended with a key-padding mask)",
+    "diffusion": "prunelab.methods.window_diffusion.sampler (a sampler around prunelab's DiffusionLM; the model's own "
+                 "attention layers read and write the window's K/V cache through transformers' Cache interface)",
 }
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs, tiny_vlm
 from prunelab.common.vit import ViTHandle
 from prunelab.methods.dtop import Segmenter
 from prunelab.methods.top_vim import PlainMamba, PlainMambaConfig, VimConfig, VisionMamba
+from prunelab.methods.window_diffusion import DiffusionLM, tiny_llada, vanilla_generate, windowed_generate
 
 # -- backbones: a tiny model, a batch and the output each seam is judged by ---------------------------------------
 VIT = {"vit": "vit_tiny_patch16_224", "deit_distilled": "deit_tiny_distilled_patch16_224"}
@@ -32,6 +33,8 @@ VIMS = ("vim", "plain_mamba")  # prunelab's VisionMamba (middle CLS, bidirection
 DECODERS = ("llama", "qwen2")
 VLMS = ("llava", "llava_next", "qwen2_5_vl")
 IMAGES = [1, 2]  # ragged image counts per prompt
+DIFFUSION = ("llada", "dream")  # prunelab's DiffusionLM on Llama blocks, and on Qwen2 blocks with shifted logits
+GEN_LENGTH = 16  # the answer length of the diffusion samplers
 
 
 class Backbone:
@@ -60,14 +63,24 @@ class Backbone:
             self.model = tiny_decoder(name)
             self.ids, self.mask = padded_batch((40, 31, 36))
             self.size = 3
+        elif seam == "diffusion":
+            self.model = _tiny_diffusion(name)
+            g = torch.Generator().manual_seed(2)
+            self.x = [torch.randint(0, 60, (n,), generator=g) for n in (5, 9, 7)]
+            self.size = 3
         else:
             self.model = tiny_vlm(name)
             self.x = tiny_inputs(self.model, name, IMAGES, padding_side="left")
             self.size = len(IMAGES)
 
     @torch.no_grad()
-    def run(self, b: int | None = None) -> torch.Tensor:
+    def run(self, b: int | None = None, method=None) -> torch.Tensor:
         m = self.model
+        if self.seam == "diffusion":  # the generated tokens, by the vanilla sampler or with the method
+            prompts = self.x if b is None else self.x[b:b + 1]
+            if method is None:
+                return vanilla_generate(m, prompts, GEN_LENGTH).answer
+            return windowed_generate(m, prompts, GEN_LENGTH, method).answer
         if self.seam in ("vit", "segmenter", "vim"):
             return m(self.x if b is None else self.x[b:b + 1])
         if self.seam == "decoder":
@@ -87,7 +100,25 @@ class Backbone:
 
 
 BACKBONES = {"vit": list(VIT), "segmenter": list(SEGMENTERS), "vim": list(VIMS), "decoder": list(DECODERS),
-             "vlm": list(VLMS)}
+             "vlm": list(VLMS), "diffusion": list(DIFFUSION)}
+
+
+def _tiny_diffusion(name: str) -> DiffusionLM:
+    """A random LLaDA- or Dream-style model whose head never predicts the mask id (as a trained one: the mask is
+    never a target), so a decoded position never looks masked again."""
+    if name == "llada":
+        model = tiny_llada(vocab_size=64, hidden_size=32, layers=2)
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        model = DiffusionLM(Qwen2ForCausalLM(config).eval(), mask_id=63, eos_id=62, shift_logits=True)
+    with torch.no_grad():
+        head = model.lm.lm_head.weight
+        head[model.mask_id] = head[:model.mask_id].mean(0)  # its logit: the mean of the others, never the argmax
+    return model
 
 
 @functools.cache
@@ -96,7 +127,10 @@ def backbone(seam: str, name: str) -> Backbone:
 
 
 CASES = [pytest.param(e.name, seam, bb, id=f"{e.name}-{bb}")
-         for e in registry.entries() for seam in e.seams for bb in BACKBONES[seam]]
+         for e in registry.entries() for seam in e.seams for bb in BACKBONES[seam] if seam != "diffusion"]
+# Samplers (the diffusion seam) wrap the generation loop instead of being applied to the model: tested below.
+SAMPLER_CASES = [pytest.param(e.name, bb, id=f"{e.name}-{bb}")
+                 for e in registry.entries() if "diffusion" in e.seams for bb in BACKBONES["diffusion"]]
 
 
 def _method(entry, bb: Backbone, settings):
@@ -179,12 +213,52 @@ def test_bad_settings_name_the_parameter(name):
     extra = entry.tiny(bb.model) if entry.tiny else {}
     for settings, parameter in entry.bad:
         with pytest.raises((ValueError, TypeError), match=parameter):
+            if bb.seam == "diffusion":
+                bb.run(method=entry.build(bb.model, **{**extra, **settings}))
+                continue
             with prunelab.apply(bb.model, entry.build(bb.model, **{**extra, **settings})):
                 bb.logits()
         assert prunelab.handle_of(bb.model) is None
 
 
+# -- samplers: keeping every token is the vanilla sampler; the model is input, never changed; batch = one by one ----
+@pytest.mark.parametrize("name,bb_name", SAMPLER_CASES)
+def test_sampler_keep_all_equals_vanilla(name, bb_name):
+    entry, bb = registry.get(name), backbone("diffusion", bb_name)
+    assert torch.equal(bb.run(method=_method(entry, bb, entry.keep_all)), bb.run())
+
+
+@pytest.mark.parametrize("name,bb_name", SAMPLER_CASES)
+def test_sampler_prunes_and_leaves_the_model_as_it_was(name, bb_name):
+    entry, bb = registry.get(name), backbone("diffusion", bb_name)
+    modes = [m.training for m in bb.model.modules()]
+    before, method = _fingerprint(bb.model), _method(entry, bb, entry.prune)
+    vanilla = vanilla_generate(bb.model, bb.x, GEN_LENGTH)
+    first = windowed_generate(bb.model, bb.x, GEN_LENGTH, method)
+    assert first.forward_tokens < vanilla.forward_tokens, f"{name} did not prune"
+    assert torch.equal(windowed_generate(bb.model, bb.x, GEN_LENGTH, method).ids, first.ids)  # no state carried
+    assert _same_fingerprint(_fingerprint(bb.model), before) and [m.training for m in bb.model.modules()] == modes
+    with pytest.raises(TypeError, match="method"):  # a sampler is not installed into the model
+        prunelab.apply(bb.model, method)
+    assert prunelab.handle_of(bb.model) is None
+    bb.model.train()  # training mode is input too: no dropout in these blocks, so the same tokens
+    try:
+        assert torch.equal(windowed_generate(bb.model, bb.x, GEN_LENGTH, method).ids, first.ids)
+    finally:
+        for m, mode in zip(bb.model.modules(), modes):
+            m.training = mode
+
+
+@pytest.mark.parametrize("name,bb_name", SAMPLER_CASES)
+def test_sampler_batch_equals_one_sample_at_a_time(name, bb_name):
+    entry, bb = registry.get(name), backbone("diffusion", bb_name)
+    method = _method(entry, bb, entry.prune)
+    batch = bb.run(method=method)
+    for b in range(bb.size):
+        assert torch.equal(batch[b:b + 1], bb.run(b, method=method))
+
+
 def test_every_entry_is_covered():
-    covered = {p.values[0] for p in CASES}
+    covered = {p.values[0] for p in CASES} | {p.values[0] for p in SAMPLER_CASES}
     assert covered == {e.name for e in registry.entries()}
     assert all(registry.get(b) for e in registry.methods() for b in e.baselines)

@@ -149,3 +149,24 @@ def test_dream_models_are_sent_to_their_path(model):
     dream = DiffusionLM(model.lm, model.mask_id, shift_logits=True)
     with pytest.raises(ValueError, match="dream_window_generate"):
         window_generate(dream, [[1, 2]], 4)
+
+
+def test_the_trace_draws_the_partition_of_every_step(model):
+    from prunelab.common.reduction import Reduction, check_reduction
+    from prunelab.methods.window_diffusion.samplers import ACTIVE, BUFFER, FAR
+
+    method = WindowDiffusion(window_tokens=6, active_tokens=3, refresh_cycle=4)
+    out = window_generate(model, PROMPTS, 16, method, trace=True)
+    plain = window_generate(model, PROMPTS, 16, method)
+    assert torch.equal(out.ids, plain.ids) and plain.partition == []  # tracing changes nothing
+    assert len(out.partition) == len(out.log)
+    for (kind, queries, keys), codes in zip(out.log, out.partition):
+        active = codes == ACTIVE
+        assert active.sum(1).tolist() == [queries] * 2 or kind == "refresh"
+        if kind == "pruned":  # A is a valid kept-token set over positions, read W = A + buffer
+            idx = torch.sort(torch.where(active, torch.arange(codes.shape[1]), codes.shape[1]), 1).values[:, :queries]
+            check_reduction(Reduction(idx, codes.shape[1]), name="active set")
+            assert (codes != FAR).sum(1).float().mean() == keys
+            assert bool((codes[:, :out.prompt_length] != FAR)[out.attention_mask[:, :out.prompt_length].bool()].all())
+        else:
+            assert not bool((codes == BUFFER).any())

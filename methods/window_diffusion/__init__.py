@@ -13,8 +13,10 @@ from prunelab.methods.window_diffusion.dream_window import DreamWindow, dream_wi
 from prunelab.methods.window_diffusion.flops import run_macs, step_macs
 from prunelab.methods.window_diffusion.method import WindowDiffusion, window_generate
 from prunelab.methods.window_diffusion.model import DiffusionLM, bidirectional_mask, padded_positions, tiny_llada
+from prunelab.methods.window_diffusion.sampler import method_for, vanilla_generate, windowed_generate
 from prunelab.methods.window_diffusion.samplers import Generation, llada_generate, num_transfer_tokens, pad_prompts
 
 __all__ = ["DiffusionLM", "bidirectional_mask", "padded_positions", "tiny_llada", "load_llada", "load_dream",
            "Generation", "llada_generate", "num_transfer_tokens", "pad_prompts", "WindowDiffusion", "window_generate",
-           "run_macs", "step_macs", "dream_generate", "DreamWindow", "dream_window_generate"]
+           "run_macs", "step_macs", "dream_generate", "DreamWindow", "dream_window_generate",
+           "method_for", "vanilla_generate", "windowed_generate"]

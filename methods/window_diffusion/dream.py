@@ -105,7 +105,8 @@ def dream_generate(model: DiffusionLM, prompts, max_new_tokens: int, *, window_t
         _, x0 = sample_tokens(logits, temperature, top_p, top_k, generator=generator)
         ids[rows, P + step] = x0
         decoded_at[rows, step] = step
-        log.append(("full", end, float(end)))
+        real_tokens = real[rows, :end].sum(1).double()  # each running row's real tokens, every one a key
+        log.append(("full", float(real_tokens.sum()) / B, float((real_tokens ** 2).sum() / real_tokens.sum())))
         if early_stop:
             ended = rows[x0 == model.eos_id]
             ids[ended, P + step + 1:] = model.eos_id

@@ -22,5 +22,12 @@ def step_macs(config, queries: float, keys: float) -> float:
 
 
 def run_macs(config, log) -> float:
-    """MACs per row of a whole run from :attr:`~.samplers.Generation.log`."""
+    """MACs per row of a whole run from :attr:`~.samplers.Generation.log`.
+
+    An entry ``(kind, queries, keys)`` costs :func:`step_macs` ``(queries, keys)``; the count is linear in the
+    queries and in their product with the keys, so an entry may stand for a forward that only some rows ran, or ran
+    with different sizes: with ``queries`` the rows' tokens summed and divided by the batch size and ``keys`` the
+    keys per query (weighted by the rows' queries), as :func:`~.dream.dream_generate` and
+    :func:`~.dream_window.dream_window_generate` log, the batch
+    size times this is the batch's total, the sum of its rows' single runs."""
     return sum(step_macs(config, q, k) for _, q, k in log)

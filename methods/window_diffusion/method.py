@@ -33,11 +33,15 @@ import torch
 from prunelab.common.validate import check_choice, check_int
 from prunelab.methods.window_diffusion.model import DiffusionLM
 from prunelab.methods.window_diffusion.samplers import (
+    ACTIVE,
+    BUFFER,
+    FAR,
     Generation,
     _check,
     num_transfer_tokens,
     pick,
     start_sequences,
+    stop_at_eos,
 )
 from prunelab.methods.window_diffusion.window import WindowCache, pad_indices, partial_forward, refresh_forward
 
@@ -75,6 +79,14 @@ class WindowDiffusion:
         check_choice(self.refresh_decode, "refresh_decode", DECODES)
         check_choice(self.on_overflow, "on_overflow", OVERFLOWS)
 
+    @classmethod
+    def for_model(cls, model: DiffusionLM, **settings):
+        """The settings object for ``model``'s family (:func:`~.sampler.method_for`: a Dream model gets
+        :class:`~.dream_window.DreamWindow`)."""
+        from prunelab.methods.window_diffusion.sampler import method_for
+
+        return method_for(model, **settings)
+
 
 def _mask_rank(masked: torch.Tensor) -> torch.Tensor:
     """[B, N] 0-based rank of each masked position among the masks from the left (large elsewhere)."""
@@ -93,11 +105,13 @@ def _rows(selected: torch.Tensor) -> torch.Tensor:
 def window_generate(model: DiffusionLM, prompts, gen_length: int, method: WindowDiffusion | None = None,
                     steps: int | None = None, *, temperature: float = 0.0, remasking: str = "low_confidence",
                     pad_id: int | None = None, generator: torch.Generator | None = None,
-                    progress: bool = False) -> Generation:
+                    early_stop: bool = False, trace: bool = False, progress: bool = False) -> Generation:
     """LLaDA's sampler (:func:`~.samplers.llada_generate`, same arguments) with Window-Diffusion's schedule.
 
     Returns a :class:`~.samplers.Generation` whose ``log`` holds, per step, ``(kind, queries, keys)``: "refresh" or
-    "pruned", the tokens computed per row and the keys each attends to (the mean over rows).
+    "pruned", the tokens computed per row and the keys each attends to (the mean over rows); with ``trace`` its
+    ``partition`` holds each step's map of computed, cached and far-field positions. ``early_stop`` ends the loop
+    once every row's answer is settled (:func:`~.samplers.stop_at_eos`; the LLaDA release runs every step).
     """
     method = method or WindowDiffusion()
     if model.shift_logits:
@@ -111,7 +125,7 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
     cache = WindowCache(model.config)
     phase, window, transient, fresh = 0, None, None, None
     w_idx = w_valid = None  # the phase's window as padded indices, fixed at its refresh
-    log = []
+    log, partition = [], []
     from tqdm.auto import tqdm
 
     for step in tqdm(range(steps), desc="Window-Diffusion", disable=not progress):
@@ -134,12 +148,19 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
             x0, cols = pick(logits, masked[:, :end], schedule[step], temperature, remasking, generator,
                              leftmost=method.refresh_decode == "leftmost")
             log.append(("refresh", end, float(end)))
+            if trace:
+                codes = torch.full_like(ids, FAR, dtype=torch.uint8)
+                codes[:, :end] = torch.where(real[:, :end].bool(), ACTIVE, FAR).to(torch.uint8)
+                partition.append(codes)
             chosen = cols
         else:
             a_idx = _rows(active)
             logits = partial_forward(model, ids, real, cache, a_idx, w_idx, w_valid)
             x0, cols = pick(logits, masked.gather(1, a_idx), schedule[step], temperature, remasking, generator)
             log.append(("pruned", a_idx.shape[1], float(w_valid.sum(1).float().mean())))
+            if trace:
+                codes = torch.where(window, BUFFER, FAR).to(torch.uint8).scatter_(1, a_idx, ACTIVE)
+                partition.append(codes)
             chosen = a_idx.gather(1, cols)
         ids = ids.scatter(1, chosen, x0.gather(1, cols))
         decoded_at.scatter_(1, chosen - P, step)
@@ -153,4 +174,7 @@ def window_generate(model: DiffusionLM, prompts, gen_length: int, method: Window
         else:
             transient, fresh = transient | newly, torch.zeros_like(masked)
         phase = ((0 if refresh else phase) + 1) % method.refresh_cycle
-    return Generation(ids, real, P, decoded_at, forward_tokens=sum(q for _, q, _ in log), log=log)
+        if early_stop and stop_at_eos(model, ids, P, decoded_at, step):
+            break
+    return Generation(ids, real, P, decoded_at, forward_tokens=sum(q for _, q, _ in log), log=log,
+                      partition=partition)

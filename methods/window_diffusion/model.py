@@ -86,6 +86,12 @@ class DiffusionLM(nn.Module):
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
 
+    def prunelab_seam(self, method):
+        """``prunelab.apply`` on a diffusion LM: Window-Diffusion wraps the sampler instead of hooking the model."""
+        raise TypeError(f"method: {type(method).__name__} is not installed into a DiffusionLM; Window-Diffusion runs "
+                        "as a sampler: prunelab.methods.window_diffusion.windowed_generate(model, prompts, "
+                        "gen_length, method)")
+
 
 def tiny_llada(vocab_size: int = 64, hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                intermediate_size: int = 64, max_positions: int = 1024, seed: int = 0, **config) -> DiffusionLM:

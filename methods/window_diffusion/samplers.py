@@ -25,9 +25,10 @@ import torch
 from prunelab.methods.window_diffusion.model import DiffusionLM
 
 REMASKING = ("low_confidence", "random")
+FAR, BUFFER, ACTIVE = 0, 1, 2  # the codes of Generation.partition
 
-__all__ = ["REMASKING", "Generation", "num_transfer_tokens", "pad_prompts", "start_sequences", "pick", "llada_generate",
-           "add_gumbel_noise"]
+__all__ = ["REMASKING", "FAR", "BUFFER", "ACTIVE", "Generation", "answer_complete", "stop_at_eos",
+           "num_transfer_tokens", "pad_prompts", "start_sequences", "pick", "llada_generate", "add_gumbel_noise"]
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Generation:
         forward_tokens: tokens the model computed per row, summed over the steps (the FLOPs' driver).
         log: per step ``(kind, queries, keys)``: "full" (vanilla), "refresh" or "pruned" (Window-Diffusion), the
             tokens computed per row and the keys each of them attends to (mean over rows).
+        partition: with ``trace=True`` (Window-Diffusion's LLaDA path), per step a [B, N] uint8 map of what the step
+            did at each position: :data:`FAR` (neither computed nor read), :data:`BUFFER` (read from the cache),
+            :data:`ACTIVE` (computed).
     """
 
     ids: torch.Tensor
@@ -50,6 +54,7 @@ class Generation:
     decoded_at: torch.Tensor
     forward_tokens: int
     log: list = field(default_factory=list)
+    partition: list = field(default_factory=list)
 
     @property
     def answer(self) -> torch.Tensor:
@@ -96,6 +101,28 @@ def start_sequences(model: DiffusionLM, prompts, gen_length: int, pad_id: int | 
     return ids, mask, P, torch.full((B, gen_length), -1, dtype=torch.long, device=device)
 
 
+def answer_complete(ids: torch.Tensor, prompt_length: int, mask_id: int, eos_id: int) -> torch.Tensor:
+    """[B] bool: rows whose answer is settled, no mask left before its first EOS (or no mask at all)."""
+    answer = ids[:, prompt_length:]
+    G = answer.shape[1]
+    first = [torch.where(hit.any(1), hit.long().argmax(1), G) for hit in (answer == eos_id, answer == mask_id)]
+    return first[0] < first[1] if G else torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+
+
+def stop_at_eos(model: DiffusionLM, ids: torch.Tensor, prompt_length: int, decoded_at: torch.Tensor, step: int):
+    """The early stop at EOS (``early_stop=True``): when every row's answer is settled (:func:`answer_complete`),
+    fill the masks left with EOS (recorded as decoded at ``step``) and return True. The answer up to the first EOS
+    is what the run without the stop gives: a decoded token is never masked again."""
+    if model.eos_id is None:
+        raise ValueError("early_stop: the model has no eos_id")
+    if not bool(answer_complete(ids, prompt_length, model.mask_id, model.eos_id).all()):
+        return False
+    masked = ids == model.mask_id
+    decoded_at.masked_fill_(masked[:, prompt_length:], step)
+    ids.masked_fill_(masked, model.eos_id)
+    return True
+
+
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None):
     """LLaDA's Gumbel-max in float64: ``exp(logits) / (-log U)^temperature`` (argmax of it samples the tempered
     distribution); ``temperature == 0`` returns the logits."""
@@ -139,7 +166,8 @@ def _check(model, gen_length, steps, temperature, remasking):
 @torch.no_grad()
 def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | None = None, *,
                    temperature: float = 0.0, remasking: str = "low_confidence", pad_id: int | None = None,
-                   generator: torch.Generator | None = None, progress: bool = False) -> Generation:
+                   generator: torch.Generator | None = None, early_stop: bool = False, progress: bool = False
+                   ) -> Generation:
     """LLaDA's single-block sampler (module docstring).
 
     Args:
@@ -151,6 +179,8 @@ def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | No
         remasking: ``"low_confidence"`` (the paper's) or ``"random"``.
         pad_id: the id of left padding (never attended); None: the model's EOS id, else 0.
         generator: the random source of ``temperature > 0`` and ``"random"``.
+        early_stop: end the loop once every row's answer is settled (:func:`stop_at_eos`); LLaDA's release runs
+            every step (the default). Measures what an early stop at EOS saves.
         progress: a tqdm bar over the steps.
     """
     steps = gen_length if steps is None else steps
@@ -159,10 +189,14 @@ def llada_generate(model: DiffusionLM, prompts, gen_length: int, steps: int | No
     schedule = num_transfer_tokens(gen_length, steps)
     from tqdm.auto import tqdm
 
+    done = 0
     for step in tqdm(range(steps), desc="LLaDA sampling", disable=not progress):
         logits = model(ids, mask)
         x0, order = pick(logits, ids == model.mask_id, schedule[step], temperature, remasking, generator)
         ids = ids.scatter(1, order, x0.gather(1, order))
         decoded_at.scatter_(1, order - P, step)
+        done = step + 1
+        if early_stop and stop_at_eos(model, ids, P, decoded_at, step):
+            break
     n = ids.shape[1]
-    return Generation(ids, mask, P, decoded_at, forward_tokens=steps * n, log=[("full", n, float(n))] * steps)
+    return Generation(ids, mask, P, decoded_at, forward_tokens=done * n, log=[("full", n, float(n))] * done)

@@ -1,0 +1,252 @@
+"""The diffusion-LM test-bed that generates: the pydoc diffusion LM fine-tuned on tasks with exact answers.
+
+The pydoc test-bed (:mod:`.diffusion_lm`) reads its context but does not generate: with one token per step and
+low-confidence remasking its answers collapse to spaces. Window-Diffusion's claim is about generation ("a large
+speed-up while largely preserving generation"), and matched output is only checkable where the right answer is
+known. So this test-bed starts from the pydoc weights and is fine-tuned the way LLaDA is instruction-tuned (Nie et
+al., arXiv 2502.09992, Sec. 2.3: the prompt is left unmasked, only the response is masked, the response is padded
+with EOS to the canvas and the EOS padding is part of the response), on two tasks whose answers are unique and whose
+length the prompt fixes, written in pydoc's words:
+
+- ``count``: ``"count from 417 to 441 by 6:\\n"`` -> ``"417 423 429 435 441"``. Every number depends on the one
+  before it, so the answer must be produced left to right, the locality Window-Diffusion relies on.
+- ``repeat``: ``"repeat 3 times: the file object\\n"`` -> ``"the file object the file object the file object"``,
+  a copy from the prompt at distances up to the canvas.
+
+Both end before the canvas ends (EOS after), as an instruction-tuned model's answers do, so the share of the time
+spent after the answer (the early stop at EOS) can be measured. Short canvases come up more often in training
+(:data:`TRAIN_CYCLE`): they carry more instances per step. The pydoc objective can stay in the mix (``text_batch``);
+the shipped recipe leaves it out, because a first run with half of every step's tokens on pydoc text (900 steps at
+lr 5e-4) learned neither task (no exact answer at G = 64-256); the held-out masked-character accuracy on text is
+reported for what the fine-tune keeps of it.
+
+``python -m prunelab.reproductions.testbeds.diffusion_tasks`` fine-tunes it (deterministic at a fixed thread count)
+and writes the weights with the recipe, the held-out accuracy and the exact-match rate of the vanilla sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prunelab.methods.window_diffusion import DiffusionLM, llada_generate
+from prunelab.reproductions.testbeds import diffusion_lm, shipped
+from prunelab.reproductions.testbeds.training import warmup_cosine
+
+WEIGHTS = Path(__file__).with_name("weights") / "diffusion_tasks.safetensors"
+SHA256 = ""
+COMMAND = "python -m prunelab.reproductions.testbeds.diffusion_tasks"
+TASKS = ("count", "repeat")
+GEN_LENGTHS = (64, 128, 256, 512)  # the answer canvases of evaluation
+TRAIN_CYCLE = (64, 128, 64, 256, 128, 512)  # of training: the short ones more often (more instances per step)
+STEPS_BY = (1, 2, 3, 5, 7, 10)
+
+__all__ = ["TaskConfig", "Example", "examples", "finetune", "exact_match", "save", "load", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The fine-tuning recipe; the defaults are the shipped test-bed's."""
+
+    steps: int = 1500
+    text_batch: int = 0  # pydoc windows of diffusion_lm's seq_len per step (LLaDA's pre-training loss); 0: none
+    task_tokens: int = 2304  # task canvases per step: this many positions, the canvas length cycling TRAIN_CYCLE
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.03
+    eps: float = 1e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One task instance: ``prompt`` ends with a newline; ``answer`` fits the canvas ``gen_length`` (EOS after)."""
+
+    task: str
+    prompt: str
+    answer: str
+    gen_length: int
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[A-Za-z_][A-Za-z_]*", text) if len(w) <= 12]
+
+
+def _count(rng: random.Random, budget: int) -> Example | None:
+    by, start = rng.choice(STEPS_BY), rng.randrange(0, 1000)
+    terms = [str(start)]
+    limit = rng.randint(budget // 4, budget)
+    while len(" ".join(terms)) + 1 + len(str(start + by * len(terms))) <= limit:
+        terms.append(str(start + by * len(terms)))
+    if len(terms) < 2:
+        return None
+    return Example("count", f"count from {terms[0]} to {terms[-1]} by {by}:\n", " ".join(terms), budget)
+
+
+def _repeat(rng: random.Random, budget: int, words: list[str]) -> Example | None:
+    i = rng.randrange(0, len(words) - 4)
+    phrase = " ".join(words[i:i + rng.randint(1, 4)])
+    times = rng.randint(2, max(2, (budget + 1) // (len(phrase) + 1)))
+    answer = " ".join([phrase] * times)
+    if len(answer) > budget:
+        return None
+    return Example("repeat", f"repeat {times} times: {phrase}\n", answer, budget)
+
+
+def examples(task: str, gen_length: int, n: int, *, split: str = "held_out", seed: int = 0) -> list[Example]:
+    """``n`` seeded instances of ``task`` for an answer canvas of ``gen_length``; ``repeat`` draws its phrases from
+    the pydoc text of ``split`` (``"train"`` or ``"held_out"``)."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split: expected 'train' or 'held_out', got {split!r}")
+    words = _words(diffusion_lm.corpus()[split == "held_out"])
+    rng, out = random.Random(f"{task}/{gen_length}/{split}/{seed}"), []
+    while len(out) < n:
+        ex = _count(rng, gen_length) if task == "count" else _repeat(rng, gen_length, words)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def _canvas(batch: list[Example], charset: diffusion_lm.Charset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask, response) [B, P + G]: left-padded prompts, the answers padded with EOS to G."""
+    P, G = max(len(e.prompt) for e in batch), batch[0].gen_length
+    ids = torch.full((len(batch), P + G), charset.eos_id, dtype=torch.long)
+    real = torch.zeros_like(ids)
+    for b, e in enumerate(batch):
+        ids[b, P - len(e.prompt):P] = charset.encode(e.prompt)
+        ids[b, P:P + len(e.answer)] = charset.encode(e.answer)
+        real[b, P - len(e.prompt):] = 1
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, P:] = True
+    return ids, real, response
+
+
+def sft_loss(model: DiffusionLM, ids, real, response, generator: torch.Generator, eps: float) -> torch.Tensor:
+    """LLaDA's SFT loss: mask response positions with a ratio t ~ U(eps, 1) per row, cross-entropy on the masked ones
+    weighted by 1 / t, normalised by each row's response length, averaged over rows."""
+    B, N = ids.shape
+    t = eps + (1 - eps) * torch.rand(B, 1, generator=generator)
+    masked = (torch.rand(B, N, generator=generator) < t) & response
+    logits = model(torch.where(masked, model.mask_id, ids), real)
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(B, N)
+    return ((ce * masked / t).sum(1) / response.sum(1)).mean()
+
+
+def finetune(cfg: TaskConfig | None = None, *, base: str | Path | None = None, progress: bool = True
+             ) -> tuple[DiffusionLM, diffusion_lm.Charset, dict]:
+    """Fine-tune the pydoc test-bed (``base``: its weights file, default the shipped one) on the tasks and the pydoc
+    text; returns the model (fp16-rounded, eval), its charset and the training record."""
+    cfg = cfg or TaskConfig()
+    model, charset, base_info = diffusion_lm.load(base)
+    text = charset.encode(diffusion_lm.corpus()[0])
+    seq_len = base_info["config"]["seq_len"]
+    torch.manual_seed(cfg.seed)
+    gen, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    words = _words(diffusion_lm.corpus()[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    losses, start = [], time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="fine-tune diffusion LM on tasks", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine(step / cfg.steps, cfg.lr, cfg.warmup_frac)
+        loss = torch.zeros(())
+        if cfg.text_batch:
+            starts = torch.randint(0, len(text) - seq_len, (cfg.text_batch,), generator=gen)
+            loss = diffusion_lm.llada_loss(model, torch.stack([text[s:s + seq_len] for s in starts.tolist()]), gen,
+                                           cfg.eps)
+        G = TRAIN_CYCLE[step % len(TRAIN_CYCLE)]
+        batch = []
+        while len(batch) * (G + 32) < cfg.task_tokens or not batch:
+            ex = _count(rng, G) if rng.random() < 0.5 else _repeat(rng, G, words)
+            batch += [ex] if ex is not None else []
+        loss = loss + sft_loss(model, *_canvas(batch, charset), gen, cfg.eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.copy_(t.half().float())
+    model.eval()
+    w = min(50, max(1, len(losses) // 4))
+    info = {"config": base_info["config"], "charset": charset.chars, "tasks_recipe": dataclasses.asdict(cfg),
+            "base_sha256": shipped.sha256(base or diffusion_lm.WEIGHTS), "train_seconds":
+            round(time.perf_counter() - start, 1), "loss_first_last": [sum(losses[:w]) / w, sum(losses[-w:]) / w],
+            "torch_version": torch.__version__, "threads": torch.get_num_threads()}
+    return model, charset, info
+
+
+def answers(gen, charset: diffusion_lm.Charset) -> list[str]:
+    """The answers of a :class:`~prunelab.methods.window_diffusion.Generation`, cut at the first EOS."""
+    out = []
+    for row in gen.answer.tolist():
+        out.append(charset.decode(row[:row.index(charset.eos_id)] if charset.eos_id in row else row))
+    return out
+
+
+def prompts_of(batch: list[Example], charset: diffusion_lm.Charset) -> list[torch.Tensor]:
+    return [charset.encode(e.prompt) for e in batch]
+
+
+def exact_match(model: DiffusionLM, charset: diffusion_lm.Charset, task: str, gen_length: int, n: int = 16, *,
+                batch_size: int = 8, seed: int = 0) -> float:
+    """The share of ``n`` held-out instances whose answer the vanilla sampler (one token per step, greedy) gets
+    exactly right."""
+    items, hits = examples(task, gen_length, n, seed=seed), 0
+    for i in range(0, n, batch_size):
+        batch = items[i:i + batch_size]
+        got = answers(llada_generate(model, prompts_of(batch, charset), gen_length), charset)
+        hits += sum(g == e.answer for g, e in zip(got, batch))
+    return hits / n
+
+
+def save(model: DiffusionLM, info: dict, path: str | Path = WEIGHTS) -> str:
+    return diffusion_lm.save(model, info, path)
+
+
+def load(path: str | Path | None = None, *, check: bool = True) -> tuple[DiffusionLM, diffusion_lm.Charset, dict]:
+    """The fine-tuned test-bed (fp32, eval), its charset and its record; the shipped file is checked against
+    :data:`SHA256`."""
+    path, _ = shipped.metadata(path, WEIGHTS, SHA256, COMMAND, check=check)
+    return diffusion_lm.load(path, check=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog=COMMAND, description="Fine-tune the diffusion-LM test-bed on exact-answer "
+                                     "tasks and write its weights.")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it in the last bits)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the recipe's)")
+    parser.add_argument("--eval", type=int, default=16, help="held-out instances per task and length for exact match")
+    parser.add_argument("--out", default=str(WEIGHTS), help="the weights file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = TaskConfig() if args.steps is None else TaskConfig(steps=args.steps)
+    model, charset, info = finetune(cfg)
+    held = diffusion_lm.corpus()[1]
+    info["held_out"] = {str(r): dict(zip(("accuracy", "majority_baseline"),
+                                         diffusion_lm.masked_accuracy(model, held, charset, r)))
+                        for r in diffusion_lm.EVAL_RATIOS}
+    info["exact_match"] = {f"{t}/{g}": exact_match(model, charset, t, g, args.eval)
+                           for t in TASKS for g in GEN_LENGTHS[:3]}
+    digest = save(model, info, args.out)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {args.out} (SHA-256 {digest})", flush=True)
+    return info
+
+
+if __name__ == "__main__":
+    main()
