@@ -43,7 +43,7 @@ from prunelab.reproductions.testbeds import diffusion_lm, shipped
 from prunelab.reproductions.testbeds.training import warmup_cosine
 
 WEIGHTS = Path(__file__).with_name("weights") / "diffusion_tasks.safetensors"
-SHA256 = ""
+SHA256 = "614b5109ec9731359b6609e0a3d2adf534c8d51ff3d3ac48022c493d94b4284d"
 COMMAND = "python -m prunelab.reproductions.testbeds.diffusion_tasks"
 TASKS = ("count", "repeat")
 GEN_LENGTHS = (64, 128, 256, 512)  # the answer canvases of evaluation

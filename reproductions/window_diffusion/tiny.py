@@ -49,16 +49,16 @@ WINDOWS = {"window 64/16/32 (release)": WindowDiffusion(), "window 32/8/16": Win
            "window 128/32/32": WindowDiffusion(128, 32, 32)}
 RELEASE = "window 64/16/32 (release)"
 COLUMNS = ["task", "G", "method", "steps", "s_per_seq", "tokens_per_s", "gmacs_per_seq", "speedup", "spread", "bound",
-           "of_bound", "token_agreement", "same_answer", "exact"]
+           "of_bound", "token_agreement", "same_answer", "char_accuracy", "exact"]
 TEXT_COLUMNS = ["method", "G", "smollm2_loglik_per_token", "distinct_2", "space_share", "token_agreement"]
 
-__all__ = ["add_arguments", "run", "run_tiny", "default_out", "agreement"]
+__all__ = ["add_arguments", "run", "run_tiny", "default_out", "agreement", "char_accuracy"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=POSITIVE, nargs="+", default=list(LENGTHS), help="answer canvases G")
     parser.add_argument("--tasks", nargs="+", choices=diffusion_tasks.TASKS, default=list(diffusion_tasks.TASKS))
-    parser.add_argument("--n", type=POSITIVE, default=8, help="held-out instances per task and G (one batch)")
+    parser.add_argument("--n", type=POSITIVE, default=4, help="held-out instances per task and G (one batch)")
     parser.add_argument("--rounds", type=POSITIVE, default=3, help="interleaved timing rounds")
     parser.add_argument("--text-length", type=POSITIVE, default=128, help="characters of free-text continuation")
     parser.add_argument("--weights", default=None, help="the task test-bed's weights (default: the shipped file)")
@@ -89,6 +89,15 @@ def agreement(answers: torch.Tensor, reference: torch.Tensor, eos: int) -> tuple
         total += n
         equal += _cut(a, eos) == _cut(r, eos)
     return same / total, equal / len(answers)
+
+
+def char_accuracy(answers: list[str], expected: list[str]) -> float:
+    """The share of the expected answers' characters, and of the EOS after each, that the answers have in place."""
+    hits = total = 0
+    for a, e in zip(answers, expected):
+        hits += sum(x == y for x, y in zip(a, e)) + (len(a) == len(e))
+        total += len(e) + 1
+    return hits / total
 
 
 def _timed(fn):
@@ -136,6 +145,7 @@ def measure(model, charset, task: str, G: int, n: int, rounds: int) -> list[dict
                      "tokens_per_s": n * G / statistics.median(times[name]), "gmacs_per_seq": macs / 1e9,
                      "speedup": speedup, "spread": spread, "bound": bound, "of_bound": speedup / bound,
                      "token_agreement": tokens, "same_answer": same,
+                     "char_accuracy": char_accuracy(got, [e.answer for e in items]),
                      "exact": sum(g == e.answer for g, e in zip(got, items)) / n})
     return rows
 
@@ -199,20 +209,15 @@ def plot(rows: list[dict], path: Path) -> None:
                 if name == RELEASE:
                     axes[0].plot([p[0] for p in pts], [p[2] for p in pts], style, color=line.get_color(), alpha=0.35,
                                  label=f"MACs bound, {task}")
-    for name in ["vanilla, matched MACs", RELEASE, "window 32/8/16", "window 128/32/32"]:
-        pts = sorted((r["G"], r["exact"], r["task"]) for r in rows if r["method"] == name)
+    for name in ["vanilla, matched MACs", RELEASE, RELEASE + " + EOS stop", "window 32/8/16", "window 128/32/32"]:
         for task, style in zip(tasks, ("-", "--")):
-            sel = [p for p in pts if p[2] == task]
-            if sel:
-                axes[1].plot([p[0] for p in sel], [p[1] for p in sel], style, marker="o", label=f"{name}, {task}")
-    van = sorted((r["G"], r["exact"], r["task"]) for r in rows if r["method"] == "vanilla")
-    for task in tasks:
-        sel = [p for p in van if p[2] == task]
-        axes[1].plot([p[0] for p in sel], [p[1] for p in sel], "k:", marker="s", label=f"vanilla, {task}")
+            pts = sorted((r["G"], r["token_agreement"]) for r in rows if r["method"] == name and r["task"] == task)
+            if pts:
+                axes[1].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{name}, {task}")
     axes[0].set(xscale="log", xlabel="answer canvas G", ylabel="speed-up over vanilla (wall clock)",
                 title="speed-up and its MACs bound")
-    axes[1].set(xscale="log", xlabel="answer canvas G", ylabel="exact answers", ylim=(-0.05, 1.05),
-                title="exact-answer accuracy")
+    axes[1].set(xscale="log", xlabel="answer canvas G", ylabel="token agreement with vanilla", ylim=(-0.05, 1.05),
+                title="agreement with the vanilla sampler")
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -220,7 +225,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_tiny(out: str | Path, *, lengths=LENGTHS, tasks=diffusion_tasks.TASKS, n: int = 8, rounds: int = 3,
+def run_tiny(out: str | Path, *, lengths=LENGTHS, tasks=diffusion_tasks.TASKS, n: int = 4, rounds: int = 3,
              text_length: int = 128, weights: str | None = None, progress: bool = True) -> dict:
     out = Path(out)
     model, charset, info = diffusion_tasks.load(weights)
