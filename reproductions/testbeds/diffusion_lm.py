@@ -36,7 +36,8 @@ SHA256 = "6d15b20d1fb756c5554ea5055183cb1b7e81cddd1d95fd78c4f793904df8ef45"
 COMMAND = "python -m prunelab.reproductions.testbeds.diffusion_lm"
 EVAL_RATIOS = (0.15, 0.5, 0.9)
 
-__all__ = ["DLMConfig", "corpus", "Charset", "build", "train", "masked_accuracy", "save", "load", "main"]
+__all__ = ["DLMConfig", "corpus", "Charset", "build", "train", "masked_accuracy", "held_out_accuracy", "save", "load",
+           "report", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,13 +212,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = DLMConfig() if args.steps is None else DLMConfig(steps=args.steps)
     model, info = train(cfg)
-    charset = Charset(info["charset"])
+    info["held_out"] = held_out_accuracy(model, Charset(info["charset"]))
+    return report(model, info, args.out)
+
+
+def held_out_accuracy(model: DiffusionLM, charset: Charset) -> dict:
+    """:func:`masked_accuracy` on the held-out text at each of :data:`EVAL_RATIOS`, as the weights record it."""
     held = corpus()[1]
-    info["held_out"] = {str(r): dict(zip(("accuracy", "majority_baseline"), masked_accuracy(model, held, charset, r)))
-                        for r in EVAL_RATIOS}
-    digest = save(model, info, args.out)
+    return {str(r): dict(zip(("accuracy", "majority_baseline"), masked_accuracy(model, held, charset, r)))
+            for r in EVAL_RATIOS}
+
+
+def report(model: DiffusionLM, info: dict, out: str | Path) -> dict:
+    """Save the weights with ``info``, print the record and the checksum; returns ``info``."""
+    digest = save(model, info, out)
     print(json.dumps(info, indent=2))
-    print(f"wrote {args.out} (SHA-256 {digest})", flush=True)
+    print(f"wrote {out} (SHA-256 {digest})", flush=True)
     return info
 
 

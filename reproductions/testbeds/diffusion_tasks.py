@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import re
 import time
@@ -236,16 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = TaskConfig() if args.steps is None else TaskConfig(steps=args.steps)
     model, charset, info = finetune(cfg)
-    held = diffusion_lm.corpus()[1]
-    info["held_out"] = {str(r): dict(zip(("accuracy", "majority_baseline"),
-                                         diffusion_lm.masked_accuracy(model, held, charset, r)))
-                        for r in diffusion_lm.EVAL_RATIOS}
+    info["held_out"] = diffusion_lm.held_out_accuracy(model, charset)
     info["exact_match"] = {f"{t}/{g}": exact_match(model, charset, t, g, args.eval)
                            for t in TASKS for g in GEN_LENGTHS[:3]}
-    digest = save(model, info, args.out)
-    print(json.dumps(info, indent=2))
-    print(f"wrote {args.out} (SHA-256 {digest})", flush=True)
-    return info
+    return diffusion_lm.report(model, info, args.out)
 
 
 if __name__ == "__main__":
