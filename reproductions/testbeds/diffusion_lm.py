@@ -134,32 +134,48 @@ def train(cfg: DLMConfig | None = None, *, progress: bool = True) -> tuple[Diffu
     torch.manual_seed(cfg.seed)
     model = build(cfg, charset)
     gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batch_loss(step: int) -> torch.Tensor:
+        starts = torch.randint(0, len(data) - cfg.seq_len, (cfg.batch_size,), generator=gen)
+        return llada_loss(model, torch.stack([data[s:s + cfg.seq_len] for s in starts.tolist()]), gen, cfg.eps)
+
+    losses, seconds = optimise(model, batch_loss, cfg, desc="train diffusion LM", progress=progress)
+    info = {"config": dataclasses.asdict(cfg), "charset": charset.chars, "train_seconds": seconds,
+            "characters_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "loss_first_last": loss_ends(losses),
+            "torch_version": torch.__version__, "threads": torch.get_num_threads()}
+    return model, info
+
+
+def optimise(model: DiffusionLM, batch_loss, cfg, *, desc: str, progress: bool = True
+             ) -> tuple[list[float], float]:
+    """The test-beds' loop: ``cfg.steps`` AdamW steps (``cfg.lr`` with warm-up and cosine decay, ``cfg.weight_decay``,
+    gradients clipped at 1) on ``batch_loss(step)``; then the weights rounded to fp16 (what ships) and eval mode.
+    Returns the losses and the seconds taken."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     losses, start = [], time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train diffusion LM", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = warmup_cosine(step / cfg.steps, cfg.lr, cfg.warmup_frac)
-        starts = torch.randint(0, len(data) - cfg.seq_len, (cfg.batch_size,), generator=gen)
-        x = torch.stack([data[s:s + cfg.seq_len] for s in starts.tolist()])
-        loss = llada_loss(model, x, gen, cfg.eps)
+        loss = batch_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():  # what ships: fp16 weights
+    with torch.no_grad():
         for t in model.state_dict().values():
             t.copy_(t.half().float())
     model.eval()
+    return losses, round(time.perf_counter() - start, 1)
+
+
+def loss_ends(losses: list[float]) -> list[float]:
+    """The mean loss of the first and of the last quarter (at most 50 steps each) of a run."""
     w = min(50, max(1, len(losses) // 4))
-    info = {"config": dataclasses.asdict(cfg), "charset": charset.chars,
-            "train_seconds": round(time.perf_counter() - start, 1), "characters_seen": cfg.steps * cfg.batch_size *
-            cfg.seq_len, "loss_first_last": [sum(losses[:w]) / w, sum(losses[-w:]) / w],
-            "torch_version": torch.__version__, "threads": torch.get_num_threads()}
-    return model, info
+    return [sum(losses[:w]) / w, sum(losses[-w:]) / w]
 
 
 @torch.no_grad()

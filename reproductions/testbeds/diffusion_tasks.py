@@ -30,16 +30,13 @@ import argparse
 import dataclasses
 import random
 import re
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from prunelab.methods.window_diffusion import DiffusionLM, llada_generate
 from prunelab.reproductions.testbeds import diffusion_lm, shipped
-from prunelab.reproductions.testbeds.training import warmup_cosine
 
 WEIGHTS = Path(__file__).with_name("weights") / "diffusion_tasks.safetensors"
 SHA256 = "614b5109ec9731359b6609e0a3d2adf534c8d51ff3d3ac48022c493d94b4284d"
@@ -153,13 +150,8 @@ def finetune(cfg: TaskConfig | None = None, *, base: str | Path | None = None, p
     torch.manual_seed(cfg.seed)
     gen, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
     words = _words(diffusion_lm.corpus()[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model.train()
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="fine-tune diffusion LM on tasks", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = warmup_cosine(step / cfg.steps, cfg.lr, cfg.warmup_frac)
+
+    def batch_loss(step: int) -> torch.Tensor:
         loss = torch.zeros(())
         if cfg.text_batch:
             starts = torch.randint(0, len(text) - seq_len, (cfg.text_batch,), generator=gen)
@@ -170,21 +162,13 @@ def finetune(cfg: TaskConfig | None = None, *, base: str | Path | None = None, p
         while len(batch) * (G + 32) < cfg.task_tokens or not batch:
             ex = _count(rng, G) if rng.random() < 0.5 else _repeat(rng, G, words)
             batch += [ex] if ex is not None else []
-        loss = loss + sft_loss(model, *_canvas(batch, charset), gen, cfg.eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            t.copy_(t.half().float())
-    model.eval()
-    w = min(50, max(1, len(losses) // 4))
+        return loss + sft_loss(model, *_canvas(batch, charset), gen, cfg.eps)
+
+    losses, seconds = diffusion_lm.optimise(model, batch_loss, cfg, desc="fine-tune diffusion LM on tasks",
+                                            progress=progress)
     info = {"config": base_info["config"], "charset": charset.chars, "tasks_recipe": dataclasses.asdict(cfg),
-            "base_sha256": shipped.sha256(base or diffusion_lm.WEIGHTS), "train_seconds":
-            round(time.perf_counter() - start, 1), "loss_first_last": [sum(losses[:w]) / w, sum(losses[-w:]) / w],
+            "base_sha256": shipped.sha256(base or diffusion_lm.WEIGHTS), "train_seconds": seconds,
+            "loss_first_last": diffusion_lm.loss_ends(losses),
             "torch_version": torch.__version__, "threads": torch.get_num_threads()}
     return model, charset, info
 
