@@ -173,12 +173,14 @@ def finetune(cfg: TaskConfig | None = None, *, base: str | Path | None = None, p
     return model, charset, info
 
 
+def cut_at_eos(row: list[int], eos: int) -> list[int]:
+    """A token list up to its first EOS."""
+    return row[:row.index(eos)] if eos in row else row
+
+
 def answers(gen, charset: diffusion_lm.Charset) -> list[str]:
     """The answers of a :class:`~prunelab.methods.window_diffusion.Generation`, cut at the first EOS."""
-    out = []
-    for row in gen.answer.tolist():
-        out.append(charset.decode(row[:row.index(charset.eos_id)] if charset.eos_id in row else row))
-    return out
+    return [charset.decode(cut_at_eos(row, charset.eos_id)) for row in gen.answer.tolist()]
 
 
 def prompts_of(batch: list[Example], charset: diffusion_lm.Charset) -> list[torch.Tensor]:

@@ -74,20 +74,17 @@ def default_out() -> Path:
     return Path("runs") / "window_diffusion" / "tiny"
 
 
-def _cut(row: list[int], eos: int) -> list[int]:
-    return row[:row.index(eos)] if eos in row else row
-
-
 def agreement(answers: torch.Tensor, reference: torch.Tensor, eos: int) -> tuple[float, float]:
     """(token agreement, share of equal answers) of ``answers`` with ``reference`` [B, G]: positions compared up to
     the longer of the two answers cut at their first EOS (at least one position)."""
     same, total, equal = 0, 0, 0
     for a, r in zip(answers.tolist(), reference.tolist()):
-        n = max(len(_cut(a, eos)), len(_cut(r, eos))) + 1  # the EOS that ends the answer counts too
+        cut_a, cut_r = diffusion_tasks.cut_at_eos(a, eos), diffusion_tasks.cut_at_eos(r, eos)
+        n = max(len(cut_a), len(cut_r)) + 1  # the EOS that ends the answer counts too
         n = min(n, len(a))
         same += sum(x == y for x, y in zip(a[:n], r[:n]))
         total += n
-        equal += _cut(a, eos) == _cut(r, eos)
+        equal += cut_a == cut_r
     return same / total, equal / len(answers)
 
 
@@ -182,7 +179,7 @@ def text_quality(model, charset, G: int, n: int, prompt_chars: int = 96) -> list
     lm, tokenizer = load_smollm2()
     rows = []
     for name, answers in (("vanilla", vanilla.answer), (RELEASE, window.answer), ("random characters", rand)):
-        texts = [charset.decode(_cut(a, charset.eos_id)) for a in answers.tolist()]
+        texts = [charset.decode(diffusion_tasks.cut_at_eos(a, charset.eos_id)) for a in answers.tolist()]
         lls = [_loglik(lm, tokenizer, charset.decode(p), t) for p, t in zip(prompts, texts)]
         lls = [x for x in lls if not math.isnan(x)]
         rows.append({"method": name, "G": G, "smollm2_loglik_per_token": statistics.mean(lls) if lls else float("nan"),
