@@ -103,7 +103,7 @@ class VLMState:
     encoded: tuple[Any, torch.Tensor] | None = None  # NeXT: (get_image_features output, its image_sizes)
     input_ids: torch.Tensor | None = None
     images: list[ImageContext] = field(default_factory=list)  # the last prefill's images with their statistics
-    rows: dict = field(default_factory=dict)  # K / ("next", K) -> (query, key, value, scaling, valid) at prefill
+    rows: dict = field(default_factory=dict)  # K / ("next" | "previous", K) -> (query, key, value, scaling, valid)
     tower: Tower | None = None  # what the vision-encoder stages of the last tower forward kept
 
 
@@ -204,7 +204,7 @@ def install_vlm(model, method) -> VLMHandle:
                     raise RuntimeError(f"the vision tower encoded {len(ids)} images, the prompt has {len(spans)}")
                 keeps = [fam.span_ids(model, s, i).to(embeds.device) for s, i in zip(spans, ids)]
                 state.history.append((name, keeps))
-        kwargs["inputs_embeds"] = embeds = run_projector(plan, family, state, keeps, embeds)
+        kwargs["inputs_embeds"] = embeds = run_projector(plan, family, state, keeps, embeds, valid)
         keeps = state.entry = state.kept  # the tokens that enter the language model
         keep_mask = valid.clone()
         for s, keep in zip(spans, keeps):
@@ -234,7 +234,8 @@ def install_vlm(model, method) -> VLMHandle:
 
     def run_stages(K: int, hidden: torch.Tensor, index, valid: torch.Tensor):
         """The plan's stages after LLM layer ``K``: rows to keep [B, L_k], (merged) hidden states, returning tokens."""
-        recorded = {False: state.rows.pop(K, None), True: state.rows.pop(("next", K), None)}
+        recorded = {False: state.rows.pop(K, None), True: state.rows.pop(("next", K), None),
+                    "previous": state.rows.pop(("previous", K), None)}
         return run_llm(plan, family, state, K, hidden, index, valid, recorded, model.config.image_token_id)
 
     undo.append(lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True).remove)

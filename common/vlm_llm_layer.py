@@ -111,12 +111,14 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
     Returns undo callables. ``state.prompt`` (the engine's prompt bookkeeping) gains ``llm_rows``: one
     :class:`LayerRows` per stage layer, in order. ``state.rows[K]`` holds what layer K's attention recorded for
     the stages that read it, ``state.rows[("next", K)]`` what layer K + 1's projections gave on layer K's output
-    (``Needs.next_layer``).
+    (``Needs.next_layer``), ``state.rows[("previous", K)]`` what layer K - 1's attention recorded (``Needs.previous``).
     """
     layers = model.model.language_model.layers
     ks = plan.llm_layers  # validated against the depth by the engine before any hook is installed
     reading = [s for s in plan.stages if s.where == "llm" and (s.needs.rows or s.needs.llm_kv)]
-    observed = sorted({s.layer for s in reading if not s.needs.next_layer})
+    own = {s.layer for s in reading if not s.needs.next_layer}
+    previous = {s.layer for s in reading if s.needs.previous}  # layers whose stages also read layer K - 1's rows
+    observed = sorted(own | {k - 1 for k in previous})
     probed = {s.layer for s in reading if s.needs.next_layer}
     renumbered = {s.layer for s in plan.stages if s.where == "llm" and s.renumber}
 
@@ -213,7 +215,11 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
         def sink(module, query, key, value, scaling, _k=K):
             rows = rows_for(_k) if state.prompt is not None else None
             valid = rows.valid if rows is not None else state.prompt.valid
-            state.rows[_k] = (query.detach(), key.detach(), value.detach(), scaling, valid)
+            got = (query.detach(), key.detach(), value.detach(), scaling, valid)
+            if _k in own:
+                state.rows[_k] = got
+            if _k + 1 in previous:
+                state.rows[("previous", _k + 1)] = got
 
         attn._prunelab_observe = sink
         undo.append(lambda a=attn: delattr(a, "_prunelab_observe"))

@@ -62,6 +62,7 @@ class ImageContext:
             (layouts in ``vlm_vision``), of all the image's tokens (index them with ``token_ids``); rows a
             vision-encoder stage dropped before that layer read 0.
         rows: at an LLM stage, ``{selector: [H, S, N]}`` attention rows of the selected queries over these rows.
+        previous_rows: with ``Needs.previous``, the same selectors' rows at layer ``K - 1`` over the same rows.
         kv: at an LLM stage with ``Needs.llm_kv``, the layer's keys (after RoPE) and values of these rows, per
             key/value head: ``([Hkv, N, d], [Hkv, N, d])``.
         held: at a reactivating stage (``Stage.reactivate``), bool [N]: True for the rows the layer still holds.
@@ -81,6 +82,7 @@ class ImageContext:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
+    previous_rows: dict = field(default_factory=dict)
     kv: tuple[torch.Tensor, torch.Tensor] | None = None
     held: torch.Tensor | None = None
 
@@ -150,10 +152,11 @@ class Needs:
     llm_kv: bool = False
     causal: bool = True
     next_layer: bool = False
+    previous: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vision_layers", check_ints(self.vision_layers, "vision_layers"))
-        for name in ("causal", "next_layer"):
+        for name in ("causal", "next_layer", "previous"):
             check_bool(getattr(self, name), name)
         for q in self.rows:
             if not isinstance(q, int) or isinstance(q, bool):
@@ -169,7 +172,8 @@ class Needs:
                  for f in ("received", "cls_row", "hidden", "queries", "keys", "values", "llm_kv")}
         return Needs(tuple(sorted(set(self.vision_layers) | set(other.vision_layers))),
                      rows=tuple(dict.fromkeys((*self.rows, *other.rows))), causal=self.causal and other.causal,
-                     next_layer=self.next_layer or other.next_layer, **flags)
+                     next_layer=self.next_layer or other.next_layer, previous=self.previous or other.previous,
+                     **flags)
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,10 @@ class Stage:
             raise ValueError(f"layer: a {self.where!r} stage takes no layer, got {self.layer}")
         if (self.needs.rows or self.needs.llm_kv) and self.where != "llm":
             raise ValueError("rows: attention rows, keys and values of the LLM are read at an 'llm' stage")
+        if self.needs.previous and (not self.needs.rows or self.needs.next_layer or self.where != "llm"
+                                    or self.layer < 1):
+            raise ValueError("previous: the rows of layer K - 1 are read at an 'llm' stage after a layer K >= 1 that "
+                             "reads rows of its own layer (not next_layer)")
 
     @property
     def order(self) -> tuple[int, int]:
@@ -231,6 +239,10 @@ class VLMPlan:
         for s in self.stages:
             if s.reactivate and sum(t.order == s.order for t in self.stages) > 1:
                 raise ValueError(f"reactivate: a reactivating stage is the only stage after LLM layer {s.layer}")
+        for s in self.stages:
+            if s.needs.previous and any(t.where == "llm" and t.layer == s.layer - 1 for t in self.stages):
+                raise ValueError(f"previous: the stage after LLM layer {s.layer} reads layer {s.layer - 1}'s rows over "
+                                 f"its own rows, so no stage may run after layer {s.layer - 1}")
         if any(s.renumber for s in self.stages) and any(s.reactivate for s in self.stages):
             raise ValueError("renumber: positions are not renumbered in a plan whose dropped tokens come back "
                              "(reactivate): a returning token has no place in the renumbered order")

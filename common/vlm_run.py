@@ -69,11 +69,15 @@ def run_tower(plan, family: str, history: list, layer: int, images: list[ImageCo
     return list(zip(local, values))
 
 
-def run_projector(plan, family: str, state, keeps: list[torch.Tensor], embeds: torch.Tensor) -> torch.Tensor:
+def run_projector(plan, family: str, state, keeps: list[torch.Tensor], embeds: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """The plan's projector stages on the language model's input ``embeds`` [B, L, C]; ``keeps`` are the span
-    tokens each image holds. Returns the embeddings (merged rows written into a copy); sets ``state.kept``."""
+    tokens each image holds, ``valid`` [B, L] the prompt's non-padding slots. Returns the embeddings (merged rows
+    written into a copy); sets ``state.kept``."""
     B = embeds.shape[0]
     positions = torch.arange(embeds.shape[1], device=embeds.device).expand(B, -1)
+    if valid is not None:
+        positions = torch.where(valid, positions, -1)
     for stage in _at(plan.stages, "projector"):
         images = [img.at(img.embeds[keep], keep) for img, keep in zip(state.images, keeps)]
         ctx = VLMContext(family, "projector", images, B, input_ids=state.input_ids, hidden=embeds, positions=positions)
@@ -106,7 +110,8 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
             image_token_id: int):
     """The plan's stages after LLM layer ``K`` on ``hidden`` [B, L_k] (rows ``index`` of the compacted prompt, or all
     of it); ``recorded[next_layer]``: the (query, key, value, scaling, valid) of layer K's attention (False) or of
-    layer K + 1's projections on layer K's output (True), for the stages that read them.
+    layer K + 1's projections on layer K's output (True), and ``recorded["previous"]`` of layer K - 1's attention,
+    for the stages that read them.
     Returns the rows to keep [B, L_k], the hidden states (merged rows written into a copy) and the tokens that come
     back: per sample ``(prompt positions [R], values [R, C])`` or None."""
     prompt = state.prompt
@@ -119,6 +124,8 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
         selectors = tuple(q for q in stage.needs.rows if q != "image_mean")
         probs = (selector_rows(selectors, attn, where, valid, state.input_ids, image_token_id, causal=causal)
                  if selectors else {})
+        before = (selector_rows(selectors, recorded["previous"], where, valid, state.input_ids, image_token_id,
+                                causal=causal) if stage.needs.previous else {})
         images = []
         for i, (img, kept) in enumerate(zip(state.images, keeps)):
             b = img.span.sample
@@ -127,9 +134,7 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
                 continue
             r = row_of[b, img.span.positions[kept]]
             view = img.at(out[b, r], kept)
-            view.rows = {q: p[b][:, torch.searchsorted(at[b], r)] if q == "image" else p[b]
-                         for q, (at, p) in probs.items()}  # "image": this image's own queries
-            view.rows = {q: p[:, :, r] for q, p in view.rows.items()}
+            view.rows, view.previous_rows = _image_rows(probs, b, r), _image_rows(before, b, r)
             if "image_mean" in stage.needs.rows:
                 view.rows["image_mean"] = _image_mean(attn, b, r, causal)
             if stage.needs.llm_kv:
@@ -155,6 +160,13 @@ def run_llm(plan, family: str, state, K: int, hidden: torch.Tensor, index, valid
         state.history.append((stage.name or f"llm {K}", keeps))
     state.kept = keeps
     return keep_mask, out, back
+
+
+def _image_rows(probs: dict, b: int, r: torch.Tensor) -> dict:
+    """``{selector: [H, S, N]}``: the selected queries' rows of sample ``b`` over its rows ``r`` (one image's
+    tokens); for ``"image"``, the image's own queries only."""
+    rows = {q: p[b][:, torch.searchsorted(at[b], r)] if q == "image" else p[b] for q, (at, p) in probs.items()}
+    return {q: p[:, :, r] for q, p in rows.items()}
 
 
 def _image_mean(attn, b: int, rows: torch.Tensor, causal: bool = True) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # One line per method package (its entry.py); the order is the order of `prunelab list`.
-PACKAGES = ("zero_tprune", "dtop", "top_vim", "fasa", "divprune", "hiprune", "flowcut", "visiondrop",
+PACKAGES = ("zero_tprune", "dtop", "top_vim", "fasa", "divprune", "hiprune", "flowcut", "visiondrop", "catp",
             "window_diffusion", "baselines")
 
 SEAMS = {
