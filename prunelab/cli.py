@@ -130,7 +130,10 @@ def _parser(paper: str | None, preset: str, command: str | None = None) -> argpa
     rep.add_argument("--out", default=None, help="output folder (default: runs/<paper>/<preset>)")
     if paper is not None and command == "reproduce":
         module = importlib.import_module(f"prunelab.reproductions.{paper}.run")
-        module.add_arguments(rep.add_argument_group(f"{paper} --preset {preset} options"), preset)
+        try:
+            module.add_arguments(rep.add_argument_group(f"{paper} --preset {preset} options"), preset)
+        except ValueError as e:  # a preset this paper does not have yet
+            rep.error(f"{paper}: {e}")
     cal = sub.add_parser("calibrate", help="compute a method's per-model calibration file",
                          description="Compute and save a method's per-model calibration (FASA: chunk agreement).")
     cal.add_argument("paper", choices=CALIBRATED, help="which method")

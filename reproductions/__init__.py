@@ -14,6 +14,8 @@ def preset_dispatch(presets: dict[str, ModuleType]):
     """
 
     def add_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+        if preset not in presets:
+            raise ValueError(f"preset: this reproduction has the presets {sorted(presets)}, not {preset!r}")
         presets[preset].add_arguments(parser)
 
     def main(args: argparse.Namespace) -> dict:

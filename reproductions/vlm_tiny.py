@@ -58,9 +58,9 @@ KEEP_RATIOS = (0.111, 0.222, 0.333)
 PROMPTS = (1, 2, 1, 1, 2, 1, 1, 1)
 """Images per prompt of the batch: several prompts, one with two images, so spans and lengths differ."""
 
-METHODS = ("divprune", "hiprune", "flowcut", "visiondrop", "random_prune")
+METHODS = ("divprune", "hiprune", "flowcut", "visiondrop", "catp", "random_prune")
 LABELS = {"dense": "dense", "divprune": "DivPrune", "hiprune": "HiPrune", "flowcut": "FlowCut",
-          "visiondrop": "VisionDrop", "random_prune": "random"}
+          "visiondrop": "VisionDrop", "catp": "CATP", "random_prune": "random"}
 
 MATCHED = "random (matched)"
 """Label of the random rows at the mean share of visual tokens per LLM layer that the paper's own method kept (its

@@ -263,3 +263,11 @@ def test_joint_ranking_adapts_the_budgets_and_keeps_one_token_per_image():
     assert [k.tolist() for k in _joint_top_k([a, b, c], 4)] == [[0, 2], [1], [0]]
     assert [k.tolist() for k in _joint_top_k([a, b], 6)] == [[0, 1, 2, 3], [0, 1]]
     assert [k.tolist() for k in _joint_top_k([torch.ones(3), torch.ones(2)], 2)] == [[0], [0]]  # ties: earlier first
+
+
+def test_the_full_preset_is_refused_by_name(capsys):
+    from prunelab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "catp", "--preset", "full"])
+    assert "catp: preset: this reproduction has the presets ['tiny'], not 'full'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The DivPrune, HiPrune, FlowCut and VisionDrop reproductions: the shared tiny VLM preset through the CLI, the full
+"""The DivPrune, HiPrune, FlowCut, VisionDrop and CATP reproductions: the shared tiny VLM preset through the CLI, the full
 presets' honest stop, RandomPrune, and the papers' expected.yaml."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from prunelab.common.tiny_vlm import tiny_inputs, tiny_vlm
 from prunelab.methods.baselines import RandomPrune
 from prunelab.reproductions.vlm_tiny import LABELS, MATCHED
 
-PAPERS = ("divprune", "hiprune", "flowcut", "visiondrop")
+PAPERS = ("divprune", "hiprune", "flowcut", "visiondrop", "catp")
+FULL = ("divprune", "hiprune", "flowcut", "visiondrop")  # the papers with a full preset
 
 REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1",
            "--testbed-n", "8"]
@@ -71,14 +72,14 @@ def test_tiny_dense_reference_and_costs(tiny_run):
                 assert r["macs_M"] < dense["macs_M"] and r["kv_kB"] < dense["kv_kB"]
             else:  # every visual token kept (HiPrune keeps NeXT's newlines): the dense prefill
                 assert r["kept_visual"] == r["visual"] and r["macs_M"] == dense["macs_M"]
-            if r["keep_ratio"] == 1.0 and r["method"] in ("DivPrune", "HiPrune", "FlowCut", "VisionDrop"):
+            if r["keep_ratio"] == 1.0 and r["method"] in ("DivPrune", "HiPrune", "FlowCut", "VisionDrop", "CATP"):
                 # float32 logits within 1e-5 of dense (the seam's keep-all invariant) give KL of order 1e-10
                 assert r["kl"] < 1e-6 and r["agreement"] == 1.0, r
 
 
 def test_full_preset_names_a_missing_checkpoint(tmp_path):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
-    for paper in PAPERS:
+    for paper in FULL:
         with pytest.raises(OSError, match="pretrained: cannot load"):
             main(["reproduce", paper, "--preset", "full", "--model", str(tmp_path / "absent"), "--out",
                   str(tmp_path), "--limit", "2", "--tasks", "pope"])
@@ -96,6 +97,8 @@ def test_expected_yaml_has_sources(paper):
         assert expected["accuracy_kept_at_11pct"]["retained_accuracy_pct"] == 99.5
     elif paper == "flowcut":
         assert expected["llava15_7b_64_tokens"]["flowcut"]["gqa"] == 55.6
+    elif paper == "catp":
+        assert expected["llava_next_7b_4shot"]["rows"]["catp_r0778"]["avg_rel_pct"] == 100.1
     else:
         assert expected["llava15_7b_32_tokens"]["visiondrop"]["avg_retained_pct"] == 91.46
         assert expected["llava_next_7b_320_tokens"]["latency_speedup"] == 2.7

@@ -10,13 +10,19 @@ def _tiny(model) -> dict:
     return {"layer": 1, "query_layer": 1}
 
 
+def _tiny_budget(model, ratio: float) -> dict:
+    """Keep ratio ``ratio`` of the image tokens in the shared tiny preset: R = 1 - ratio, on LLaVA-NeXT of the whole
+    packed span as the other methods there prune it (ratio 1.0 is then exactly the dense model)."""
+    return {"ratio": 1.0 - ratio, "next_tokens": "anyres"}
+
+
 ENTRIES = (
     MethodEntry(
         name="catp", cls=CATP, family="VLM", seams=("vlm",), for_model="for_model",
         paper="CATP: Contextually Adaptive Token Pruning for Efficient and Enhanced Multimodal In-Context Learning "
               "(AAAI 2026, arXiv 2508.07871)",
         backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"), baselines=("random_prune", "divprune"),
-        tiny=_tiny, full={"ratio": 0.778},
+        tiny=_tiny, tiny_budget=_tiny_budget, reproduction="catp", full={"ratio": 0.778},
         keep_all={"ratio": 0.0, "next_tokens": "anyres"}, prune={"ratio": 0.5},
         bad=(({"ratio": 1.0}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"ratio": "0.5"}, "ratio"),
              ({"lambda_1": -1.0}, "lambda_1"), ({"lambda_2": float("nan")}, "lambda_2"), ({"layer": 0}, "layer"),

@@ -1,0 +1,1 @@
+"""CATP's reproduction: ``prunelab reproduce catp`` (the tiny preset)."""
