@@ -1,5 +1,5 @@
-"""The DivPrune, HiPrune, FlowCut, VisionDrop and CATP reproductions: the shared tiny VLM preset through the CLI, the full
-presets' honest stop, RandomPrune, and the papers' expected.yaml."""
+"""The DivPrune, HiPrune, FlowCut, VisionDrop and CATP reproductions: the shared tiny VLM preset through the CLI, the
+full presets' honest stop, RandomPrune, and the papers' expected.yaml."""
 
 from __future__ import annotations
 
