@@ -127,9 +127,9 @@ def install_vlm(model, method) -> VLMHandle:
     plan = plan_of(method)
     lm = model.model.language_model
     ks = plan.llm_layers
-    if ks and not 0 <= ks[-1] < len(lm.layers) - 1:
-        raise ValueError(f"layer: LLM stages after layers {list(ks)}; must lie in [0, {len(lm.layers) - 2}] "
-                         "(a later layer must exist)")
+    if ks and not (-1 <= ks[0] and ks[-1] < len(lm.layers) - 1):
+        raise ValueError(f"layer: LLM stages after layers {list(ks)}; must lie in [-1, {len(lm.layers) - 2}] "
+                         "(a later layer must exist; -1: before layer 0)")
     if fam.mrope and any(s.renumber for s in plan.stages):
         raise ValueError(f"renumber: {family}'s M-RoPE position ids are kept, not renumbered, after an LLM stage")
     needs = plan.needs

@@ -5,8 +5,9 @@ layers and pass them to each decoder layer as keyword arguments. After a drop at
 fewer rows, and later their cache is shorter than that of the earlier layers, so:
 
 - a forward hook on ``layers[K]`` runs the plan's stages at K (each on what the previous one kept) and compacts
-  the hidden states; the kept rows are recorded as :class:`LayerRows`, composed into rows of the post-projector
-  prompt, so every later layer reads one index map;
+  the hidden states (``K = -1``: a forward pre-hook on ``layers[0]``, on the language model's input rows); the
+  kept rows are recorded as :class:`LayerRows`, composed into rows of the post-projector prompt, so every later
+  layer reads one index map;
 - forward pre-hooks on the layers after the first K give each layer a mask built for its own rows (kept-and-valid
   columns, causal), and at prefill the rotary tables and ``position_ids`` gathered to its rows. Kept tokens keep
   the positions they had before, whose cache already holds them; after a ``Stage.renumber`` stage the kept rows
@@ -149,6 +150,14 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
                                "function")
         return got[0]
 
+    def before_0(_module, args, kwargs):
+        """The stages of ``layer=-1`` on layer 0's input rows (the language model's input embeddings)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = after_k(-1, None, args, kwargs, hidden)
+        if out is None:
+            return None
+        return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
+
     def after_k(K, _module, _args, kwargs, output):
         prompt = state.prompt
         hidden = output[0] if isinstance(output, tuple) else output
@@ -201,6 +210,9 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
 
     undo = []
     for K in ks:
+        if K < 0:  # before layer 0: registered ahead of layer 0's own mask and rotary pre-hook below
+            undo.append(layers[0].register_forward_pre_hook(before_0, with_kwargs=True).remove)
+            continue
         hook = layers[K].register_forward_hook(lambda m, a, k, o, _k=K: after_k(_k, m, a, k, o), with_kwargs=True)
         undo.append(hook.remove)
     for i in range(ks[0] + 1 if ks else len(layers), len(layers)):

@@ -5,7 +5,9 @@ A :class:`VLMPlan` lists :class:`Stage` s. Each stage sits at one point of the f
 - ``"vision"`` with ``layer=l``: after vision-encoder layer ``l`` (0-based), on each image's remaining patches per
   tile (Qwen2.5-VL: merge units); the later encoder layers run on the kept ones only (see the family adapters);
 - ``"projector"``: after the projector, on the projected visual tokens (the LLM's layer-0 input);
-- ``"llm"`` with ``layer=K``: after language-model layer ``K`` (0-based), on the image tokens still in the prompt.
+- ``"llm"`` with ``layer=K``: after language-model layer ``K`` (0-based), on the image tokens still in the prompt;
+  ``layer=-1``: before layer 0, on the language model's input rows. Unlike a projector stage's, the tokens it drops
+  stay in the prompt, so a later reactivating stage can bring them back (LVLM_CSP's clustering, then scattering).
 
 and names what it reads (:class:`Needs`): vision-encoder statistics at given encoder layers (hidden states, the
 attention each patch receives, the CLS query's attention row; raw, per head), and at an LLM stage the attention
@@ -211,7 +213,11 @@ class Stage:
             raise ValueError("reactivate: tokens come back at an 'llm' stage that reads no attention rows (the "
                              "dropped tokens have no keys at that layer)")
         if self.where in ("vision", "llm"):
-            object.__setattr__(self, "layer", check_int(self.layer, "layer", low=0))
+            object.__setattr__(self, "layer", check_int(self.layer, "layer", low=-1 if self.where == "llm" else 0))
+            if self.layer == -1 and (self.needs.rows or self.needs.llm_kv or self.needs.next_layer or self.reactivate
+                                     or self.renumber):
+                raise ValueError("layer: a stage before LLM layer 0 (layer=-1) reads no attention of the language "
+                                 "model, brings nothing back and keeps positions")
         elif self.layer is not None:
             raise ValueError(f"layer: a {self.where!r} stage takes no layer, got {self.layer}")
         if (self.needs.rows or self.needs.llm_kv) and self.where != "llm":

@@ -163,7 +163,8 @@ def decode_kwargs(kwargs: dict, prompt: Prompt) -> dict:
     prompt's next position plus the steps taken."""
     embeds = kwargs["inputs_embeds"]
     B, q = embeds.shape[:2]
-    steps = prompt.cache.get_seq_length() - prompt.valid.shape[1]
+    first = next((r.valid.shape[1] for r in prompt.llm_rows if r.after < 0), prompt.valid.shape[1])
+    steps = prompt.cache.get_seq_length(0) - first  # layer 0 holds the prompt's rows, fewer after a layer -1 stage
     mask = kwargs.get("attention_mask")
     tail = (mask[:, prompt.orig_len:].bool() if mask is not None and mask.dim() == 2
             else torch.ones(B, steps + q, dtype=torch.bool, device=embeds.device))

@@ -100,3 +100,42 @@ def test_reactivation_is_validated():
     back = Stage("llm", lambda ctx: [], layer=1, reactivate=True)
     with pytest.raises(ValueError, match="reactivate"):
         VLMPlan((back, Stage("llm", lambda ctx: [], layer=1)))
+
+
+class SuspendThenReturn(DropThenReturn):
+    """Before LLM layer 0 keep the first half of each image (the others wait outside layers 0..1); after layer 1
+    bring every token back."""
+
+    def vlm_plan(self) -> VLMPlan:
+        half = Stage("llm", self.first_half, layer=-1, budget=lambda img: max(1, img.token_ids.numel() // 2),
+                     name="half")
+        back = Stage("llm", self.everything, layer=1, name="back", reactivate=True)
+        return VLMPlan((half, back))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
+@torch.no_grad()
+def test_tokens_dropped_before_layer_0_come_back_and_decode_like_single_prompts(family):
+    model = tiny_vlm(family)
+    layers = model.model.language_model.layers
+    x = tiny_inputs(model, family, IMAGES, padding_side="left")
+    seen = []
+    hook = layers[0].register_forward_hook(lambda m, a, k, o: seen.append(a[0].shape[1] if a else
+                                                                          k["hidden_states"].shape[1]),
+                                           with_kwargs=True)
+    method = SuspendThenReturn()
+    try:
+        with prunelab.apply(model, method) as h:
+            model(**x)
+            counts = [[k.numel() for k in kept] for _, kept in h.state.history]
+            n = [img.span.num_tokens for img in h.state.images]
+            batch = generate_tail(model, x, n=4)
+            singles = torch.cat([generate_tail(model, sample_inputs(x, b, IMAGES), n=4) for b in range(len(IMAGES))])
+    finally:
+        hook.remove()
+    assert counts == [[max(1, k // 2) for k in n], n]  # half before layer 0, everything back after layer 1
+    assert seen[0] < x["input_ids"].shape[1]  # layer 0 ran on fewer rows than the prompt has
+    assert torch.equal(batch, singles)
+    ctx = method.seen[0]
+    for img in ctx.images:  # at layer 1 the suspended tokens are not held and carry their input embeddings
+        assert int((~img.held).sum()) == img.token_ids.numel() - max(1, img.token_ids.numel() // 2)

@@ -192,7 +192,11 @@ def test_plan_validation_names_the_field():
     with pytest.raises(ValueError, match="layer"):
         Stage("vision", lambda ctx: [])
     with pytest.raises(ValueError, match="layer"):
-        Stage("llm", lambda ctx: [], layer=-1)
+        Stage("llm", lambda ctx: [], layer=-2)
+    with pytest.raises(ValueError, match="layer"):  # before layer 0 the language model has no attention to read
+        Stage("llm", lambda ctx: [], layer=-1, needs=Needs(rows=("last",)))
+    with pytest.raises(ValueError, match="layer"):
+        Stage("llm", lambda ctx: [], layer=-1, reactivate=True)
     with pytest.raises(ValueError, match="layer"):
         Stage("projector", lambda ctx: [], layer=2)
     with pytest.raises(ValueError, match="rows"):
