@@ -16,7 +16,7 @@ from typing import Any
 
 # One line per method package (its entry.py); the order is the order of `prunelab list`.
 PACKAGES = ("zero_tprune", "dtop", "top_vim", "fasa", "divprune", "hiprune", "flowcut", "visiondrop", "catp",
-            "window_diffusion", "baselines")
+            "lvlm_csp", "window_diffusion", "baselines")
 
 SEAMS = {
     "vit": "prunelab.common.vit (blocks ask for attention statistics; others keep fused SDPA)",

@@ -1,0 +1,238 @@
+"""LVLM_CSP (methods/lvlm_csp/README.md): the selectors on hand-made inputs, the scatter modes on a toy example, the
+image tokens per layer against the FLOPs identity, the [SEG] row against eager attention, batches with different
+[SEG] positions against single prompts, bad inputs. The shared invariants run in tests/test_invariants.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_helpers import generate_tail
+
+import prunelab
+from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
+from prunelab.methods.lvlm_csp import (
+    LVLMCSP,
+    assign,
+    cls_attention,
+    mean_image_tokens,
+    random_tokens,
+    scatter,
+    seg_first,
+    top_k,
+    uniform,
+)
+
+SEG = 101  # a text id of the tiny vocabulary that tiny_inputs never draws (it draws 1..99)
+IMAGES = [1, 2]
+TINY = {"scatter_layer": 1, "prune_layer": 2}
+
+
+def _with_seg(x: dict) -> dict:
+    """``x`` with one [SEG] per prompt, at different distances from the end (prompt b: position L - 1 - b)."""
+    x = dict(x)
+    ids = x["input_ids"].clone()
+    for b in range(ids.shape[0]):
+        ids[b, ids.shape[1] - 1 - b] = SEG
+    x["input_ids"] = ids
+    return x
+
+
+# -- selectors and scattering by hand ------------------------------------------------------------------------------
+def test_uniform_and_random_selectors():
+    assert uniform(576, 64).tolist() == [9 * i for i in range(64)]
+    assert uniform(10, 3).tolist() == [0, 3, 6] and uniform(5, 5).tolist() == [0, 1, 2, 3, 4]
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    r = random_tokens(50, 7, g())
+    assert r.tolist() == sorted(set(r.tolist())) and r.numel() == 7 and torch.equal(r, random_tokens(50, 7, g()))
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="clusters"):
+            uniform(10, bad)
+
+
+def test_cls_selector_takes_the_head_mean_top_k():
+    row = torch.tensor([[0.1, 0.5, 0.2, 0.2], [0.3, 0.1, 0.4, 0.2]])  # means 0.2, 0.3, 0.3, 0.2
+    assert cls_attention(row, 2).tolist() == [1, 2] and cls_attention(row, 3).tolist() == [0, 1, 2]  # ties: lower
+
+
+def test_seg_first_allocates_by_area_from_each_instance_only():
+    N = 20
+    masks = torch.zeros(3, N, dtype=torch.bool)
+    masks[0, :10] = True  # area 10
+    masks[1, 10:14] = True  # area 4
+    masks[2, 14:16] = True  # area 2
+    picks = seg_first(masks, 8)  # 8 * 10/16 = 5, 8 * 4/16 = 2, 8 * 2/16 = 1
+    assert picks.tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert not bool(torch.isin(picks, torch.arange(16, N)).any())  # background tokens are never representatives
+    tiny = torch.zeros(5, N, dtype=torch.bool)
+    for o in range(5):
+        tiny[o, 4 * o] = True
+    assert seg_first(tiny, 3).numel() == 5  # more instances than N_c: one each, the total exceeds N_c
+    with pytest.raises(ValueError, match="instances"):
+        seg_first(torch.zeros(2, N, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="instances"):
+        seg_first(torch.ones(2, N), 4)
+
+
+def test_scatter_modes_on_a_toy_example():
+    inputs = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [1.0, 0.05]])
+    reps = torch.tensor([0, 2])
+    members = assign(inputs, reps)
+    assert members.tolist() == [0, 0, 1, 1, 0]
+    hidden = torch.tensor([[5.0, 5.0], [-1.0, 2.0]])  # the representatives' states at the scattering layer
+    copy = scatter("copy_rep_state", inputs, hidden, reps, members)
+    assert torch.equal(copy, hidden[members])  # members equal their representative's state
+    delta = scatter("add_rep_delta", inputs, hidden, reps, members)
+    expected = inputs + (hidden - inputs[reps])[members]
+    assert torch.allclose(delta, expected) and torch.equal(delta[reps], hidden)
+    again = scatter("reembed", inputs, hidden, reps, members)
+    assert torch.equal(again[[1, 3, 4]], inputs[[1, 3, 4]]) and torch.equal(again[reps], hidden)
+    with pytest.raises(ValueError, match="scatter_mode"):
+        scatter("copy", inputs, hidden, reps, members)
+
+
+def test_flops_identity():
+    # 32 layers, 256 tokens: N_c = 32 in layers 0..7, all in 8..15, N_keep = 32 from 16 on: 88 tokens a layer
+    assert mean_image_tokens(256, 32, 32, 8, 16, 32) == 88.0
+    assert 1 - mean_image_tokens(256, 32, 16, 8, 16, 32) / 256 == pytest.approx(0.6875)
+    assert mean_image_tokens(256, 256, 256, 8, 16, 32) == 256
+
+
+# -- on the models -------------------------------------------------------------------------------------------------
+def _rows_per_layer(model, x, method):
+    """Image rows each language-model layer ran on, per prompt, at prefill."""
+    layers = model.model.language_model.layers
+    seen = [None] * len(layers)
+
+    def record(i):
+        return lambda m, a, k: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1])
+
+    with prunelab.apply(model, method) as h:
+        hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            model(**x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return seen, h
+
+
+@pytest.mark.parametrize("selector", ["uniform", "random"])
+@torch.no_grad()
+def test_image_tokens_per_layer_follow_the_profile(family_model, selector):
+    family, model = family_model
+    x = _with_seg(tiny_inputs(model, family, [1], padding_side="left"))  # one prompt, one image
+    dense_rows = x["input_ids"].shape[1]
+    method = LVLMCSP.for_model(model, clusters=0.25, keep=0.5, selector=selector, seg_token_id=SEG, **TINY)
+    seen, h = _rows_per_layer(model, x, method)
+    n = h.state.images[0].span.num_tokens
+    n_c, n_keep = [k.numel() for _, (k,) in h.state.history][0], max(1, int(n * 0.5 + 0.5))
+    counts = [rows - (dense_rows - n) for rows in seen]  # image rows of each layer
+    assert counts == [n_c, n, n_keep]  # layer 0: representatives; layer 1: every token; layer 2: the kept
+    assert sum(counts) / 3 == mean_image_tokens(n, n_c, n_keep, 1, 2, 3)
+    names = [name for name, _ in h.state.history]
+    assert names == ["LVLM_CSP clustering", "LVLM_CSP scattering", "LVLM_CSP pruning"]
+    assert torch.equal(h.state.history[1][1][0], torch.arange(n))  # all N tokens back, at their own span slots
+
+
+@torch.no_grad()
+def test_pruning_keeps_the_top_of_the_seg_row_as_eager_attention_gives_it(family_model):
+    family, model = family_model
+    x = _with_seg(tiny_inputs(model, family, IMAGES, padding_side="left"))
+    method = LVLMCSP.for_model(model, clusters=1.0, keep=0.25, seg_token_id=SEG, **TINY)  # layers 0-1 see all
+    with prunelab.apply(model, method) as h:
+        model(**x)
+    kept = h.state.history[-1][1]
+    text = model.config.get_text_config()
+    previous = text._attn_implementation
+    text._attn_implementation_internal = "eager"
+    try:
+        attn = model(**x, output_attentions=True).attentions[1]  # layer L2 - 1 = 1: [B, H, L, L]
+    finally:
+        text._attn_implementation_internal = previous
+    for img, k in zip(h.state.images, kept):
+        b, cols = img.span.sample, img.span.positions
+        seg_rows = (x["input_ids"][b] == SEG).nonzero().flatten()
+        scores = attn[b][:, seg_rows][:, :, cols].mean((0, 1))
+        assert torch.equal(k, top_k(scores, max(1, int(0.25 * cols.numel() + 0.5))))
+
+
+@pytest.mark.parametrize("mode", ["reembed", "copy_rep_state", "add_rep_delta"])
+@torch.no_grad()
+def test_batch_with_different_seg_positions_equals_each_prompt_alone(family_model, mode):
+    family, model = family_model
+    x = _with_seg(tiny_inputs(model, family, IMAGES, padding_side="left"))
+    method = LVLMCSP.for_model(model, clusters=0.5, keep=0.25, scatter_mode=mode, selector="random",
+                               seg_token_id=SEG, **TINY)
+    with prunelab.apply(model, method) as h:
+        batch = generate_tail(model, x, n=3)
+        kept = [[k.clone() for k in ks] for _, ks in h.state.history]
+        alone = []
+        for b in range(len(IMAGES)):
+            single = sample_inputs(x, b, IMAGES)
+            alone.append(generate_tail(model, single, n=3))
+            first = sum(IMAGES[:b])
+            for stage, (_, ks) in zip(kept, h.state.history):
+                assert all(torch.equal(u, v) for u, v in zip(stage[first:first + IMAGES[b]], ks))
+    assert torch.equal(batch, torch.cat(alone))
+
+
+@torch.no_grad()
+def test_scatter_modes_change_what_the_returning_tokens_carry(family_model):
+    family, model = family_model
+    x = _with_seg(tiny_inputs(model, family, IMAGES, padding_side="left"))
+    outs = {}
+    for mode in ("reembed", "copy_rep_state", "add_rep_delta"):
+        with prunelab.apply(model, LVLMCSP.for_model(model, clusters=0.5, keep=1.0, scatter_mode=mode,
+                                                     seg_token_id=SEG, **TINY)):
+            outs[mode] = model(**x).logits[:, -1]
+    assert not torch.allclose(outs["reembed"], outs["copy_rep_state"], atol=1e-5)
+    assert not torch.allclose(outs["reembed"], outs["add_rep_delta"], atol=1e-5)
+
+
+@torch.no_grad()
+def test_cls_selector_reads_the_towers_cls_row():
+    from prunelab.common.tiny_vlm import tiny_vlm
+
+    model = tiny_vlm("llava")
+    x = _with_seg(tiny_inputs(model, "llava", [1], padding_side="left"))
+    with prunelab.apply(model, LVLMCSP.for_model(model, clusters=4, keep=4, selector="cls", seg_token_id=SEG,
+                                                 **TINY)) as h:
+        model(**x)
+    tower = model.model.vision_tower
+    previous = tower.config._attn_implementation
+    tower.config._attn_implementation_internal = "eager"
+    try:
+        out = tower(x["pixel_values"], output_attentions=True, output_hidden_states=True)
+    finally:
+        tower.config._attn_implementation_internal = previous
+    layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1
+    row = out.attentions[layer][0, :, 0, 1:]  # the CLS query over the patches, per head
+    assert torch.equal(h.state.history[0][1][0], top_k(row.mean(0), 4))
+    qwen = __import__("prunelab.common.tiny_vlm", fromlist=["tiny_vlm"]).tiny_vlm("qwen2_5_vl")
+    with pytest.raises(ValueError, match="selector"):
+        LVLMCSP.for_model(qwen, selector="cls", **TINY)
+
+
+@torch.no_grad()
+def test_seg_first_on_the_model_and_a_missing_seg_token(family_model):
+    family, model = family_model
+    x = _with_seg(tiny_inputs(model, family, IMAGES, padding_side="left"))
+
+    def halves(img):  # two "instances": the first quarter and the third quarter of the image's tokens
+        n = img.embeds.shape[0]
+        m = torch.zeros(2, n, dtype=torch.bool)
+        m[0, : n // 4] = True
+        m[1, n // 2: 3 * n // 4] = True
+        return m
+
+    method = LVLMCSP.for_model(model, clusters=0.5, keep=0.5, selector="seg_first", instances=halves,
+                               seg_token_id=SEG, **TINY)
+    with prunelab.apply(model, method) as h:
+        model(**x)
+    for img, reps in zip(h.state.images, h.state.history[0][1]):
+        n = img.span.num_tokens
+        inside = (reps < n // 4) | ((reps >= n // 2) & (reps < 3 * n // 4))
+        assert bool(inside.all()) and reps.numel() >= 2
+    with pytest.raises(ValueError, match="seg_token_id"), prunelab.apply(model, LVLMCSP.for_model(
+            model, clusters=0.5, keep=0.5, seg_token_id=SEG + 1, **TINY)):
+        model(**x)
