@@ -236,3 +236,59 @@ def test_seg_first_on_the_model_and_a_missing_seg_token(family_model):
     with pytest.raises(ValueError, match="seg_token_id"), prunelab.apply(model, LVLMCSP.for_model(
             model, clusters=0.5, keep=0.5, seg_token_id=SEG + 1, **TINY)):
         model(**x)
+
+
+# -- the LISA-style segmenter --------------------------------------------------------------------------------------
+def _tiny_sam():
+    from transformers import SamConfig, SamModel
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
+                             output_channels=32, global_attn_indexes=[1], window_size=4, mlp_dim=64, num_pos_feats=16)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                   iou_head_hidden_dim=32)
+    return SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                              mask_decoder_config=decoder.to_dict())).eval()
+
+
+@pytest.fixture(scope="module")
+def lisa():
+    from prunelab.common.tiny_vlm import tiny_vlm
+    from prunelab.methods.lvlm_csp.lisa import LisaSegmenter
+
+    torch.manual_seed(1)
+    return LisaSegmenter(tiny_vlm("llava"), _tiny_sam(), SEG).eval()
+
+
+@torch.no_grad()
+def test_lisa_masks_under_lvlm_csp(lisa):
+    x = _with_seg(tiny_inputs(lisa.vlm, "llava", IMAGES, padding_side="left"))
+    start = int(x["attention_mask"][0].nonzero()[0])
+    x["input_ids"][0, start + 1] = SEG  # prompt 0 holds two [SEG] tokens (one in its text before the image): two masks
+    sam_pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    dense = lisa(**x, sam_pixel_values=sam_pixels)
+    assert [m.shape for m in dense.masks] == [(2, 32, 32), (1, 32, 32)]  # SAM's decoder: 4x its 8 x 8 grid
+    with prunelab.apply(lisa.vlm, LVLMCSP.for_model(lisa.vlm, clusters=1.0, keep=1.0, seg_token_id=SEG, **TINY)):
+        same = lisa(**x, sam_pixel_values=sam_pixels)
+    for a, b in zip(same.masks + same.seg_states, dense.masks + dense.seg_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # keep-all: the dense [SEG] states and masks
+    method = LVLMCSP.for_model(lisa.vlm, clusters=0.5, keep=0.25, seg_token_id=SEG, **TINY)
+    with prunelab.apply(lisa.vlm, method):
+        pruned = lisa(**x, sam_pixel_values=sam_pixels)
+        embeds = lisa.sam.get_image_embeddings(sam_pixels)
+        singles = [lisa(**sample_inputs(x, b, IMAGES), image_embeddings=embeds[b:b + 1]) for b in range(2)]
+    assert [m.shape for m in pruned.masks] == [m.shape for m in dense.masks]
+    assert not torch.allclose(pruned.seg_states[0], dense.seg_states[0], atol=1e-4)  # pruning reaches [SEG] ...
+    assert not torch.equal(pruned.masks[0], dense.masks[0])  # ... and the masks (a random SAM's logits are ~1e-5)
+    for b, single in enumerate(singles):  # a batch with [SEG] at different rows equals each prompt alone
+        torch.testing.assert_close(pruned.masks[b], single.masks[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="input_ids"):
+        lisa(**tiny_inputs(lisa.vlm, "llava", IMAGES), sam_pixel_values=sam_pixels)
+    with pytest.raises(ValueError, match="sam_pixel_values"):
+        lisa(**x)
