@@ -271,3 +271,13 @@ def test_the_full_preset_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "catp", "--preset", "full"])
     assert "catp: preset: this reproduction has the presets ['tiny'], not 'full'" in capsys.readouterr().err
+
+
+def test_greedy_on_a_batch_of_images_equals_one_at_a_time():
+    g = torch.Generator().manual_seed(5)
+    x, text = torch.randn(3, 40, 16, generator=g), torch.randn(3, 16, generator=g)
+    for lam, t in ((0.7, text), (float("inf"), text), (0.7, None)):
+        keep, gains = facility_location(x, t, 11, lam)
+        for b in range(3):
+            k1, g1 = facility_location(x[b], None if t is None else t[b], 11, lam)
+            assert torch.equal(keep[b], k1) and torch.allclose(gains[b], g1)

@@ -170,16 +170,22 @@ class CATP:
         return stage1_count(img.embeds.shape[0], self.ratio)
 
     def _stage1(self, ctx) -> list[Reduction]:
-        out = []
-        for img, text in zip(ctx.images, _paired_text(ctx)):
+        """Per image the greedy selection; images of equal size, budget and text presence run as one batch."""
+        out: list[Reduction | None] = [None] * len(ctx.images)
+        groups: dict[tuple, list[tuple[int, torch.Tensor | None]]] = {}
+        for i, (img, text) in enumerate(zip(ctx.images, _paired_text(ctx))):
             n = img.embeds.shape[0]
             if img.budget >= n:
-                out.append(Reduction.keep_all(1, n, img.embeds.device))
+                out[i] = Reduction.keep_all(1, n, img.embeds.device)
                 continue
-            mean = ctx.hidden[img.span.sample, text].mean(0) if text.numel() else None
-            keep, _ = selection.facility_location(img.embeds.detach(), None if mean is None else mean.detach(),
-                                                  img.budget, self.lambda_1)
-            out.append(Reduction(keep[None], n))
+            mean = ctx.hidden[img.span.sample, text].mean(0).detach() if text.numel() else None
+            groups.setdefault((n, img.budget, mean is None), []).append((i, mean))
+        for (n, k, no_text), members in groups.items():
+            x = torch.stack([ctx.images[i].embeds.detach() for i, _ in members])
+            text = None if no_text else torch.stack([m for _, m in members])
+            keep, _ = selection.facility_location(x, text, k, self.lambda_1)
+            for (i, _), row in zip(members, keep):
+                out[i] = Reduction(row[None], n)
         return out
 
     # -- stage 2 -----------------------------------------------------------------------------------------------

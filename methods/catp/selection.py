@@ -42,43 +42,53 @@ def rescaled_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def facility_location(x: torch.Tensor, text: torch.Tensor | None, k: int, lambda_1: float = 0.7
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy ``argmax_{|Y| = k} F_div(Y) + lambda_1 F_align(Y)`` over the rows of ``x`` [S, C].
+    """Greedy ``argmax_{|Y| = k} F_div(Y) + lambda_1 F_align(Y)`` over the rows of ``x``.
 
     Args:
-        x: one image's tokens (stage 1: its projected embeddings).
-        text: [C] the mean embedding of the image's paired text; ``None`` (no text) drops the alignment term.
+        x: [S, C] one image's tokens (stage 1: its projected embeddings), or [B, S, C] images of equal size, selected
+            together in one loop (one ``[B, S, S]`` step per pick instead of ``B`` small ones).
+        text: [C] (or [B, C]) the mean embedding of the image's paired text; ``None`` (no text) drops the alignment
+            term.
         k: tokens to keep, in [1, S].
         lambda_1: the alignment weight; ``float("inf")`` ranks by alignment alone (ties by diversity).
 
     Returns:
-        (kept indices [k], sorted; the marginal gain of each pick [k], in pick order; with ``lambda_1 = inf`` the
-        gains are the diversity parts).
+        (kept indices [k] (or [B, k]), sorted; the marginal gain of each pick, in pick order; with ``lambda_1 = inf``
+        the gains are the diversity parts).
     """
-    S = x.shape[0]
+    single = x.dim() == 2
+    if single:
+        x, text = x[None], None if text is None else text[None]
+    B, S = x.shape[:2]
     if not 1 <= k <= S:
         raise ValueError(f"k: expected a count in [1, {S}], got {k}")
     if lambda_1 < 0:
         raise ValueError(f"lambda_1: expected a weight >= 0, got {lambda_1}")
-    sim = rescaled_cosine(x, x)  # [candidate, x]
-    align = rescaled_cosine(x, text[None])[:, 0] if text is not None else sim.new_zeros(S)
-    best, chosen = sim.new_zeros(S), torch.zeros(S, dtype=torch.bool, device=x.device)
+    xn = F.normalize(x.float(), dim=-1)
+    sim = ((xn @ xn.transpose(1, 2) + 1) / 2).clamp(0, 1)  # [B, candidate, x]
+    if text is not None:
+        align = ((xn @ F.normalize(text.float(), dim=-1)[..., None])[..., 0] + 1) / 2
+    else:
+        align = sim.new_zeros(B, S)
+    best, chosen = sim.new_zeros(B, S), torch.zeros(B, S, dtype=torch.bool, device=x.device)
+    rows = torch.arange(B, device=x.device)
     picks, gains = [], []
-    infinite = lambda_1 == float("inf")
     for _ in range(k):
-        div = (sim - best[None]).clamp(min=0).sum(-1)
-        if infinite:  # alignment first, diversity breaks ties
+        div = (sim - best[:, None]).clamp(min=0).sum(-1)
+        if lambda_1 == float("inf"):  # alignment first, diversity breaks ties
             key = torch.where(chosen, -1.0, align)
-            cand = key == key.max()
-            c = int(torch.where(cand, div, float("-inf")).argmax())
-            gains.append(div[c])
+            cand = key == key.amax(-1, keepdim=True)
+            c = torch.where(cand, div, float("-inf")).argmax(-1)
+            gains.append(div[rows, c])
         else:
             gain = torch.where(chosen, float("-inf"), div + lambda_1 * align)
-            c = int(gain.argmax())
-            gains.append(gain[c])
+            c = gain.argmax(-1)
+            gains.append(gain[rows, c])
         picks.append(c)
-        chosen[c] = True
-        best = torch.maximum(best, sim[c])
-    return torch.tensor(sorted(picks), dtype=torch.long, device=x.device), torch.stack(gains)
+        chosen[rows, c] = True
+        best = torch.maximum(best, sim[rows, c])
+    keep, gains = torch.stack(picks, -1).sort(-1).values, torch.stack(gains, -1)
+    return (keep[0], gains[0]) if single else (keep, gains)
 
 
 def context_scores(attn_k: torch.Tensor, attn_prev: torch.Tensor, hidden: torch.Tensor, query_mean: torch.Tensor,
