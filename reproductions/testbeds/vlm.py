@@ -42,8 +42,8 @@ WEIGHTS = Path(__file__).with_name("weights") / "vlm.safetensors"
 SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of WEIGHTS; train_vlm prints it
 
 __all__ = ["IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch",
-           "build", "choice_logits", "load", "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer",
-           "vocabulary"]
+           "build", "choice_logits", "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config",
+           "tokenizer", "vocabulary", "word_tokenizer"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -58,14 +58,22 @@ def vocabulary() -> tuple[str, ...]:
     return SPECIAL + tuple(sorted(words))
 
 
-@lru_cache(maxsize=1)
 def tokenizer():
     """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` (lower-cases, splits words and marks)."""
+    return word_tokenizer(vocabulary())
+
+
+@lru_cache(maxsize=4)
+def word_tokenizer(words: tuple[str, ...]):
+    """A word-level ``PreTrainedTokenizerFast`` whose ids are the positions in ``words`` (which start with the
+    special tokens ``<pad>``, ``<unk>``, ``<image>``); shared with test-beds that extend :func:`vocabulary`."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocabulary())}, unk_token="<unk>"))
+    if words[:len(SPECIAL)] != SPECIAL:
+        raise ValueError(f"words must start with {SPECIAL}, got {words[:len(SPECIAL)]}")
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+, as _WORD (the texts have single marks)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
@@ -79,13 +87,21 @@ def text_config() -> dict:
                 pad_token_id=PAD, tie_word_embeddings=False)
 
 
+def llava_config(**text):
+    """The test-bed's ``LlavaConfig``; ``text`` overrides fields of :func:`text_config` (a test-bed that extends the
+    vocabulary or the positions builds the same architecture with them)."""
+    import transformers as tf
+
+    return tf.LlavaConfig(vision_config=dict(TOWER), text_config={**text_config(), **text}, image_token_id=IMAGE_TOKEN,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", pad_token_id=PAD)
+
+
 def build(seed: int = 0):
     """The untrained test-bed, fp32, eval mode, SDPA; and its tokenizer."""
     import transformers as tf
 
-    config = tf.LlavaConfig(vision_config=dict(TOWER), text_config=text_config(), image_token_id=IMAGE_TOKEN,
-                            vision_feature_layer=-2, vision_feature_select_strategy="default",
-                            projector_hidden_act="gelu", pad_token_id=PAD)
+    config = llava_config()
     torch.manual_seed(seed)
     return tf.LlavaForConditionalGeneration(config).eval(), tokenizer()
 
