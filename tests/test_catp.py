@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from vlm_helpers import generate_tail
+from vlm_helpers import eager_attentions, generate_tail
 
 import prunelab
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
@@ -167,13 +167,7 @@ def test_rows_at_layers_k_minus_1_and_k_are_the_models_attention(family_model):
     rec = Recorder()
     with prunelab.apply(model, rec):
         model(**x)
-    text = model.config.get_text_config()
-    previous = text._attn_implementation
-    text._attn_implementation_internal = "eager"
-    try:
-        attn = model(**x, output_attentions=True).attentions
-    finally:
-        text._attn_implementation_internal = previous
+    attn = eager_attentions(model, x)
     for img in rec.seen.images:
         b, cols = img.span.sample, img.span.positions
         torch.testing.assert_close(img.rows["last"][:, 0], attn[1][b, :, -1, cols], atol=1e-5, rtol=1e-4)

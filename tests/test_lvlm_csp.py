@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_helpers import generate_tail
+from vlm_helpers import eager_attentions, generate_tail
 
 import prunelab
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
@@ -142,13 +142,7 @@ def test_pruning_keeps_the_top_of_the_seg_row_as_eager_attention_gives_it(family
     with prunelab.apply(model, method) as h:
         model(**x)
     kept = h.state.history[-1][1]
-    text = model.config.get_text_config()
-    previous = text._attn_implementation
-    text._attn_implementation_internal = "eager"
-    try:
-        attn = model(**x, output_attentions=True).attentions[1]  # layer L2 - 1 = 1: [B, H, L, L]
-    finally:
-        text._attn_implementation_internal = previous
+    attn = eager_attentions(model, x)[1]  # layer L2 - 1 = 1: [B, H, L, L]
     for img, k in zip(h.state.images, kept):
         b, cols = img.span.sample, img.span.positions
         seg_rows = (x["input_ids"][b] == SEG).nonzero().flatten()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vlm_helpers import eager_attentions
 
 import prunelab
 from prunelab.common.reduction import Reduction
@@ -85,13 +86,7 @@ def test_image_query_rows_are_the_models_attention():
     reader = Reader("llm", Needs(rows=("image",)), layer=0)
     with prunelab.apply(model, reader):
         model(**x)
-    text = model.config.get_text_config()
-    previous = text._attn_implementation
-    text._attn_implementation_internal = "eager"
-    try:
-        attn = model(**x, output_attentions=True).attentions[0]
-    finally:
-        text._attn_implementation_internal = previous
+    attn = eager_attentions(model, x)[0]
     for img in reader.seen[0].images:
         b, cols = img.span.sample, img.span.positions
         expected = attn[b][:, cols][:, :, cols]  # this image's queries over its own tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_helpers import generate_tail
+from vlm_helpers import eager_attentions, generate_tail
 
 import prunelab
 from prunelab.common.reduction import Reduction, check_reduction
@@ -143,13 +143,7 @@ def test_last_token_rows_are_the_models_attention(family_model):
     plan = ToyPlan(family, share=1.0)
     with prunelab.apply(model, plan) as h:
         model(**x)
-    text = model.config.get_text_config()
-    previous = text._attn_implementation
-    text._attn_implementation_internal = "eager"
-    try:
-        attn = model(**x, output_attentions=True).attentions[0]  # layer 0: [B, H, L, L]
-    finally:
-        text._attn_implementation_internal = previous
+    attn = eager_attentions(model, x)[0]  # layer 0: [B, H, L, L]
     ctx = plan.seen[2]  # the stage after LLM layer 0
     for img in ctx.images:
         b, cols = img.span.sample, img.span.positions
