@@ -22,12 +22,13 @@ FULL = ("divprune", "hiprune", "flowcut", "visiondrop")  # the papers with a ful
 
 REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1",
            "--testbed-n", "8"]
+EXTRA = {"catp": ["--icl-n", "8", "--icl-shots", "2"]}  # CATP's in-context test-bed table, 8 prompts at 0 and 2 shots
 
 
 @pytest.fixture(scope="module", params=PAPERS)
 def tiny_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    assert main(["reproduce", request.param, "--out", str(out), *REDUCED]) == 0
+    assert main(["reproduce", request.param, "--out", str(out), *REDUCED, *EXTRA.get(request.param, [])]) == 0
     return request.param, out
 
 
@@ -49,6 +50,16 @@ def test_tiny_writes_tables_and_plot(tiny_run):
     for r in testbed:
         if r["keep_ratio"] == 1.0 and r["method"] != "dense":  # every token kept: the dense answers
             assert r["mean"] == testbed[0]["mean"], r
+    if paper == "catp":  # the in-context test-bed: dense at 0 and 2 shots, the methods at the paper's R
+        icl = json.loads((out / "icl.json").read_text())["rows"]
+        assert [(r["shots"], r["method"]) for r in icl[:2]] == [(0, "dense"), (2, "dense")]
+        methods = {r["method"] for r in icl[2:]}
+        assert methods == {"CATP", "DivPrune", "random", "DivPrune (matched)", "random (matched)"}
+        assert {r["R"] for r in icl[2:]} == {0.667, 0.778, 0.899} and (out / "icl.png").stat().st_size > 0
+        for r in icl[2:]:
+            assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 8
+            if r["method"] in ("DivPrune", "random"):
+                assert abs(r["visual_%"] - 100 * (1 - r["R"])) < 4  # 1 - R of every image before layer 0
     for r in rows:  # random at the share the paper's method kept, where that differs from the keep ratio
         if r["method"] == MATCHED:
             own = next(o for o in rows if o["method"] == LABELS[paper] and o["family"] == r["family"]
