@@ -6,21 +6,17 @@ Answers and deciding cells are re-derived here from each scene's cell classes an
 from __future__ import annotations
 
 import collections
-import os
 import re
 import string
 
 import numpy as np
 import pytest
 import torch
+from testbed_helpers import NEEDS_FASHION_MNIST
 
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import fashion
 
-needs_data = pytest.mark.skipif(
-    not os.path.isdir(fashion.DEFAULT_ROOT),
-    reason=f"Fashion-MNIST not installed at {fashion.DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
-)
 FIELDS = {
     "name": r"(?P<name>\w+)",
     "names": r"(?P<names>\w+)",
@@ -105,7 +101,7 @@ def test_class_words():
     assert all(n.isalpha() for n in fashion.NAMES + fashion.PLURALS) and len(set(fashion.NAMES + fashion.PLURALS)) == 19
 
 
-@needs_data
+@NEEDS_FASHION_MNIST
 def test_answers_correct_by_construction(real):
     samples, scenes = real
     kinds = collections.Counter(s.kind for s in samples)
@@ -116,7 +112,7 @@ def test_answers_correct_by_construction(real):
         assert parse(s.question, s.kind)[0] == "train"
 
 
-@needs_data
+@NEEDS_FASHION_MNIST
 def test_scenes_match_cells(real):
     _, scenes = real
     _, labels = fashion.load_fashion_mnist("train")
@@ -132,7 +128,7 @@ def test_scenes_match_cells(real):
     np.testing.assert_array_equal(scenes.images([7, 7])[1], scene.image)
 
 
-@needs_data
+@NEEDS_FASHION_MNIST
 def test_heldout_templates_and_test_split():
     samples, scenes = C.make_dataset("test", 400, seed=1, templates="heldout")
     _, labels = fashion.load_fashion_mnist("test")
@@ -168,7 +164,7 @@ def test_balance_and_nothing_share():
             check(s, tuple(int(c) for c in scenes.cells[s.scene_index]))
 
 
-@needs_data
+@NEEDS_FASHION_MNIST
 def test_majority_rates_and_pixel_stats(real):
     """Chance levels stated in the module docstring: majority answer per kind."""
     samples, scenes = real

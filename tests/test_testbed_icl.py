@@ -6,17 +6,16 @@ demonstrations'), batches of mixed shot counts, the training path against the re
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
+from testbed_helpers import NEEDS_FASHION_MNIST
 
 import prunelab
 from prunelab import registry
-from prunelab.reproductions.testbeds import fashion, icl, vlm
+from prunelab.reproductions.testbeds import icl, vlm
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(fashion.DEFAULT_ROOT),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = NEEDS_FASHION_MNIST
 
 
 @functools.cache

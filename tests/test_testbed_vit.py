@@ -9,15 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from testbed_helpers import NEEDS_FASHION_MNIST
 
 from prunelab.reproductions.testbeds import fashion as data
 from prunelab.reproductions.testbeds import vit
 from prunelab.reproductions.testbeds.vit import ViTConfig, _augment
-
-NEEDS_DATA = pytest.mark.skipif(
-    not os.path.isdir(data.DEFAULT_ROOT),
-    reason=f"Fashion-MNIST not installed at {data.DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
-)
 
 # Small enough to train a few steps in about a second; still the 56 px / 4 px layout with 197 tokens.
 TINY = ViTConfig(embed_dim=16, depth=2, num_heads=1, phases=((28, 128), (56, 128)), batch_size=64)
@@ -137,7 +133,7 @@ def test_shipped_weights_checksum():
     assert vit.sha256(vit.WEIGHTS) == vit.SHA256
 
 
-@NEEDS_DATA
+@NEEDS_FASHION_MNIST
 def test_shipped_weights_load_and_classify():
     model, info = vit.load()
     assert info["test_top1"] >= 80.0 and info["config"]["embed_dim"] == 192
@@ -148,7 +144,7 @@ def test_shipped_weights_load_and_classify():
     assert accuracy > 0.7  # far above the 0.1 of chance on 200 held-out images
 
 
-@NEEDS_DATA
+@NEEDS_FASHION_MNIST
 def test_real_fashion_mnist_test_split():
     x, y = data.load_fashion_mnist("test")
     assert x.shape == (10000, 28, 28) and y.shape == (10000,)

@@ -5,18 +5,17 @@ seam; the shipped weights (checksum, loader, held-out accuracy) and the region p
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
+from testbed_helpers import NEEDS_FASHION_MNIST
 
 import prunelab
 from prunelab import registry
 from prunelab.reproductions.testbeds import composites as C
-from prunelab.reproductions.testbeds import fashion, vlm
+from prunelab.reproductions.testbeds import vlm
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(fashion.DEFAULT_ROOT),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = NEEDS_FASHION_MNIST
 
 
 @functools.cache
