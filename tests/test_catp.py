@@ -14,6 +14,7 @@ from vlm_helpers import eager_attentions, generate_tail
 
 import prunelab
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
+from prunelab.common.tokens import topk_sorted
 from prunelab.common.vlm_plan import Needs, Stage, VLMPlan
 from prunelab.methods.catp import (
     CATP,
@@ -24,7 +25,6 @@ from prunelab.methods.catp import (
     query_scores,
     rescaled_cosine,
     stage1_count,
-    top_k,
 )
 
 SHOTS = [3, 1, 2]  # images per prompt: 2-shot, 0-shot, 1-shot (the last image of each prompt is the query)
@@ -58,7 +58,7 @@ def test_greedy_limits_of_lambda_1():
     g = torch.Generator().manual_seed(3)
     x, text = torch.randn(30, 8, generator=g), torch.randn(8, generator=g)
     align = rescaled_cosine(x, text[None])[:, 0]
-    by_text = top_k(align, 7)
+    by_text = topk_sorted(align, 7)
     assert torch.equal(facility_location(x, text, 7, float("inf"))[0], by_text)
     assert torch.equal(facility_location(x, text, 7, 1e6)[0], by_text)  # a large weight: the same ranking
     assert torch.equal(facility_location(x, text, 7, 0.0)[0], facility_location(x, None, 7)[0])  # facility location
@@ -92,9 +92,9 @@ def test_context_scores_clip_the_increase_and_reduce_to_similarity():
     assert bool((increase >= 0).all()) and torch.allclose(increase, (a_k - a_prev).clamp(min=0))
     same = context_scores(a_k, a_k, h, q, lambda_2=0.6)  # no change of attention: the similarity ranking alone
     cos = torch.nn.functional.cosine_similarity(h, q[None], dim=-1)
-    assert torch.allclose(same, 0.6 * cos) and torch.equal(top_k(same, 5), top_k(cos, 5))
+    assert torch.allclose(same, 0.6 * cos) and torch.equal(topk_sorted(same, 5), topk_sorted(cos, 5))
     assert torch.allclose(query_scores(h, q), cos)
-    assert torch.equal(top_k(torch.tensor([1.0, 3.0, 3.0, 0.0]), 2), torch.tensor([1, 2]))  # ties: lower index
+    assert torch.equal(topk_sorted(torch.tensor([1.0, 3.0, 3.0, 0.0]), 2), torch.tensor([1, 2]))  # ties: lower index
 
 
 # -- on the models ------------------------------------------------------------------------------------------------

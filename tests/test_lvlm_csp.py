@@ -10,6 +10,7 @@ from vlm_helpers import eager_attentions, generate_tail
 
 import prunelab
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
+from prunelab.common.tokens import topk_sorted
 from prunelab.methods.lvlm_csp import (
     LVLMCSP,
     assign,
@@ -18,7 +19,6 @@ from prunelab.methods.lvlm_csp import (
     random_tokens,
     scatter,
     seg_first,
-    top_k,
     uniform,
 )
 
@@ -147,7 +147,7 @@ def test_pruning_keeps_the_top_of_the_seg_row_as_eager_attention_gives_it(family
         b, cols = img.span.sample, img.span.positions
         seg_rows = (x["input_ids"][b] == SEG).nonzero().flatten()
         scores = attn[b][:, seg_rows][:, :, cols].mean((0, 1))
-        assert torch.equal(k, top_k(scores, max(1, int(0.25 * cols.numel() + 0.5))))
+        assert torch.equal(k, topk_sorted(scores, max(1, int(0.25 * cols.numel() + 0.5))))
 
 
 @pytest.mark.parametrize("mode", ["reembed", "copy_rep_state", "add_rep_delta"])
@@ -201,7 +201,7 @@ def test_cls_selector_reads_the_towers_cls_row():
         tower.config._attn_implementation_internal = previous
     layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1
     row = out.attentions[layer][0, :, 0, 1:]  # the CLS query over the patches, per head
-    assert torch.equal(h.state.history[0][1][0], top_k(row.mean(0), 4))
+    assert torch.equal(h.state.history[0][1][0], topk_sorted(row.mean(0), 4))
     qwen = __import__("prunelab.common.tiny_vlm", fromlist=["tiny_vlm"]).tiny_vlm("qwen2_5_vl")
     with pytest.raises(ValueError, match="selector"):
         LVLMCSP.for_model(qwen, selector="cls", **TINY)

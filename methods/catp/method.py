@@ -28,6 +28,7 @@ from types import MappingProxyType
 import torch
 
 from prunelab.common.reduction import Reduction
+from prunelab.common.tokens import topk_sorted
 from prunelab.common.validate import check_choice, check_int, check_real
 from prunelab.methods.catp import selection
 
@@ -223,7 +224,7 @@ class CATP:
             if not bool(rows.any()):  # nothing before the query image: its own prompt's rows
                 rows = pos >= start
             scores = selection.query_scores(img.embeds.detach(), ctx.hidden[b, rows].mean(0).detach())
-            out[query] = Reduction(selection.top_k(scores, k)[None], img.embeds.shape[0])
+            out[query] = Reduction(topk_sorted(scores, k)[None], img.embeds.shape[0])
         return out
 
 
@@ -267,5 +268,5 @@ def _joint_top_k(scores: list[torch.Tensor], total: int) -> list[torch.Tensor]:
         if not bool(kept[starts[j]:starts[j + 1]].any()):
             rank = kept[order] & (torch.bincount(owner[kept], minlength=len(scores))[owner[order]] > 1)
             kept[order[rank.nonzero()[-1]]] = False
-            kept[starts[j] + int(torch.sort(-s, stable=True).indices[0])] = True
+            kept[starts[j] + int(s.argmax())] = True  # argmax: the first of equal maxima
     return [kept[starts[j]:starts[j + 1]].nonzero().flatten() for j in range(len(scores))]

@@ -20,7 +20,7 @@ Stage 2 (Sec. "Stage 2", progressive adaptation in shallow decoder layers):
   ``q``, ``mean_q h^K`` the mean layer-K hidden state of the query sample's tokens;
 - :func:`query_scores`: a query image token scores ``cos(h^{K+1}_q, mean_c h^{K+1})``, the mean over the pruned
   context;
-- :func:`top_k`: the kept indices of the highest scores, sorted (ties to the lower index).
+- the kept indices are the highest scores' (``prunelab.common.tokens.topk_sorted``: sorted, ties to the lower index).
 
 The paper gives no official code; nothing here is compared against one.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["context_scores", "facility_location", "query_scores", "rescaled_cosine", "top_k"]
+__all__ = ["context_scores", "facility_location", "query_scores", "rescaled_cosine"]
 
 
 def rescaled_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,9 +107,3 @@ def context_scores(attn_k: torch.Tensor, attn_prev: torch.Tensor, hidden: torch.
 def query_scores(hidden: torch.Tensor, context_mean: torch.Tensor) -> torch.Tensor:
     """``cos(h_q, context_mean)`` per query image token [N], float32."""
     return F.cosine_similarity(hidden.float(), context_mean.float()[None], dim=-1)
-
-
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest ``scores`` [N], sorted; equal scores go to the lower index."""
-    order = torch.sort(-scores, stable=True).indices
-    return order[:k].sort().values

@@ -9,9 +9,8 @@ from prunelab.methods.lvlm_csp.selection import (
     scatter,
     seg_first,
     seg_scores,
-    top_k,
     uniform,
 )
 
 __all__ = ["LVLMCSP", "SCATTER_MODES", "SELECTORS", "assign", "cls_attention", "mean_image_tokens", "random_tokens",
-           "scatter", "seg_first", "seg_scores", "top_k", "uniform"]
+           "scatter", "seg_first", "seg_scores", "uniform"]

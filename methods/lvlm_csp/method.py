@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prunelab.common.reduction import Reduction
-from prunelab.common.tokens import keep_count
+from prunelab.common.tokens import keep_count, topk_sorted
 from prunelab.common.validate import check_choice, check_int
 from prunelab.methods.lvlm_csp import selection
 
@@ -205,5 +205,5 @@ class LVLMCSP:
     # -- stage 3: pruning --------------------------------------------------------------------------------------
     def _prune(self, ctx) -> list[Reduction]:
         key = self.seg_token_id if self.seg_token_id is not None else "last"
-        return [Reduction(selection.top_k(selection.seg_scores(img.rows[key]), img.budget)[None], img.embeds.shape[0])
+        return [Reduction(topk_sorted(selection.seg_scores(img.rows[key]), img.budget)[None], img.embeds.shape[0])
                 for img in ctx.images]

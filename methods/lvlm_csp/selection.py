@@ -11,7 +11,7 @@ paper studies four selectors:
 
 Scattering (the second stage) re-activates every token; :func:`assign` gives each token its cluster's
 representative and :func:`scatter` the value it re-enters with. Pruning (the third stage) keeps the top tokens of the
-``[SEG]`` token's attention row (:func:`seg_scores`, :func:`top_k`).
+``[SEG]`` token's attention row (:func:`seg_scores`, then ``prunelab.common.tokens.topk_sorted``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SCATTER_MODES", "assign", "cls_attention", "random_tokens", "scatter", "seg_first", "seg_scores", "top_k",
+from prunelab.common.tokens import topk_sorted
+
+__all__ = ["SCATTER_MODES", "assign", "cls_attention", "random_tokens", "scatter", "seg_first", "seg_scores",
            "uniform"]
 
 SCATTER_MODES = ("reembed", "copy_rep_state", "add_rep_delta")
-
-
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest ``scores`` [N], sorted; equal scores go to the lower index."""
-    return torch.sort(-scores.float(), stable=True).indices[:k].sort().values
 
 
 def uniform(n: int, k: int, device=None) -> torch.Tensor:
@@ -46,7 +43,7 @@ def random_tokens(n: int, k: int, generator: torch.Generator, device=None) -> to
 
 def cls_attention(cls_row: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` patches the CLS query attends to most: ``cls_row`` [H, N] per head, averaged over heads."""
-    return top_k(cls_row.float().mean(0), k)
+    return topk_sorted(cls_row.float().mean(0), k)
 
 
 def seg_first(masks: torch.Tensor, k: int) -> torch.Tensor:
