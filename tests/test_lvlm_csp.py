@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_helpers import eager_attentions, generate_tail
+from vlm_helpers import eager_attentions, generate_tail, tiny_sam
 
 import prunelab
 from prunelab.common.tiny_vlm import sample_inputs, tiny_inputs
@@ -233,31 +233,13 @@ def test_seg_first_on_the_model_and_a_missing_seg_token(family_model):
 
 
 # -- the LISA-style segmenter --------------------------------------------------------------------------------------
-def _tiny_sam():
-    from transformers import SamConfig, SamModel
-    from transformers.models.sam.configuration_sam import (
-        SamMaskDecoderConfig,
-        SamPromptEncoderConfig,
-        SamVisionConfig,
-    )
-
-    torch.manual_seed(0)
-    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
-                             output_channels=32, global_attn_indexes=[1], window_size=4, mlp_dim=64, num_pos_feats=16)
-    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4)
-    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                   iou_head_hidden_dim=32)
-    return SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
-                              mask_decoder_config=decoder.to_dict())).eval()
-
-
 @pytest.fixture(scope="module")
 def lisa():
     from prunelab.common.tiny_vlm import tiny_vlm
     from prunelab.methods.lvlm_csp.lisa import LisaSegmenter
 
     torch.manual_seed(1)
-    return LisaSegmenter(tiny_vlm("llava"), _tiny_sam(), SEG).eval()
+    return LisaSegmenter(tiny_vlm("llava"), tiny_sam(), SEG).eval()
 
 
 @torch.no_grad()
@@ -286,3 +268,50 @@ def test_lisa_masks_under_lvlm_csp(lisa):
         lisa(**tiny_inputs(lisa.vlm, "llava", IMAGES), sam_pixel_values=sam_pixels)
     with pytest.raises(ValueError, match="sam_pixel_values"):
         lisa(**x)
+
+
+# -- the one-stage baseline ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_seg_prune_is_lvlm_csp_pruning_alone():
+    from prunelab.common.tiny_vlm import tiny_vlm
+    from prunelab.methods.lvlm_csp import SegPrune
+
+    model = tiny_vlm("llava")
+    x = _with_seg(tiny_inputs(model, "llava", IMAGES, padding_side="left"))
+    dense = model(**x).logits
+    with prunelab.apply(model, SegPrune(keep=1.0, layer=1, seg_token_id=SEG)):
+        torch.testing.assert_close(model(**x).logits, dense, atol=1e-5, rtol=1e-5)  # keep-all: the dense model
+    with prunelab.apply(model, SegPrune(keep=0.25, layer=2, seg_token_id=SEG)) as h:
+        one = model(**x).logits
+        kept = [k.clone() for k in h.state.history[-1][1]]
+    # LVLM_CSP with every token a representative: no clustering, a scattering that changes nothing, the same pruning
+    csp = LVLMCSP.for_model(model, clusters=1.0, keep=0.25, seg_token_id=SEG, **TINY)
+    with prunelab.apply(model, csp) as h:
+        torch.testing.assert_close(model(**x).logits, one, atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(h.state.history[-1][1], kept))
+    for bad, name in (({"keep": 0}, "keep"), ({"layer": 0}, "layer"), ({"seg_token_id": -2}, "seg_token_id")):
+        with pytest.raises(ValueError, match=name):
+            SegPrune(**bad)
+    with pytest.raises(ValueError, match="layer"), prunelab.apply(model, SegPrune(layer=3)):
+        model(**x)
+
+
+@torch.no_grad()
+def test_lisa_reads_the_state_that_emits_seg_by_default(lisa):
+    from prunelab.methods.lvlm_csp.lisa import LisaSegmenter
+
+    x = _with_seg(tiny_inputs(lisa.vlm, "llava", IMAGES, padding_side="left"))
+    sam_pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    last = lisa.vlm(**x, output_hidden_states=True).hidden_states[-1]
+    at = [int((x["input_ids"][b] == SEG).nonzero()) for b in range(2)]
+    emitting = lisa(**x, sam_pixel_values=sam_pixels).seg_states  # LISA's: the row before [SEG]
+    own = LisaSegmenter(lisa.vlm, lisa.sam, SEG, seg_state="own")(**x, sam_pixel_values=sam_pixels).seg_states
+    for b in range(2):
+        torch.testing.assert_close(emitting[b][0], last[b, at[b] - 1])
+        torch.testing.assert_close(own[b][0], last[b, at[b]])
+    start = int(x["attention_mask"][0].nonzero()[0])
+    x["input_ids"][0, start] = SEG  # a [SEG] first in its prompt: no row emits it
+    with pytest.raises(ValueError, match="seg_state"):
+        lisa(**x, sam_pixel_values=sam_pixels)
+    with pytest.raises(ValueError, match="seg_state"):
+        LisaSegmenter(lisa.vlm, lisa.sam, SEG, seg_state="previous")

@@ -22,3 +22,22 @@ def eager_attentions(model, inputs) -> tuple[torch.Tensor, ...]:
         return model(**inputs, output_attentions=True).attentions
     finally:
         text._attn_implementation_internal = previous
+
+
+def tiny_sam(seed: int = 0):
+    """A random transformers ``SamModel`` at 64 px (8 px patches, width 32): a mask decoder output of 32 x 32."""
+    from transformers import SamConfig, SamModel
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
+                             output_channels=32, global_attn_indexes=[1], window_size=4, mlp_dim=64, num_pos_feats=16)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=8, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                   iou_head_hidden_dim=32)
+    return SamModel(SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                              mask_decoder_config=decoder.to_dict())).eval()

@@ -8,8 +8,13 @@ forked: the VLM is transformers' ``LlavaForConditionalGeneration`` (or any famil
 transformers' ``SamModel``, and this module only wires them; a pruning method goes in through ``prunelab.apply`` on
 the VLM, which is where LVLM_CSP acts.
 
-When a method has dropped rows, the VLM's last hidden states hold fewer rows than the prompt; the rows of ``[SEG]``
-are found through the installed handle's row positions (``VLMState.positions``), never by offsets.
+Which hidden state prompts SAM (``seg_state``): LISA's code takes the last hidden state of the position *before*
+each ``[SEG]``, the state that emits ``[SEG]`` (``LISAForCausalLM.model_forward`` marks ``input_ids[:, 1:] ==
+seg_token_idx`` and reads the hidden states one position earlier), not the ``[SEG]`` token's own row. That is the
+default here (``"emitting"``); ``"own"`` reads the ``[SEG]`` row itself.
+
+When a method has dropped rows, the VLM's last hidden states hold fewer rows than the prompt; the rows are found
+through the installed handle's row positions (``VLMState.positions``), never by offsets.
 """
 
 from __future__ import annotations
@@ -21,14 +26,16 @@ from torch import nn
 
 import prunelab
 
-__all__ = ["LisaOutput", "LisaSegmenter"]
+__all__ = ["SEG_STATES", "LisaOutput", "LisaSegmenter"]
+
+SEG_STATES = ("emitting", "own")
 
 
 @dataclass
 class LisaOutput:
     """``masks``: per prompt, the low-resolution mask logits of its ``[SEG]`` tokens ``[n_seg, h, w]`` (SAM's
-    decoder output, 4x its embedding grid); ``seg_states``: per prompt, their last hidden states ``[n_seg, C]``;
-    ``logits``: the VLM's logits."""
+    decoder output, 4x its embedding grid); ``seg_states``: per prompt, the last hidden states that prompted them
+    ``[n_seg, C]`` (``seg_state``); ``logits``: the VLM's logits."""
 
     masks: list[torch.Tensor]
     seg_states: list[torch.Tensor]
@@ -42,11 +49,16 @@ class LisaSegmenter(nn.Module):
         vlm: a transformers VLM of the stage engine's families (LISA: LLaVA with a CLIP ViT-L/14 tower).
         sam: a transformers ``SamModel`` (LISA: SAM ViT-H).
         seg_token_id: the ``[SEG]`` token's id in the VLM's vocabulary.
+        seg_state: ``"emitting"`` (LISA's: the hidden state of the position before each ``[SEG]``) or ``"own"``
+            (the ``[SEG]`` row's).
     """
 
-    def __init__(self, vlm, sam, seg_token_id: int):
+    def __init__(self, vlm, sam, seg_token_id: int, seg_state: str = "emitting"):
         super().__init__()
-        self.vlm, self.sam, self.seg_token_id = vlm, sam, int(seg_token_id)
+        from prunelab.common.validate import check_choice
+
+        check_choice(seg_state, "seg_state", SEG_STATES)
+        self.vlm, self.sam, self.seg_token_id, self.seg_state = vlm, sam, int(seg_token_id), seg_state
         width, out = vlm.config.get_text_config().hidden_size, sam.config.prompt_encoder_config.hidden_size
         self.text_hidden_fcs = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out), nn.Dropout(0.0))
 
@@ -65,7 +77,8 @@ class LisaSegmenter(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 sam_pixel_values: torch.Tensor | None = None, image_embeddings: torch.Tensor | None = None,
                 **vlm_inputs) -> LisaOutput:
-        """One prefill of the VLM on prompts that hold their ``[SEG]`` tokens, then SAM's decoder per prompt.
+        """One prefill of the VLM on prompts that hold their ``[SEG]`` tokens (as LISA evaluates, its answer
+        ``[SEG]`` teacher-forced), then SAM's decoder per prompt.
 
         Args:
             input_ids / attention_mask / vlm_inputs: the VLM's inputs (``pixel_values`` and the family's others).
@@ -81,7 +94,14 @@ class LisaSegmenter(nn.Module):
         out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **vlm_inputs)
         last = out.hidden_states[-1]
         pos = self._row_positions(input_ids, attention_mask, last.shape[1])
-        is_seg = (pos >= 0) & (input_ids.gather(1, pos.clamp(min=0)) == self.seg_token_id)
+        shift = 1 if self.seg_state == "emitting" else 0
+        ahead = (pos + shift).clamp(min=0, max=input_ids.shape[1] - 1)
+        is_seg = (pos >= 0) & (pos + shift < input_ids.shape[1]) & (input_ids.gather(1, ahead) == self.seg_token_id)
+        found, want = is_seg.sum(-1), (input_ids == self.seg_token_id).sum(-1)
+        if not torch.equal(found, want):
+            bad = (found != want).nonzero().flatten().tolist()
+            raise ValueError(f"seg_state: prompts {bad} lack the row before a [SEG] (a [SEG] first in its prompt, "
+                             f"or the row was pruned); LISA reads the state that emits [SEG]")
         if image_embeddings is None:
             image_embeddings = self.sam.get_image_embeddings(sam_pixel_values)
         if image_embeddings.shape[0] != input_ids.shape[0]:

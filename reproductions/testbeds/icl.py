@@ -231,18 +231,12 @@ def from_vlm(seed: int = 0, word_norm: float = 0.0):
     that attends to every label word at once (the first thing worth learning: the answer is one of them) needs a
     feature they have in common."""
     model, tok = build(seed)
-    old = vlm.load()[0].state_dict()
-    state = model.state_dict()
-    for name, value in old.items():
-        if state[name].shape == value.shape:
-            state[name] = value
-        else:  # the embedding and the head: the first rows are the VLM's words
-            state[name][:value.shape[0]] = value
+    vlm.extend_from(model, vlm.load()[0])
     if word_norm:
-        rows = state["model.language_model.embed_tokens.weight"][-len(WORDS):]
-        own = F.normalize(torch.randn(rows.shape), dim=-1) + F.normalize(torch.randn(rows.shape[1]), dim=-1)
-        rows.copy_(word_norm * F.normalize(own, dim=-1))
-    model.load_state_dict(state)
+        with torch.no_grad():
+            rows = model.get_input_embeddings().weight[-len(WORDS):]
+            own = F.normalize(torch.randn(rows.shape), dim=-1) + F.normalize(torch.randn(rows.shape[1]), dim=-1)
+            rows.copy_(word_norm * F.normalize(own, dim=-1))
     return model, tok
 
 

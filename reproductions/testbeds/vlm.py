@@ -42,7 +42,7 @@ WEIGHTS = Path(__file__).with_name("weights") / "vlm.safetensors"
 SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of WEIGHTS; train_vlm prints it
 
 __all__ = ["IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch",
-           "build", "choice_logits", "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config",
+           "build", "choice_logits", "extend_from", "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config",
            "tokenizer", "vocabulary", "word_tokenizer"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -104,6 +104,19 @@ def build(seed: int = 0):
     config = llava_config()
     torch.manual_seed(seed)
     return tf.LlavaForConditionalGeneration(config).eval(), tokenizer()
+
+
+def extend_from(model, source) -> None:
+    """Copy ``source``'s weights (a test-bed model of this architecture) into ``model``, which may have a longer
+    vocabulary: whole tensors where the shapes agree, the first rows of the embedding and the head otherwise (the
+    extended vocabularies keep the old ids' words)."""
+    state = model.state_dict()
+    for name, value in source.state_dict().items():
+        if state[name].shape == value.shape:
+            state[name] = value
+        else:
+            state[name][:value.shape[0]] = value
+    model.load_state_dict(state)
 
 
 def load(path: str | Path | None = None, *, check: bool = True):

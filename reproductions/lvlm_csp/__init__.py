@@ -1,0 +1,1 @@
+"""LVLM_CSP's reproduction: ``prunelab reproduce lvlm_csp`` (the tiny preset)."""
