@@ -42,8 +42,8 @@ WEIGHTS = Path(__file__).with_name("weights") / "vlm.safetensors"
 SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of WEIGHTS; train_vlm prints it
 
 __all__ = ["IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch",
-           "build", "choice_logits", "extend_from", "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config",
-           "tokenizer", "vocabulary", "word_tokenizer"]
+           "build", "choice_logits", "extend_from", "llava_config", "load", "model_inputs", "patch_cells", "sha256",
+           "text_config", "tokenizer", "vocabulary", "word_tokenizer"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
