@@ -211,25 +211,15 @@ def from_vlm(seed: int = 0):
 def load(path: str | Path | None = None, *, check: bool = True):
     """The trained test-bed (fp32, eval) and its tokenizer from ``path`` (default: the shipped :data:`WEIGHTS`,
     checked against :data:`SHA256`); a file trained with another vocabulary is refused."""
-    from safetensors.torch import load_file
-
-    path, meta = shipped.metadata(path, WEIGHTS, SHA256, COMMAND, check=check)
-    if meta.get("vocabulary") != "\n".join(vocabulary()):
-        raise ValueError(f"path: {path} was trained with another vocabulary than vocabulary() gives now; retrain it")
     model, tok = build()
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    model.load_state_dict(shipped.state_with_vocabulary(path, WEIGHTS, SHA256, COMMAND, vocabulary(), check=check),
+                          strict=True)
     return model.eval(), tok
 
 
 def save(model, info: dict, path: str | Path = WEIGHTS) -> str:
     """Write ``model`` as fp16 safetensors with the vocabulary and ``info`` (JSON) in the metadata; its SHA-256."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"vocabulary": "\n".join(vocabulary()), "info": json.dumps(info)})
-    return shipped.sha256(path)
+    return shipped.save_with_vocabulary(model, vocabulary(), info, path)
 
 
 # -- training -------------------------------------------------------------------------------------------------------

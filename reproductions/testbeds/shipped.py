@@ -26,3 +26,29 @@ def metadata(path: str | Path | None, shipped: Path, digest: str, command: str, 
         raise ValueError(f"path: {path} does not match the recorded SHA-256 {digest}; retrain or restore it")
     with safe_open(str(path), "pt") as f:
         return path, f.metadata() or {}
+
+
+def save_with_vocabulary(model, words, info: dict, path: str | Path) -> str:
+    """Write ``model`` as fp16 safetensors with its vocabulary ``words`` and ``info`` (JSON) in the metadata; the
+    file's SHA-256."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"vocabulary": "\n".join(words), "info": json.dumps(info)})
+    return sha256(path)
+
+
+def state_with_vocabulary(path: str | Path | None, shipped: Path, digest: str, command: str, words, *,
+                          check: bool = True) -> dict:
+    """The fp32 tensors of a file :func:`save_with_vocabulary` wrote (checked as :func:`metadata` does); a file
+    trained with another vocabulary than ``words`` is refused, naming ``path``."""
+    from safetensors.torch import load_file
+
+    path, meta = metadata(path, shipped, digest, command, check=check)
+    if meta.get("vocabulary") != "\n".join(words):
+        raise ValueError(f"path: {path} was trained with another vocabulary than vocabulary() gives now; retrain it")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
