@@ -227,7 +227,8 @@ def save(model, info: dict, path: str | Path = WEIGHTS) -> str:
 class Recipe:
     """Both stages' settings: steps, batch size and peak learning rate (AdamW, warm-up then cosine decay); the share
     of stage A's steps on disc targets (``sam_discs``, :func:`pretrain_sam`); the training queries (``pool``, on
-    canvases of Fashion-MNIST's training split, one named class each)."""
+    composites of Fashion-MNIST's training split, one named garment each); stage B's training aids
+    (``point_weight``, ``cell_weight``, :func:`train_lisa`)."""
 
     sam_steps: int = 1500
     sam_batch: int = 32
@@ -299,10 +300,10 @@ def _schedule(opt, step: int, steps: int, peak: float, warmup: float):
 
 
 def pretrain_sam(sam, recipe: Recipe, pool: Queries, log=print) -> list[float]:
-    """Stage A: SAM learns to segment the class region under one point prompt (:func:`_point_tokens`); the loss
-    per step. The first ``recipe.sam_discs`` of the steps ask for a disc around the point instead: without them
-    SAM settles on the garments' union whatever the point (gIoU 0.40 with a point and without one after 800 and 2,000
-    steps), a minimum it does not leave; with them it learns to use the point first."""
+    """Stage A: SAM learns to segment the garment under one point prompt (:func:`_point_tokens`); the loss per
+    step. The first ``recipe.sam_discs`` of the steps ask for a disc around the point instead: without them SAM
+    settled on the garments' union whatever the point (on the segmentation canvases: gIoU 0.40 with a point and
+    without one after 800 and 2,000 steps), a minimum it did not leave; with them it learns to use the point first."""
     sam.train()
     opt = torch.optim.AdamW(sam.parameters(), lr=recipe.sam_lr, weight_decay=0.01)
     rng, losses = np.random.default_rng([recipe.seed, 10]), []
@@ -390,7 +391,7 @@ def evaluate(model, q: Queries, method=None, *, batch_size: int = 32) -> Scores:
     from prunelab.reproductions.vlm_tiny import mean_visual
 
     layers = model.vlm.config.get_text_config().num_hidden_layers
-    inter, union, shares = [], [], []
+    overlaps, shares = [], []
     for i in range(0, len(q), batch_size):
         part = q.take(slice(i, i + batch_size))
         x = batch(part)
@@ -402,27 +403,35 @@ def evaluate(model, q: Queries, method=None, *, batch_size: int = 32) -> Scores:
             with prunelab.apply(model.vlm, method) as h:
                 pred = upsample(torch.cat(model(**x, logits_to_keep=1).masks)) > 0
                 shares.append(mean_visual(h, layers) / (vlm.TOKENS * len(part)))
-        inter.append((pred & part.targets).flatten(1).sum(-1).float())
-        union.append((pred | part.targets).flatten(1).sum(-1).float())
-    inter, union = torch.cat(inter), torch.cat(union)
-    iou = inter / union.clamp(min=1)
+        overlaps.append(_overlap(pred, part.targets))
+    iou, ciou = _ious(overlaps)
     se = float(iou.std() / len(iou) ** 0.5) if len(iou) > 1 else 0.0
-    return Scores(float(iou.mean()), se, float(inter.sum() / union.sum()), float(np.mean(shares)), len(q))
+    return Scores(float(iou.mean()), se, ciou, float(np.mean(shares)), len(q))
+
+
+def _overlap(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, 2] per sample the pixels of intersection and of union of the masks ``pred`` and ``target``."""
+    return torch.stack([(pred & target).flatten(1).sum(-1), (pred | target).flatten(1).sum(-1)], -1).float()
+
+
+def _ious(overlaps: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """(per-sample IoU [N], cIoU) from batches of :func:`_overlap`: a sample with an empty union counts 0."""
+    inter, union = torch.cat(overlaps).unbind(-1)
+    return inter / union.clamp(min=1), float(inter.sum() / union.sum())
 
 
 @torch.no_grad()
 def centroid_oracle(model, q: Queries, *, batch_size: int = 64) -> tuple[float, float]:
     """(gIoU, cIoU) of the frozen SAM prompted with the point embedding of each target's centroid: what a
     ``[SEG]`` state that found the garment exactly would get (the ceiling of stage B's route)."""
-    inter, union = [], []
+    overlaps = []
     for i in range(0, len(q), batch_size):
         part = q.take(slice(i, i + batch_size))
         emb = model.sam.get_image_embeddings(sam_pixels(part.images))
         pred = _decode(model.sam, emb, _point_tokens(model.sam, _centroids(part.targets))) > 0
-        inter.append((pred & part.targets).flatten(1).sum(-1).float())
-        union.append((pred | part.targets).flatten(1).sum(-1).float())
-    inter, union = torch.cat(inter), torch.cat(union)
-    return float((inter / union.clamp(min=1)).mean()), float(inter.sum() / union.sum())
+        overlaps.append(_overlap(pred, part.targets))
+    iou, ciou = _ious(overlaps)
+    return float(iou.mean()), ciou
 
 
 def held_out(model, n: int = 500, seed: int = 0) -> dict:
@@ -443,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=COMMAND, description="Train the tiny-LISA test-bed and write its weights.")
     parser.add_argument("--sam-steps", type=int, default=Recipe.sam_steps)
     parser.add_argument("--steps", type=int, default=Recipe.steps)
-    parser.add_argument("--pool", type=int, default=Recipe.pool, help="training canvases")
+    parser.add_argument("--pool", type=int, default=Recipe.pool, help="training composites")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it in the last bits)")
     parser.add_argument("--n-eval", type=int, default=500, help="held-out queries")
     parser.add_argument("--point-weight", type=float, default=Recipe.point_weight,
