@@ -26,6 +26,6 @@ ENTRIES = (
              ({"clusters": 0.5, "seg_token_id": 127}, "seg_token_id")),
         status="clustering, scattering and pruning on the stage engine (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL); a "
                "LISA-style segmenter and LISA checkpoint loader; tiny preset on a tiny-LISA test-bed trained here; "
-               "no full preset",
+               "full preset (a LISA checkpoint on ReasonSeg / RefCOCO from paths) built, not run on real weights",
     ),
 )

@@ -1,6 +1,6 @@
-"""``prunelab reproduce lvlm_csp --preset tiny``: dispatch to the preset's module (the full preset is not built yet)."""
+"""``prunelab reproduce lvlm_csp --preset tiny|full``: dispatch to the preset's module."""
 
 from prunelab.reproductions import preset_dispatch
-from prunelab.reproductions.lvlm_csp import tiny
+from prunelab.reproductions.lvlm_csp import full, tiny
 
-add_arguments, main = preset_dispatch({"tiny": tiny})
+add_arguments, main = preset_dispatch({"tiny": tiny, "full": full})
