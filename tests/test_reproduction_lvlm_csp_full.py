@@ -53,6 +53,22 @@ def test_rle_round_trip():
         data.rle_decode({"size": [2, 2], "counts": [1, 2]})
 
 
+# pycocotools 2.0.8's masks of two polygons (``mask.decode(mask.frPyObjects([poly], 7, 8))``), rows of pixels
+COCO_MASKS = {
+    (1, 1, 6, 1, 6, 4, 1, 4): ("00000000", "01111100", "01111100", "01111100", "00000000", "00000000", "00000000"),
+    (0.5, 0.2, 6.7, 2.9, 3.1, 6.4): ("00000000", "01110000", "00111100", "00111100", "00111000", "00010000",
+                                     "00000000"),
+}
+
+
+@pytest.mark.parametrize("poly", list(COCO_MASKS))
+def test_coco_polygon_matches_pycocotools(poly):
+    want = np.array([[int(c) for c in row] for row in COCO_MASKS[poly]], np.uint8)
+    np.testing.assert_array_equal(data.coco_polygon(list(poly), 7, 8), want)
+    shifted = data.coco_polygon([v + 1 for v in poly], 8, 9)  # the same shape one pixel down and right
+    np.testing.assert_array_equal(shifted[1:, 1:], want)
+
+
 def _write_reasonseg(folder, rng):
     folder.mkdir()
     shapes = [{"label": "ignore", "points": [[4, 4], [7, 4], [7, 7], [4, 7]], "shape_type": "polygon"},
@@ -117,8 +133,10 @@ def test_refer_reader(tmp_path):
     assert s7.queries == [("the left one", False), ("blob", False), ("two parts", False)]
     np.testing.assert_array_equal(s7.masks[0], blob)
     np.testing.assert_array_equal(s7.masks[1], blob)
-    assert s7.masks[2][1:5, 1:7].all() and int(s7.masks[2].sum()) == 4 * 6 + int(s7.masks[2][10:16, 8:13].sum())
-    assert int(s3.masks[0].sum()) == 36
+    parts = [data.coco_polygon(p, 20, 16) for p in ([1, 1, 6, 1, 6, 4, 1, 4], [8, 10, 12, 10, 12, 15])]
+    np.testing.assert_array_equal(s7.masks[2], parts[0] + parts[1])  # several polygons: their sum
+    assert s7.masks[2][1:4, 1:6].all() and int(parts[0].sum()) == 15 and parts[1].sum() > 0
+    assert int(s3.masks[0].sum()) == 25  # COCO's rasteriser: [0, 5) x [0, 5)
     assert [s.name for s in data.refer(tmp_path, "refcoco", "testA")] == ["3"]
     with pytest.raises(ValueError, match="split"):
         list(data.refer(tmp_path, "refcoco", "testB"))
