@@ -7,6 +7,11 @@ has no lmms-eval dependency, so it is tested on its own. It loads LLaVA-1.5 (``l
 prompt with the processor's chat template (the images first, then the question, as lmms-eval's ``llava_hf`` and
 ``qwen2_5_vl`` models do), and runs ``model.generate`` on a left-padded batch. The method goes in through
 ``prunelab.apply``, so the same generate() path serves every method and the dense model.
+
+In-context demonstrations (``shots``, multimodal in-context learning as CATP evaluates it) go before the question
+as earlier turns of the chat: per demonstration a user turn with its images and question and an assistant turn with
+its answer, so a prompt's images are the demonstrations' in order, then the question's.
+:func:`draw_shots` picks them reproducibly.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +29,23 @@ import torch.nn.functional as F
 import prunelab
 from prunelab import registry
 
-__all__ = ["FAMILY_CLASSES", "METHODS", "PrunedVLM", "load_vlm", "make_vlm_method"]
+__all__ = ["FAMILY_CLASSES", "METHODS", "PrunedVLM", "Shot", "draw_shots", "load_vlm", "make_vlm_method"]
+
+Shot = tuple  # (images: list of PIL images, question: str, answer: str), one in-context demonstration
+
+
+def draw_shots(pool: int, k: int, *, seed: int, key: str, exclude: int | None = None) -> list[int]:
+    """``k`` distinct indices into a pool of ``pool`` documents, drawn uniformly at random, never ``exclude`` (the
+    query's own index when the pool is its split): the same for the same ``(seed, key)`` in any process (``key``
+    names the query, e.g. ``"task/doc_id"``)."""
+    if k < 0:
+        raise ValueError(f"shots: expected >= 0, got {k}")
+    available = pool - (exclude is not None and 0 <= exclude < pool)
+    if k > available:
+        raise ValueError(f"shots: {k} demonstrations asked, the pool holds {available} other documents")
+    rng = random.Random(f"{seed}/{key}")  # a str seed is hashed with SHA-512: stable across processes
+    picks = rng.sample(range(pool), min(pool, k + 1))
+    return [i for i in picks if i != exclude][:k]
 
 FAMILY_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -110,10 +132,16 @@ class PrunedVLM:
     def tokenizer(self):
         return self.processor.tokenizer
 
-    def prompt(self, question: str, n_images: int) -> str:
-        """The chat prompt for ``question`` after ``n_images`` images, ending with the assistant's turn."""
+    def prompt(self, question: str, n_images: int, shots: Sequence[Shot] = ()) -> str:
+        """The chat prompt for ``question`` after ``n_images`` images, ending with the assistant's turn; the
+        in-context demonstrations ``shots`` come first, each a user turn (its images, its question) and an assistant
+        turn (its answer)."""
+        messages = []
+        for images, q, answer in shots:
+            messages += [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": q}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+        return self.processor.apply_chat_template([*messages, {"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
 
     def _inputs(self, texts: Sequence[str], images: Sequence):
@@ -127,14 +155,20 @@ class PrunedVLM:
     @torch.inference_mode()
     def generate(self, questions: Sequence[str], images: Sequence[Sequence], *, max_new_tokens: int = 32,
                  until: Sequence[str] = (), temperature: float = 0.0, top_p: float | None = None,
-                 num_beams: int = 1) -> list[str]:
-        """One answer per question; ``images[i]`` are the PIL images of question ``i`` (may be empty).
+                 num_beams: int = 1, shots: Sequence[Sequence[Shot]] | None = None) -> list[str]:
+        """One answer per question; ``images[i]`` are the PIL images of question ``i`` (may be empty), ``shots[i]``
+        its in-context demonstrations (default: none).
 
-        Greedy unless ``temperature > 0``; each answer is cut at the first of the ``until`` strings. Questions
+        Greedy unless ``temperature > 0``; each answer is cut at the first of the ``until`` strings. Prompts
         without images (some benchmarks mix them in) run on the dense model: there is nothing to prune.
         """
         if len(questions) != len(images):
             raise ValueError(f"images: expected one list per question ({len(questions)}), got {len(images)}")
+        shots = [()] * len(questions) if shots is None else list(shots)
+        if len(shots) != len(questions):
+            raise ValueError(f"shots: expected one list per question ({len(questions)}), got {len(shots)}")
+        images = [[im for shot in shots[i] for im in shot[0]] + list(images[i]) for i in range(len(questions))]
+        n_query = [len(images[i]) - sum(len(shot[0]) for shot in shots[i]) for i in range(len(questions))]
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         sample = temperature > 0
@@ -147,7 +181,8 @@ class PrunedVLM:
             idx = [i for i, im in enumerate(images) if bool(len(im)) == with_images]
             if not idx:
                 continue
-            inputs = self._inputs([self.prompt(questions[i], len(images[i])) for i in idx], [images[i] for i in idx])
+            inputs = self._inputs([self.prompt(questions[i], n_query[i], shots[i]) for i in idx],
+                                  [images[i] for i in idx])
             with self._dense_unless(with_images):
                 out = self.model.generate(**inputs, **kwargs)
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -168,13 +203,16 @@ class PrunedVLM:
             self.handle = prunelab.apply(self.model, self.method)
 
     @torch.inference_mode()
-    def loglikelihood(self, question: str, continuation: str, images: Sequence) -> tuple[float, bool]:
-        """(log p(continuation | prompt), whether greedy decoding would produce it), teacher-forced.
+    def loglikelihood(self, question: str, continuation: str, images: Sequence,
+                      shots: Sequence[Shot] = ()) -> tuple[float, bool]:
+        """(log p(continuation | prompt), whether greedy decoding would produce it), teacher-forced; ``shots``:
+        in-context demonstrations before the question.
 
         The continuation is text after the prompt, so the method never prunes it; the pruned forward returns
         fewer rows, and the seam's ``state.positions`` says which prompt position each row is.
         """
-        prompt = self.prompt(question, len(images))
+        prompt = self.prompt(question, len(images), shots)
+        images = [im for shot in shots for im in shot[0]] + list(images)
         ctx = self._inputs([prompt], [images])["input_ids"].shape[1]
         inputs = self._inputs([prompt + continuation], [images])
         ids = inputs["input_ids"][0]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from prunelab.cli import BUDGET, POSITIVE, existing
+from prunelab.cli import BUDGET, NON_NEGATIVE, POSITIVE, existing
 from prunelab.common.provenance import provenance, write_results
 from prunelab.reproductions.vlm_eval import METHODS
 
@@ -107,7 +107,8 @@ def _plot(rows: Sequence[dict], path: Path) -> None:
 
 
 def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[str], methods: Sequence[str],
-                budgets: Callable[[str], Sequence[int | float]], notes: str = ""):
+                budgets: Callable[[str], Sequence[int | float]], notes: str = "",
+                budget_args: Callable[[str, int | float], dict] | None = None, shots: int = 0):
     """``(add_arguments, run, default_out)`` of a paper's full preset module.
 
     Args:
@@ -118,7 +119,11 @@ def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[st
         methods: default methods (``dense`` first), from :data:`~prunelab.reproductions.vlm_eval.METHODS`.
         budgets: the paper's budgets for a model id (used without ``--budgets``).
         notes: recorded in the provenance (e.g. where the paper's settings come from).
+        budget_args: ``(method, budget) -> method fields`` for one budget (default ``{"budget": budget}``), for
+            methods whose amount is another field (CATP's removed share ``ratio``).
+        shots: in-context demonstrations per question by default (``--shots``; the lmms-eval model's ``shots``).
     """
+    budget_args = budget_args or (lambda _method, budget: {"budget": budget})
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", default=default_model,
@@ -133,6 +138,14 @@ def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[st
         parser.add_argument("--method-args", type=_key_value, nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"fields of the {paper} method object (not of the baselines), e.g. "
                                  "official_quirks=true")
+        parser.add_argument("--shots", type=NON_NEGATIVE, default=shots,
+                            help="in-context demonstrations (image, question, answer) before each question")
+        parser.add_argument("--shot-seed", type=int, default=0, help="seed of the demonstrations' draw")
+        parser.add_argument("--shot-split", default=None,
+                            help="split the demonstrations come from (default: the task's training or few-shot "
+                                 "split when its data hold one, else the evaluated split without the question)")
+        parser.add_argument("--shot-answer", default=None,
+                            help="document field of a demonstration's answer (default: the task's doc_to_target)")
         parser.add_argument("--limit", type=POSITIVE, default=None, help="samples per task (default: all)")
         parser.add_argument("--batch-size", type=POSITIVE, default=1, help="lmms-eval batch size (papers: 1)")
         parser.add_argument("--dtype", default="float16", choices=["auto", "bfloat16", "float16", "float32"])
@@ -157,7 +170,11 @@ def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[st
             if args.revision:
                 margs["revision"] = args.revision
             if method != "dense":
-                margs.update(method_args if method == name else {}, budget=budget)
+                margs.update(method_args if method == name else {}, **budget_args(method, budget))
+            if args.shots:
+                margs.update(shots=args.shots, shot_seed=args.shot_seed,
+                             **{k: v for k, v in (("shot_split", args.shot_split), ("shot_answer", args.shot_answer))
+                                if v is not None})
             print(f"{paper} full: {method} budget={budget} on {args.model}: {', '.join(args.tasks)}", flush=True)
             arg_string = ",".join(f"{k}={v}" for k, v in margs.items())
             res = simple_evaluate(model="prunelab", model_args=arg_string, tasks=list(args.tasks),
@@ -170,6 +187,9 @@ def full_preset(name: str, paper: str, *, default_model: str, tasks: Sequence[st
         meta = provenance(preset="full", paper=paper, model=args.model, revision=args.revision or "default",
                           dtype=args.dtype, batch_size=args.batch_size, limit=args.limit or "all",
                           method_args=method_args or "paper defaults", evaluator="lmms-eval (model 'prunelab')",
+                          shots=(f"{args.shots} demonstrations per question, seed {args.shot_seed}, from "
+                                 f"{args.shot_split or 'the training split if the task has one, else the evaluated'}"
+                                 if args.shots else 0),
                           **({"notes": notes} if notes else {}))
         write_results(out, "full", rows, meta, ["method", "budget", "task", "metric", "value"],
                       f"{paper} full: lmms-eval on {args.model}")

@@ -142,6 +142,7 @@ dataset_path: {data}
 dataset_kwargs:
   load_from_disk: true
 test_split: test
+training_split: train
 output_type: generate_until
 doc_to_visual: !function prunelab.reproductions.vlm_offline.shapes_doc_to_visual
 doc_to_text: !function prunelab.reproductions.vlm_offline.shapes_doc_to_text
@@ -163,8 +164,9 @@ metadata:
 """
 
 
-def write_shapes_task(folder: str | Path, n: int = 16, seed: int = 0) -> Path:
-    """Write ``prunelab_shapes`` (``n`` docs, a ``datasets`` folder and its task YAML) into ``folder``.
+def write_shapes_task(folder: str | Path, n: int = 16, seed: int = 0, train: int = 8) -> Path:
+    """Write ``prunelab_shapes`` (``n`` test docs and ``train`` training docs, the source of in-context
+    demonstrations, in a ``datasets`` folder, and its task YAML) into ``folder``.
 
     Pass ``folder`` to lmms-eval as ``--include_path`` (or ``TaskManager(include_path=...)``).
     """
@@ -173,7 +175,8 @@ def write_shapes_task(folder: str | Path, n: int = 16, seed: int = 0) -> Path:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data"
-    DatasetDict(test=Dataset.from_list(shapes_docs(n, seed))).save_to_disk(str(data))
+    DatasetDict(test=Dataset.from_list(shapes_docs(n, seed)),
+                train=Dataset.from_list(shapes_docs(train, seed + 1))).save_to_disk(str(data))
     (folder / f"{SHAPES_TASK}.yaml").write_text(_TASK_YAML.format(task=SHAPES_TASK, data=data))
     return folder
 

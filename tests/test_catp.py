@@ -259,14 +259,6 @@ def test_joint_ranking_adapts_the_budgets_and_keeps_one_token_per_image():
     assert [k.tolist() for k in _joint_top_k([torch.ones(3), torch.ones(2)], 2)] == [[0], [0]]  # ties: earlier first
 
 
-def test_the_full_preset_is_refused_by_name(capsys):
-    from prunelab.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["reproduce", "catp", "--preset", "full"])
-    assert "catp: preset: this reproduction has the presets ['tiny'], not 'full'" in capsys.readouterr().err
-
-
 def test_greedy_on_a_batch_of_images_equals_one_at_a_time():
     g = torch.Generator().manual_seed(5)
     x, text = torch.randn(3, 40, 16, generator=g), torch.randn(3, 16, generator=g)

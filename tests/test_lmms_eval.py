@@ -147,6 +147,19 @@ def test_entry_point_registers_prunelab_model():
     assert get_model("prunelab") is PrunelabLMM
 
 
+def test_entry_point_survives_importing_the_model_module_first():
+    """Importing ``lmms_model`` before lmms-eval's model registry exists must not leave ``prunelab`` out of it (the
+    registry imports the module for its entry point while the module is still importing)."""
+    pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
+    import subprocess
+    import sys
+
+    code = ("import prunelab.reproductions.lmms_model as m\nfrom lmms_eval.models import get_model\n"
+            "assert get_model('prunelab') is m.PrunelabLMM")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lmms_eval_keep_all_equals_dense(folders, task_dir, family):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")

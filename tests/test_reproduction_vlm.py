@@ -18,7 +18,7 @@ from prunelab.methods.baselines import RandomPrune
 from prunelab.reproductions.vlm_tiny import LABELS, MATCHED
 
 PAPERS = ("divprune", "hiprune", "flowcut", "visiondrop", "catp")
-FULL = ("divprune", "hiprune", "flowcut", "visiondrop")  # the papers with a full preset
+FULL = ("divprune", "hiprune", "flowcut", "visiondrop", "catp")  # the papers with an lmms-eval full preset
 
 REDUCED = ["--ratios", "0.111", "1.0", "--prompts", "1", "2", "--decode-steps", "2", "--warmup", "0", "--repeat", "1",
            "--testbed-n", "8"]

@@ -1,6 +1,6 @@
-"""``prunelab reproduce catp --preset tiny``: dispatch to the preset's module (the full preset is not built yet)."""
+"""``prunelab reproduce catp --preset tiny|full``: dispatch to the preset's module."""
 
 from prunelab.reproductions import preset_dispatch
-from prunelab.reproductions.catp import tiny
+from prunelab.reproductions.catp import full, tiny
 
-add_arguments, main = preset_dispatch({"tiny": tiny})
+add_arguments, main = preset_dispatch({"tiny": tiny, "full": full})
