@@ -31,3 +31,12 @@ def family_model(request):
     from prunelab.common.tiny_vlm import tiny_vlm
 
     return request.param, tiny_vlm(request.param)
+
+
+@pytest.fixture(scope="session")
+def vlm_folders(tmp_path_factory):
+    """``{family: folder}``: each tiny VLM saved with its processor (``vlm_offline.save_tiny_vlm``), once per run."""
+    from prunelab.reproductions.vlm_offline import save_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny_vlm_folders")
+    return {f: save_tiny_vlm(root / f, f) for f in VLM_FAMILIES}

@@ -12,15 +12,9 @@ import pytest
 import torch
 
 from prunelab.reproductions.vlm_eval import PrunedVLM, draw_shots, load_vlm, make_vlm_method
-from prunelab.reproductions.vlm_offline import save_tiny_vlm, shapes_doc_to_visual, shapes_docs, write_shapes_task
+from prunelab.reproductions.vlm_offline import shapes_doc_to_visual, shapes_docs, write_shapes_task
 
 FAMILIES = ("llava", "qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_vlms_icl")
-    return {f: save_tiny_vlm(root / f, f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +57,8 @@ def _shots(n: int, seed: int):
     return [(shapes_doc_to_visual(d), d["question"], d["answer"]) for d in shapes_docs(n, seed=seed)]
 
 
-def test_prompt_with_demonstrations(folders):
-    model, processor = load_vlm(str(folders["llava"]), dtype="float32")
+def test_prompt_with_demonstrations(vlm_folders):
+    model, processor = load_vlm(str(vlm_folders["llava"]), dtype="float32")
     vlm = PrunedVLM(model, processor)
     shots = _shots(2, 5)
     prompt = vlm.prompt("Is there a red circle in the image?", 1, shots)
@@ -76,8 +70,8 @@ def test_prompt_with_demonstrations(folders):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_catp_with_demonstrations_keep_all_and_batch(folders, family):
-    model, processor = load_vlm(str(folders[family]), dtype="float32")
+def test_catp_with_demonstrations_keep_all_and_batch(vlm_folders, family):
+    model, processor = load_vlm(str(vlm_folders[family]), dtype="float32")
     docs = shapes_docs(2, seed=9)
     questions = [d["question"] for d in docs]
     images = [shapes_doc_to_visual(d) for d in docs]
@@ -97,7 +91,7 @@ def test_catp_with_demonstrations_keep_all_and_batch(folders, family):
         PrunedVLM(model, processor).generate(questions, images, shots=shots[:1])
 
 
-def test_lmms_model_draws_demonstrations_from_the_training_split(folders, task_dir):
+def test_lmms_model_draws_demonstrations_from_the_training_split(vlm_folders, task_dir):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
     from lmms_eval.tasks import TaskManager, get_task_dict
 
@@ -105,7 +99,7 @@ def test_lmms_model_draws_demonstrations_from_the_training_split(folders, task_d
 
     task = get_task_dict(["prunelab_shapes"], TaskManager(include_path=str(task_dir), include_defaults=False))
     task = task["prunelab_shapes"]
-    lm = PrunelabLMM(pretrained=str(folders["llava"]), dtype="float32", device="cpu", shots=2, shot_seed=4)
+    lm = PrunelabLMM(pretrained=str(vlm_folders["llava"]), dtype="float32", device="cpu", shots=2, shot_seed=4)
     lm.task_dict = {"prunelab_shapes": task.dataset}
     train = task.dataset["train"]
     got = lm._shots(task.doc_to_visual, 1, "prunelab_shapes", "test")
@@ -124,10 +118,10 @@ def test_lmms_model_draws_demonstrations_from_the_training_split(folders, task_d
     with pytest.raises(ValueError, match="shots"):
         lm._shots(lambda doc: [], 0, "prunelab_shapes", "test")  # no task object behind doc_to_visual
     with pytest.raises(ValueError, match="shots"):
-        PrunelabLMM(pretrained=str(folders["llava"]), dtype="float32", device="cpu", shots=-1)
+        PrunelabLMM(pretrained=str(vlm_folders["llava"]), dtype="float32", device="cpu", shots=-1)
 
 
-def test_lmms_eval_with_shots_keep_all_equals_dense(folders, task_dir):
+def test_lmms_eval_with_shots_keep_all_equals_dense(vlm_folders, task_dir):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -135,7 +129,7 @@ def test_lmms_eval_with_shots_keep_all_equals_dense(folders, task_dir):
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
 
     def answers(extra: str):
-        margs = f"pretrained={folders['llava']},dtype=float32,shots=2{extra}"
+        margs = f"pretrained={vlm_folders['llava']},dtype=float32,shots=2{extra}"
         res = simple_evaluate(model="prunelab", model_args=margs, tasks=["prunelab_shapes"], batch_size=2,
                               device="cpu", task_manager=manager, log_samples=True)
         return [s["resps"] for s in res["samples"]["prunelab_shapes"]]
@@ -144,14 +138,14 @@ def test_lmms_eval_with_shots_keep_all_equals_dense(folders, task_dir):
     assert dense == answers(",method=catp,ratio=0.0,layer=1,query_layer=1") and len(dense) == 4
 
 
-def test_catp_full_preset_offline(folders, task_dir, tmp_path):
+def test_catp_full_preset_offline(vlm_folders, task_dir, tmp_path):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
     from prunelab.cli import main
 
     out = tmp_path / "full"
-    common = ["reproduce", "catp", "--preset", "full", "--model", str(folders["llava"]), "--tasks", "prunelab_shapes",
-              "--include-path", str(task_dir), "--limit", "2", "--dtype", "float32", "--device", "cpu",
-              "--shots", "2", "--method-args", "layer=1", "query_layer=1", "--out", str(out)]
+    common = ["reproduce", "catp", "--preset", "full", "--model", str(vlm_folders["llava"]), "--tasks",
+              "prunelab_shapes", "--include-path", str(task_dir), "--limit", "2", "--dtype", "float32", "--device",
+              "cpu", "--shots", "2", "--method-args", "layer=1", "query_layer=1", "--out", str(out)]
     main([*common, "--budgets", "0.222", "--methods", "dense", "catp", "random_prune"])
     data = json.loads((out / "full.json").read_text())
     assert {(r["method"], r["budget"]) for r in data["rows"]} == {("dense", "all"), ("catp", 0.222),

@@ -1,4 +1,4 @@
-"""The lmms-eval path of the VLM full presets, offline: tiny model folders with real processors, a synthetic task.
+"""The lmms-eval path of the VLM full presets, offline: tiny model vlm_folders with real processors, a synthetic task.
 
 ``PrunedVLM`` (no lmms-eval needed): keeping every token answers exactly like the dense model; a padded batch
 answers like per-question runs; teacher-forced log-likelihoods line up with the pruned rows; bad inputs name
@@ -17,15 +17,9 @@ import torch
 from prunelab.common.tiny_vlm import FAMILIES
 from prunelab.reproductions.vlm_eval import PrunedVLM, load_vlm, make_vlm_method
 from prunelab.reproductions.vlm_full import parse_budget, parse_method_args
-from prunelab.reproductions.vlm_offline import save_tiny_vlm, shapes_doc_to_visual, shapes_docs, write_shapes_task
+from prunelab.reproductions.vlm_offline import shapes_doc_to_visual, shapes_docs, write_shapes_task
 
 HIPRUNE_BLOCK = {"llava": 0, "llava_next": 0, "qwen2_5_vl": 1}  # the tiny towers' shallow block (vlm_tiny)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_vlms")
-    return {f: save_tiny_vlm(root / f, f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +46,8 @@ def _divprune_vlm(folder, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ["divprune", "hiprune"])
-def test_keep_all_answers_like_dense(folders, family, name):
-    model, processor = load_vlm(str(folders[family]), dtype="float32")
+def test_keep_all_answers_like_dense(vlm_folders, family, name):
+    model, processor = load_vlm(str(vlm_folders[family]), dtype="float32")
     qs, ims = _questions(3)
     dense = PrunedVLM(model, processor)
     want = dense.generate(qs, ims, max_new_tokens=5)
@@ -68,8 +62,8 @@ def test_keep_all_answers_like_dense(folders, family, name):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padded_batch_matches_per_question(folders, family):
-    vlm, (qs, ims) = _divprune_vlm(folders[family], family), _questions(3)
+def test_padded_batch_matches_per_question(vlm_folders, family):
+    vlm, (qs, ims) = _divprune_vlm(vlm_folders[family], family), _questions(3)
     batch = vlm.generate(qs, ims, max_new_tokens=4)
     single = [vlm.generate([q], [im], max_new_tokens=4)[0] for q, im in zip(qs, ims)]
     kept = [k.numel() for k in vlm.handle.state.kept]
@@ -78,8 +72,8 @@ def test_padded_batch_matches_per_question(folders, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loglikelihood_of_greedy_answer_is_greedy(folders, family):
-    vlm, (qs, ims) = _divprune_vlm(folders[family], family), _questions(1)
+def test_loglikelihood_of_greedy_answer_is_greedy(vlm_folders, family):
+    vlm, (qs, ims) = _divprune_vlm(vlm_folders[family], family), _questions(1)
     answer = vlm.generate(qs, ims, max_new_tokens=3)[0]
     logp, greedy = vlm.loglikelihood(qs[0], " " + answer, ims[0])
     other = vlm.loglikelihood(qs[0], " " + answer + " red red", ims[0])
@@ -87,8 +81,8 @@ def test_loglikelihood_of_greedy_answer_is_greedy(folders, family):
     assert other[0] < logp  # more tokens, lower probability
 
 
-def test_text_only_questions_run_dense(folders):
-    model, processor = load_vlm(str(folders["llava"]), dtype="float32")
+def test_text_only_questions_run_dense(vlm_folders):
+    model, processor = load_vlm(str(vlm_folders["llava"]), dtype="float32")
     qs, ims = _questions(2)
     dense = PrunedVLM(model, processor)
     want = dense.generate(["is there a red square?"], [[]], max_new_tokens=4)[0]
@@ -101,8 +95,8 @@ def test_text_only_questions_run_dense(folders):
     assert vlm.loglikelihood("is there a red square?", " yes", []) == want_ll
 
 
-def test_bad_inputs_name_the_parameter(folders, tmp_path):
-    model, processor = load_vlm(str(folders["llava"]), dtype="float32")
+def test_bad_inputs_name_the_parameter(vlm_folders, tmp_path):
+    model, processor = load_vlm(str(vlm_folders["llava"]), dtype="float32")
     with pytest.raises(ValueError, match="method"):
         make_vlm_method("fastv", model)
     with pytest.raises(ValueError, match="method"):
@@ -112,7 +106,7 @@ def test_bad_inputs_name_the_parameter(folders, tmp_path):
     with pytest.raises(ValueError, match="object_block"):
         make_vlm_method("random_prune", model, budget=4, object_block=0)
     with pytest.raises(ValueError, match="dtype"):
-        load_vlm(str(folders["llava"]), dtype="int8")
+        load_vlm(str(vlm_folders["llava"]), dtype="int8")
     vlm = PrunedVLM(model, processor)
     with pytest.raises(ValueError, match="images"):
         vlm.generate(["a", "b"], [[]])
@@ -161,7 +155,7 @@ def test_entry_point_survives_importing_the_model_module_first():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lmms_eval_keep_all_equals_dense(folders, task_dir, family):
+def test_lmms_eval_keep_all_equals_dense(vlm_folders, task_dir, family):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
@@ -169,7 +163,7 @@ def test_lmms_eval_keep_all_equals_dense(folders, task_dir, family):
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
 
     def answers(extra: str):
-        res = simple_evaluate(model="prunelab", model_args=f"pretrained={folders[family]},dtype=float32{extra}",
+        res = simple_evaluate(model="prunelab", model_args=f"pretrained={vlm_folders[family]},dtype=float32{extra}",
                               tasks=["prunelab_shapes"], batch_size=2, device="cpu", task_manager=manager,
                               log_samples=True)
         return [s["resps"] for s in res["samples"]["prunelab_shapes"]], res["results"]["prunelab_shapes"]
@@ -182,12 +176,12 @@ def test_lmms_eval_keep_all_equals_dense(folders, task_dir, family):
     assert 0.0 <= pruned_res["shapes_accuracy,none"] <= 1.0 and len(pruned) == 6
 
 
-def test_full_preset_command_offline(folders, task_dir, tmp_path):
+def test_full_preset_command_offline(vlm_folders, task_dir, tmp_path):
     pytest.importorskip("lmms_eval", reason="the eval extra (lmms-eval) is not installed")
     from prunelab.cli import main
 
     out = tmp_path / "full"
-    main(["reproduce", "hiprune", "--preset", "full", "--model", str(folders["llava"]), "--tasks",
+    main(["reproduce", "hiprune", "--preset", "full", "--model", str(vlm_folders["llava"]), "--tasks",
           "prunelab_shapes", "--include-path", str(task_dir), "--budgets", "4", "0.5", "--limit", "4",
           "--dtype", "float32", "--device", "cpu", "--batch-size", "2", "--method-args", "object_block=0",
           "--out", str(out)])
@@ -195,6 +189,6 @@ def test_full_preset_command_offline(folders, task_dir, tmp_path):
     got = {(r["method"], r["budget"]) for r in data["rows"]}
     assert got == {("dense", "all"), ("hiprune", 4), ("hiprune", 0.5), ("random_prune", 4), ("random_prune", 0.5)}
     assert all(r["metric"] == "shapes_accuracy" and 0.0 <= r["value"] <= 1.0 for r in data["rows"])
-    assert data["provenance"]["model"] == str(folders["llava"])
+    assert data["provenance"]["model"] == str(vlm_folders["llava"])
     assert (out / "full.png").exists() and len(list((out / "lmms").glob("*.json"))) == 5
     assert torch.get_num_threads() >= 1

@@ -11,7 +11,8 @@ Rows: dense; LVLM_CSP at each ``--settings`` (N_c, N_keep, L1, L2; default the t
 abstract's 65 % and 70 % points: 32, 32, 8, 16 and 32, 16, 8, 16); and at each setting's image tokens per layer the
 one-stage ``[SEG]`` baseline (all tokens until layer 1, then the top ones) and random tokens before layer 0
 (``--baselines``). ``visual_%`` is the image tokens per layer averaged over the layers, measured on the run, as a
-share of the image's tokens; ``s_per_query`` the wall time per query (not interleaved with dense: a rough figure).
+share of the image's tokens; ``s_per_query`` the wall time per query of the VLM, the mask decoder and the
+post-processing (SAM's encoder runs once per picture, outside it; not interleaved with dense: a rough figure).
 Offline, the same path runs on tiny folders (``tests/test_reproduction_lvlm_csp_full.py``).
 """
 
