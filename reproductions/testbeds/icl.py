@@ -243,10 +243,7 @@ def from_vlm(seed: int = 0, word_norm: float = 0.0):
 def load(path: str | Path | None = None, *, check: bool = True):
     """The trained test-bed (fp32, eval) and its tokenizer from ``path`` (default: the shipped :data:`WEIGHTS`,
     checked against :data:`SHA256`); a file trained with another vocabulary is refused."""
-    model, tok = build()
-    model.load_state_dict(shipped.state_with_vocabulary(path, WEIGHTS, SHA256, COMMAND, vocabulary(), check=check),
-                          strict=True)
-    return model.eval(), tok
+    return shipped.load_with_vocabulary(build, path, WEIGHTS, SHA256, COMMAND, vocabulary(), check=check)
 
 
 def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -52,3 +52,12 @@ def state_with_vocabulary(path: str | Path | None, shipped: Path, digest: str, c
     if meta.get("vocabulary") != "\n".join(words):
         raise ValueError(f"path: {path} was trained with another vocabulary than vocabulary() gives now; retrain it")
     return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def load_with_vocabulary(build, path: str | Path | None, shipped: Path, digest: str, command: str, words, *,
+                         check: bool = True):
+    """``(model, tokenizer)`` of ``build()`` with the tensors of :func:`state_with_vocabulary` loaded strictly, in
+    eval mode: how a test-bed saved with its vocabulary comes back."""
+    model, tok = build()
+    model.load_state_dict(state_with_vocabulary(path, shipped, digest, command, words, check=check), strict=True)
+    return model.eval(), tok
