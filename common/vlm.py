@@ -42,8 +42,13 @@ signature it reads the argument names from) to record the sizes beside the outpu
 pre-hook uses them when the forward receives that same object. The handle deletes the attribute again.
 
 Layers after a stage (hook (c)) get their own mask and gathered rotary embeddings through pre-hooks, since their
-cache is shorter than the earlier layers'. Nothing is patched: hooks and instance attributes only, removed by the
-handle.
+cache is shorter than the earlier layers'.
+
+A cached prefix (``VLMHandle.cache_prefix``, ``vlm_prefix.py``): one prompt run through the tower, the projector
+stages and the layers up to the first LLM stage once; a forward whose ``past_key_values`` came from
+``PrefixCache.inputs`` is a prefill of the query's rows on that cache, and the prefix rows join them at that layer.
+
+Nothing is patched: hooks and instance attributes only, removed by the handle.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from prunelab.common.vlm_layout import ImageSpan, adapter, find_image_spans, req
 from prunelab.common.vlm_llm_layer import install_llm_stages
 from prunelab.common.vlm_methods import VLMRequest, plan_of
 from prunelab.common.vlm_plan import ImageContext, Needs, Stage, VLMContext, VLMPlan
+from prunelab.common.vlm_prefix import PrefixCache, build_prefix, join_prefix, prefix_of, query_positions
 from prunelab.common.vlm_prompt import Prompt, compact_prompt, decode_kwargs, record_image_sizes
 from prunelab.common.vlm_run import run_llm, run_projector, run_tower
 from prunelab.common.vlm_vision import install_vision_hooks, per_image_stats
@@ -105,6 +111,8 @@ class VLMState:
     images: list[ImageContext] = field(default_factory=list)  # the last prefill's images with their statistics
     rows: dict = field(default_factory=dict)  # K / ("next" | "previous", K) -> (query, key, value, scaling, valid)
     tower: Tower | None = None  # what the vision-encoder stages of the last tower forward kept
+    prefix: Any = None  # the cached prefix (``vlm_prefix.PrefixCache``) the forward in flight continues
+    building: int | None = None  # while a prefix is cached: the layer its forward stops after
 
 
 class VLMHandle(Handle):
@@ -118,6 +126,12 @@ class VLMHandle(Handle):
     def adapter(self) -> Family:
         """The family adapter (:class:`~prunelab.common.vlm_family.Family`) the engine runs on."""
         return adapter(self.family)
+
+    def cache_prefix(self, **inputs) -> PrefixCache:
+        """Run a prompt prefix (one prompt: a demonstration set) once through the tower, the projector stages and the
+        language model up to the plan's first LLM stage; continue it with ``model(**prefix.inputs(**query))`` or
+        ``model.generate(**prefix.inputs(**query))``. See ``prunelab.common.vlm_prefix``."""
+        return build_prefix(self.model, self.plan, self.state, inputs)
 
 
 def install_vlm(model, method) -> VLMHandle:
@@ -141,26 +155,41 @@ def install_vlm(model, method) -> VLMHandle:
         require_eval(model)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
+        prefix, grid = prefix_of(cache)
+        state.prefix = prefix
+        if prefix is None and cache is not None and cache.get_seq_length() > 0:
             return None  # a decode step on the pruned cache: the language-model hook handles it
         if input_ids is None:
             raise ValueError("input_ids: visual-token pruning needs input_ids to find the image spans")
+        mask = kwargs.get("attention_mask")
+        if prefix is not None:
+            if prefix.owner is not state:
+                raise ValueError("past_key_values: this prefix was cached by another handle; cache it with this one")
+            if mask is None or mask.dim() != 2 or mask.shape[1] != prefix.rows + input_ids.shape[1]:
+                raise ValueError("attention_mask: a continued prefix needs the mask of PrefixCache.inputs (the "
+                                 "prefix rows, then the query's tokens)")
+            mask = mask[:, prefix.rows:]
         state.input_ids = input_ids
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if kwargs.get("pixel_values") is None and encoded is None:
             raise ValueError("pixel_values: visual-token pruning needs images; got a text-only prompt")
         state.grid_thw, sizes = kwargs.get("image_grid_thw"), kwargs.get("image_sizes")
+        if prefix is not None and state.grid_thw is None:
+            state.grid_thw = grid  # generate() dropped them; its rope ids of a continuation do not give the grids
         if sizes is None and encoded is not None and state.encoded is not None and state.encoded[0] is encoded:
             sizes = state.encoded[1]  # generate() encoded these images and dropped image_sizes: the recorded ones
         state.encoded = None  # consumed: an output from an earlier call must never be matched to a later one
-        state.spans = find_image_spans(model, family, input_ids, kwargs.get("attention_mask"), sizes, state.grid_thw,
-                                       None if encoded is None else encoded.pooler_output, kwargs.get("position_ids"))
+        state.spans = find_image_spans(model, family, input_ids, mask, sizes, state.grid_thw,
+                                       None if encoded is None else encoded.pooler_output,
+                                       None if prefix is not None else kwargs.get("position_ids"))
         if state.grid_thw is None:  # generate() path
             state.grid_thw = fam.grid_from_spans(model, state.spans)
         if fam.tiles_from_sizes and sizes is None and (any(state.stats.values()) or plan.layers("vision")):
             raise ValueError(f"image_sizes: vision statistics and stages on {family} need image_sizes in the "
                              "forward call")
         state.tiles = fam.crops(model, sizes, len(state.spans))
+        if prefix is not None and fam.mrope:  # M-RoPE ids continuing the prefix's, whatever generate() derived
+            return args, {**kwargs, "position_ids": query_positions(model, prefix, input_ids, mask, state.grid_thw)}
         return None
 
     def on_tower(_module, args, kwargs):
@@ -188,6 +217,11 @@ def install_vlm(model, method) -> VLMHandle:
         embeds = kwargs["inputs_embeds"]
         B, L = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
+        prefix, state.prefix = state.prefix, None
+        if prefix is not None:  # the query's own rows; the prefix rows join at its last cached layer
+            mask = mask[:, prefix.rows:]
+            if not fam.mrope:  # LLaVA: renumbered from the prefix's next position when the prefix joins
+                kwargs["position_ids"] = None
         valid = torch.ones(B, L, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         tower, state.tower = state.tower, None  # consumed: a later prompt never reads this forward's tower
         has_stats = any(state.stats.values())
@@ -212,11 +246,13 @@ def install_vlm(model, method) -> VLMHandle:
             drop[keep] = False
             keep_mask[s.sample, s.positions[drop]] = False
         left_aligned = bool((valid.long().diff(dim=-1) >= 0).all())  # right padding is compacted like a drop
-        if bool((keep_mask == valid).all()) and not plan.llm_layers and left_aligned:
+        if bool((keep_mask == valid).all()) and not plan.llm_layers and left_aligned and prefix is None:
             state.prompt = None  # nothing dropped: the model runs exactly as it would without the method
             state.positions = torch.where(valid, torch.arange(L, device=valid.device), -1)
             return kwargs
         kwargs, state.prompt = compact_prompt(kwargs, keep_mask, valid, family, lm.config, spans)
+        if prefix is not None:
+            state.prompt = join_prefix(prefix, state, kwargs, state.prompt, lm)
         if any(s.reactivate for s in plan.stages):
             state.prompt.keep_inputs(kwargs["inputs_embeds"])
         state.positions = torch.where(state.prompt.valid, state.prompt.index, -1)

@@ -105,6 +105,15 @@ def _with_returning(prompt, keep: torch.Tensor, base: torch.Tensor, hidden: torc
     return index, valid, buf.gather(1, index[..., None].expand(-1, -1, C))
 
 
+class PrefixReady(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the first stage layer's hook while a prefix is cached (``vlm_prefix``): the forward stops there,
+    with that layer's output ``hidden`` [1, P', C]."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("prefix cached")
+        self.hidden = hidden
+
+
 def install_llm_stages(model, plan, state, run_stages) -> list:
     """Hooks for every LLM stage of ``plan``; ``run_stages(K, hidden, index, valid) -> (keep_mask, hidden, back)``
     asks the methods (``hidden`` with any merged rows written in, ``back`` the tokens that come back).
@@ -161,11 +170,16 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
     def after_k(K, _module, _args, kwargs, output):
         prompt = state.prompt
         hidden = output[0] if isinstance(output, tuple) else output
+        if state.building == K:
+            raise PrefixReady(hidden.detach())
         if prompt is None or any(r.after == K for r in prompt.llm_rows):
             return None  # a decode step: the layers after K already hold the pruned prompt in their cache
         current = rows_for(K + 1)
         index = current.index if current is not None else None
         valid = current.valid if current is not None else prompt.valid
+        if prompt.prefix_hidden is not None:  # a cached prefix: its rows join the query's here, in front
+            prefix, prompt.prefix_hidden = prompt.prefix_hidden, None
+            hidden = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
         if hidden.shape[1] != valid.shape[1]:
             return None
         if K in probed:
@@ -198,10 +212,12 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(layer_idx) if cache is not None else 0
         if past == 0:  # prefill: gather the shared per-row tensors to this layer's rows
-            cos, sin = kwargs["position_embeddings"]
+            prompt = state.prompt  # with a cached prefix the forward's tables cover the query's rows only
+            cos, sin = kwargs["position_embeddings"] if prompt.rotary is None else prompt.rotary
             kwargs["position_embeddings"] = (gather_seq(cos, rows.rotary, 1), gather_seq(sin, rows.rotary, 1))
-            if isinstance(kwargs.get("position_ids"), torch.Tensor):
-                kwargs["position_ids"] = gather_seq(kwargs["position_ids"], rows.rotary, 1)
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):  # the layer's 2-D (text) ids, where it has any
+                ids = kwargs["position_ids"] if prompt.rotary is None else prompt.position_ids
+                kwargs["position_ids"] = gather_seq(ids if ids.dim() == 2 else ids[0], rows.rotary, 1)
             kwargs["attention_mask"] = _mask(rows.valid, q)
         else:
             ones = torch.ones(hidden.shape[0], past + q - rows.valid.shape[1], dtype=torch.bool, device=hidden.device)
@@ -227,7 +243,11 @@ def install_llm_stages(model, plan, state, run_stages) -> list:
         def sink(module, query, key, value, scaling, _k=K):
             rows = rows_for(_k) if state.prompt is not None else None
             valid = rows.valid if rows is not None else state.prompt.valid
-            got = (query.detach(), key.detach(), value.detach(), scaling, valid)
+            query = query.detach()
+            if query.shape[2] < key.shape[2] == valid.shape[1]:  # a cached prefix's rows have keys, no queries
+                query = torch.cat([query.new_zeros(*query.shape[:2], key.shape[2] - query.shape[2],
+                                                   query.shape[3]), query], dim=2)
+            got = (query, key.detach(), value.detach(), scaling, valid)
             if _k in own:
                 state.rows[_k] = got
             if _k + 1 in previous:

@@ -52,6 +52,14 @@ class Prompt:
     llm_rows: list[LayerRows] = field(default_factory=list)  # rows held after each LLM stage, in order
     embeds: torch.Tensor | None = None  # [B, L', C] the language model's input rows (kept for returning tokens)
     row_of: torch.Tensor | None = None  # [B, L] the compacted row of each prompt position (-1: dropped)
+    position_ids: torch.Tensor | None = None  # [B, L'] (LLaVA) or [R, B, L'] the rows' positions
+    # With a cached prefix (``vlm_prefix``): the 2-D mask's prompt columns as generate() counts them (prefix rows +
+    # the query's tokens; ``orig_len`` otherwise), the rotary tables (cos, sin) of all rows, the prefix's hidden
+    # states after its last cached layer (until that layer's stages have read them) and its row count.
+    mask_len: int | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    prefix_hidden: torch.Tensor | None = None
+    prefix_rows: int = 0
 
     def keep_inputs(self, embeds: torch.Tensor) -> None:
         """Keep the language model's input rows, so tokens an LLM stage drops can come back later."""
@@ -155,7 +163,7 @@ def compact_prompt(kwargs: dict, keep_mask: torch.Tensor, valid: torch.Tensor, f
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm_config)
         kwargs["past_key_values"] = cache
-    return kwargs, Prompt(cache, L, new_valid, next_pos, two_d, spans, index)
+    return kwargs, Prompt(cache, L, new_valid, next_pos, two_d, spans, index, position_ids=kwargs["position_ids"])
 
 
 def decode_kwargs(kwargs: dict, prompt: Prompt) -> dict:
@@ -166,7 +174,8 @@ def decode_kwargs(kwargs: dict, prompt: Prompt) -> dict:
     first = next((r.valid.shape[1] for r in prompt.llm_rows if r.after < 0), prompt.valid.shape[1])
     steps = prompt.cache.get_seq_length(0) - first  # layer 0 holds the prompt's rows, fewer after a layer -1 stage
     mask = kwargs.get("attention_mask")
-    tail = (mask[:, prompt.orig_len:].bool() if mask is not None and mask.dim() == 2
+    start = prompt.orig_len if prompt.mask_len is None else prompt.mask_len
+    tail = (mask[:, start:].bool() if mask is not None and mask.dim() == 2
             else torch.ones(B, steps + q, dtype=torch.bool, device=embeds.device))
     if tail.shape[1] != steps + q:
         raise RuntimeError(f"attention_mask: {tail.shape[1]} columns after the prompt, expected {steps + q}")

@@ -30,7 +30,8 @@ ENTRIES = (
              ({"next_tokens": "crops"}, "next_tokens"), ({"context_mean": "text"}, "context_mean"),
              ({"llm_positions": "renumber"}, "llm_positions")),
         status="LLaVA-1.5, LLaVA-NeXT (base tile, the paper's 576 tokens, or the whole packed span), Qwen2.5-VL on the "
-               "stage engine, any number of images per prompt; tiny preset on an in-context test-bed trained here; "
-               "full preset through lmms-eval, 4-shot, built, not run on real weights",
+               "stage engine, any number of images per prompt; a demonstration set cached once for many queries; "
+               "tiny preset on an in-context test-bed trained here; full preset through lmms-eval, 4-shot, built, "
+               "not run on real weights",
     ),
 )

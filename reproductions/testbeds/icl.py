@@ -63,7 +63,7 @@ COMMAND = "python -m prunelab.reproductions.testbeds.icl"
 __all__ = ["CLASSES", "COMMAND", "MAX_SHOTS", "Prompt", "Recipe", "SHA256", "WEIGHTS", "WORDS", "accuracy",
            "agreement", "batch", "build", "cached_forward", "chance", "feature_pool", "from_vlm", "held_out", "load",
            "main", "model_inputs", "prompt_ids", "prompts", "save", "sha256", "tokenizer", "tower_features",
-           "train", "vocabulary", "word_ids"]
+           "train", "vocabulary", "with_queries", "word_ids"]
 
 
 # -- vocabulary and prompts --------------------------------------------------------------------------------------
@@ -155,6 +155,23 @@ def prompts(shots: int, n: int, *, split: str = "test", seed: int = 0) -> list[P
         out.append(Prompt(split, tuple(int(rng.choice(by_class[c])) for c in classes),
                           tuple(int(c) for c in rng.integers(0, C.GRID * C.GRID, size=len(classes))),
                           tuple(classes), tuple(WORDS[words[c]] for c in classes[:-1]), WORDS[words[classes[-1]]]))
+    return out
+
+
+def with_queries(demos: Prompt, n: int, *, seed: int = 0) -> list[Prompt]:
+    """``n`` prompts sharing the demonstrations of ``demos`` (its query is replaced): each query a seeded image of
+    one of the demonstrations' classes, from the same split, its answer that class's label word."""
+    if not demos.labels:
+        raise ValueError("demos: a prompt with at least one demonstration")
+    _, by_class = _split(demos.split)
+    word = dict(zip(demos.classes[:-1], demos.labels))
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        c = int(rng.choice(sorted(word)))
+        out.append(dataclasses.replace(demos, items=(*demos.items[:-1], int(rng.choice(by_class[c]))),
+                                       cells=(*demos.cells[:-1], int(rng.integers(0, C.GRID * C.GRID))),
+                                       classes=(*demos.classes[:-1], c), answer=word[c]))
     return out
 
 
