@@ -151,7 +151,7 @@ def build_prefix(model, plan, state, inputs: dict) -> PrefixCache:
     state.building = K
     try:
         with torch.no_grad():
-            model(**inputs, past_key_values=cache, use_cache=True)
+            model(**{k: v for k, v in inputs.items() if k != "use_cache"}, past_key_values=cache, use_cache=True)
     except PrefixReady as ready:
         hidden = ready.hidden
     else:
@@ -215,4 +215,4 @@ def join_prefix(prefix: PrefixCache, state, kwargs: dict, prompt: Prompt, lm) ->
     return Prompt(prompt.cache, P + query_len, valid, next_pos, prompt.two_d, spans,
                   torch.cat([prefix.index.to(dev).expand(B, -1), prompt.index + P], dim=1), position_ids=positions,
                   mask_len=Pr + query_len, rotary=lm.rotary_emb(kwargs["inputs_embeds"], positions),
-                  prefix_hidden=prefix.hidden.expand(B, -1, -1), prefix_rows=Pr)
+                  prefix_hidden=prefix.hidden.expand(B, -1, -1))

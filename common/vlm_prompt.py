@@ -54,12 +54,11 @@ class Prompt:
     row_of: torch.Tensor | None = None  # [B, L] the compacted row of each prompt position (-1: dropped)
     position_ids: torch.Tensor | None = None  # [B, L'] (LLaVA) or [R, B, L'] the rows' positions
     # With a cached prefix (``vlm_prefix``): the 2-D mask's prompt columns as generate() counts them (prefix rows +
-    # the query's tokens; ``orig_len`` otherwise), the rotary tables (cos, sin) of all rows, the prefix's hidden
-    # states after its last cached layer (until that layer's stages have read them) and its row count.
+    # the query's tokens; ``orig_len`` otherwise), the rotary tables (cos, sin) of all rows, and the prefix's hidden
+    # states after its last cached layer (until that layer's stages have read them).
     mask_len: int | None = None
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     prefix_hidden: torch.Tensor | None = None
-    prefix_rows: int = 0
 
     def keep_inputs(self, embeds: torch.Tensor) -> None:
         """Keep the language model's input rows, so tokens an LLM stage drops can come back later."""

@@ -125,8 +125,8 @@ def test_bad_demonstrations_and_queries_are_named(setup):
         with pytest.raises(ValueError, match="past_key_values"):  # cached under another handle
             model(**cached.prefix.inputs(**queries))
     keep = lambda ctx: []  # noqa: E731
-    with prunelab.apply(model, _Plan(Stage("llm", keep, layer=1, needs=Needs(rows=("image",))))) as h:
-        with pytest.raises(ValueError, match="plan"):
+    for stage in (Stage("llm", keep, layer=1, needs=Needs(rows=("image",))), Stage("llm", keep, layer=-1)):
+        with prunelab.apply(model, _Plan(stage)) as h, pytest.raises(ValueError, match="plan"):
             h.cache_prefix(**demos)
 
 
