@@ -32,6 +32,7 @@ import prunelab
 from prunelab.common.flops import ViTDims, vit_macs
 from prunelab.common.llm_flops import LLMDims, layer_macs
 from prunelab.common.provenance import provenance, write_results
+from prunelab.common.timing import Timing, ratio_summary
 from prunelab.methods.catp import CATP, context_total, query_count, stage1_count
 from prunelab.methods.catp.demos import DemonstrationSet
 from prunelab.reproductions.testbeds import icl
@@ -63,11 +64,6 @@ def _answers(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1, icl.word_ids()].argmax(-1)
 
 
-def _iqr(xs) -> float:
-    q1, _, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0], 0, xs[0])
-    return q3 - q1
-
-
 @torch.no_grad()
 def reuse_table(out, *, shots: int = 8, sets: int = 4, queries: int = 32, batch_size: int = 16, ratio: float = 0.778,
                 repeats: int = 2, seed: int = 0) -> list[dict]:
@@ -76,7 +72,7 @@ def reuse_table(out, *, shots: int = 8, sets: int = 4, queries: int = 32, batch_
     dense_model = copy.deepcopy(model)  # never hooked: the dense way
     method = CATP.for_model(model, ratio=ratio, layer=1, query_layer=2)
     times = {"dense": [], "CATP": [], "CATP, reused": []}
-    ratios, caching, hits = [], [], {k: 0 for k in times}
+    caching, hits = [], {k: 0 for k in times}
     same = total = 0
     with prunelab.apply(model, method) as handle:
         for s in range(sets):
@@ -99,17 +95,17 @@ def reuse_table(out, *, shots: int = 8, sets: int = 4, queries: int = 32, batch_
                     again, t_r = _timed(lambda r=reused: model(**r, logits_to_keep=1).logits)
                     for way, t in zip(times, (t_d, t_c, t_r)):
                         times[way].append(1e3 * t / n)
-                    ratios.append(t_r / t_c)
                     for way, logits in zip(times, (dense, catp, again)):
                         hits[way] += int((_answers(logits) == x["answer"]).sum())
                     same += int((_answers(catp) == _answers(again)).sum())
                     total += n
     rows = []
+    ratio, ratio_iqr = ratio_summary(times["CATP, reused"], times["CATP"])  # per batch: reused over whole-prompt CATP
     for way, ts in times.items():
-        reused = way == "CATP, reused"
-        rows.append({"way": way, "ms_per_query": round(statistics.median(ts), 2), "iqr_ms": round(_iqr(ts), 2),
-                     "ratio_to_catp": round(statistics.median(ratios), 3) if reused else "",
-                     "ratio_iqr": round(_iqr(ratios), 3) if reused else "",
+        reused, t = way == "CATP, reused", Timing(tuple(ts))
+        rows.append({"way": way, "ms_per_query": round(t.median_s, 2), "iqr_ms": round(t.iqr_s, 2),
+                     "ratio_to_catp": round(ratio, 3) if reused else "",
+                     "ratio_iqr": round(ratio_iqr, 3) if reused else "",
                      "accuracy": round(hits[way] / total, 4), "same_answer": round(same / total, 4) if reused else "",
                      "n": total})
     meta = provenance(preset="tiny", model=f"in-context test-bed ({icl.WEIGHTS.name}, sha256 "
