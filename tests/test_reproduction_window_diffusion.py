@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
+import pytest
 import torch
 
 from prunelab.cli import main as cli
@@ -28,15 +30,27 @@ def test_char_accuracy_counts_characters_in_place_and_the_end():
 
 
 def test_a_small_tiny_run_writes_its_tables(tmp_path):
-    cli(["reproduce", "window_diffusion", "--preset", "tiny", "--lengths", "16", "--tasks", "count", "--n", "2",
-         "--rounds", "1", "--text-length", "8", "--no-progress", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
-    by = {r["method"]: r for r in rows}
+    cli(["reproduce", "window_diffusion", "--preset", "tiny", "--lengths", "16", "--tasks", "count", "letters", "--n",
+         "2", "--rounds", "1", "--text-length", "8", "--no-progress", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    rows = saved["rows"]
+    assert {r["task"] for r in rows} == {"count", "letters"} and set(saved["provenance"]["testbeds"]) == {"tasks",
+                                                                                                         "letters"}
+    by = {r["method"]: r for r in rows if r["task"] == "count"}
     assert set(by) == {"vanilla", "vanilla + EOS stop", "vanilla, matched MACs", *tiny.WINDOWS,
                        tiny.RELEASE + " + EOS stop"}
     assert by["vanilla"]["token_agreement"] == 1.0 and by["vanilla"]["bound"] == 1.0
     assert all(r["gmacs_per_seq"] < by["vanilla"]["gmacs_per_seq"] for r in rows if r["method"].startswith("window"))
     assert by["vanilla, matched MACs"]["steps"] < 16
     text = json.loads((tmp_path / "text.json").read_text())["rows"]
-    assert [r["method"] for r in text] == ["vanilla", tiny.RELEASE, "random characters"]
+    assert [(r["testbed"], r["method"]) for r in text] == [(t, m) for t in ("tasks", "letters")
+                                                           for m in ("vanilla", tiny.RELEASE, "random characters")]
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_weights_name_their_test_bed(tmp_path):
+    assert tiny._weights_arg("letters=some/file.safetensors") == ("letters", "some/file.safetensors")
+    with pytest.raises(argparse.ArgumentTypeError, match="TESTBED=PATH"):
+        tiny._weights_arg("sort=x")
+    with pytest.raises(ValueError, match="weights"):
+        tiny.run_tiny(tmp_path, tasks=("count",), weights={"sort": "x"})

@@ -1,9 +1,12 @@
-"""The task test-bed of Window-Diffusion: instances with exact answers, the SFT canvas and loss, a short fine-tune
-that round-trips, the shipped weights (checksum, the answer format), and the early stop at EOS on it."""
+"""The task test-beds of Window-Diffusion: instances with exact answers and the letters split, the SFT canvas and
+loss, a short fine-tune that round-trips, the shipped weights (checksums, the answer format, the letters model's exact
+answers), and the early stop at EOS."""
 
 from __future__ import annotations
 
+import random
 import re
+import string
 
 import pytest
 import torch
@@ -24,13 +27,40 @@ def test_instances_have_the_exact_answer_and_fit_the_canvas(task, G):
         if task == "count":
             start, end, by = map(int, re.fullmatch(r"count from (\d+) to (\d+) by (\d+):\n", e.prompt).groups())
             assert e.answer == " ".join(str(x) for x in range(start, end + 1, by))
-        else:
+        elif task == "repeat":
             times, phrase = re.fullmatch(r"repeat (\d+) times: (.+)\n", e.prompt).groups()
             assert e.answer == " ".join([phrase] * int(times))
+        else:
+            first, last, by = re.fullmatch(r"letters from ([a-z]) to ([a-z]) by (\d):\n", e.prompt).groups()
+            letters = string.ascii_lowercase
+            assert e.answer == " ".join(letters[letters.index(first):letters.index(last) + 1:int(by)])
     with pytest.raises(ValueError, match="task"):
         dt.examples("sort", G, 1)
     with pytest.raises(ValueError, match="split"):
         dt.examples(task, G, 1, split="test")
+
+
+def test_letters_keeps_its_held_out_instances_out_of_training():
+    def key(e):
+        first, last, by = re.fullmatch(r"letters from ([a-z]) to ([a-z]) by (\d):\n", e.prompt).groups()
+        return string.ascii_lowercase.index(first), string.ascii_lowercase.index(last), int(by)
+
+    held = {key(e) for e in dt.examples("letters", 64, 300)}
+    train = {key(e) for e in dt.examples("letters", 64, 300, split="train")}
+    assert held and train and not held & train and all(dt.letters_held_out(*k) for k in held)
+    rng = random.Random(0)  # what training draws
+    drawn = [dt._instance("letters", rng, 64, [], "train") for _ in range(2000)]
+    assert not any(dt.letters_held_out(*key(e)) for e in drawn if e is not None)
+    assert max(len(e.answer) for e in drawn if e is not None) == 51  # "a b ... z" fits the smallest canvas
+
+
+def test_each_task_has_its_test_bed():
+    assert [dt.testbed_of(t) for t in dt.TASKS] == ["tasks", "tasks", "letters"]
+    assert dt.TESTBEDS["letters"].command.endswith("--testbed letters")
+    with pytest.raises(ValueError, match="task"):
+        dt.testbed_of("sort")
+    with pytest.raises(ValueError, match="testbed"):
+        dt.load(testbed="sort")
 
 
 def test_the_canvas_pads_prompts_left_and_answers_with_eos():
@@ -71,8 +101,23 @@ def test_a_short_fine_tune_round_trips(tmp_path):
     assert meta["tasks_recipe"]["steps"] == 2
 
 
-def test_shipped_weights_checksum():
-    assert shipped.sha256(dt.WEIGHTS) == dt.SHA256
+@pytest.mark.parametrize("name", list(dt.TESTBEDS))
+def test_shipped_weights_checksum(name):
+    testbed = dt.TESTBEDS[name]
+    assert shipped.sha256(testbed.weights) == testbed.sha256
+    _, _, info = dt.load(testbed=name)
+    assert info["tasks_recipe"]["steps"] == testbed.recipe.steps and info["tasks_recipe"]["seed"] == 0
+    if testbed.base is not None:
+        assert info["base_sha256"] == dt.TESTBEDS[testbed.base].sha256
+
+
+def test_the_letters_model_solves_most_instances_it_was_trained_on():
+    """Recorded at training (16 instances per canvas), and live on four instances at G = 64 (seconds)."""
+    model, charset, info = dt.load(testbed="letters")
+    assert min(info["exact_match_train"].values()) >= 0.5 and min(info["exact_match"].values()) > 0.1
+    items = dt.examples("letters", 64, 4, split="train")
+    got = dt.answers(llada_generate(model, dt.prompts_of(items, charset), 64), charset)
+    assert sum(g == e.answer for g, e in zip(got, items)) >= 3
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,9 @@ class WindowCache(DynamicCache):
     """Every layer's post-RoPE K/V for all positions, [B, kv_heads, N, head_dim] each.
 
     ``write`` [B, |A|] and ``read`` [B, |W|] (set by :func:`partial_forward`) turn ``update`` from recording a full
-    forward's K/V into scattering the active rows and returning the window rows.
+    forward's K/V into scattering the active rows (in place) and returning the window rows. The window rows are
+    gathered once per window and kept: while the same ``read`` tensor comes back (the pruned steps of a phase), only
+    the active rows are written into them, so a pruned step moves |A| rows of K/V per layer, not |W|.
     """
 
     def __init__(self, config, capacity: int | None = None) -> None:
@@ -41,6 +43,8 @@ class WindowCache(DynamicCache):
         self.values: dict[int, torch.Tensor] = {}
         self.write: torch.Tensor | None = None
         self.read: torch.Tensor | None = None
+        self._windows: dict[int, tuple] = {}  # layer -> (read, its keys, its values)
+        self._slots: tuple | None = None  # (write, read, the write positions' slots in read or None)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.write is None:  # a refresh: record the whole forward's K/V
@@ -48,14 +52,38 @@ class WindowCache(DynamicCache):
             pad = (0, 0, 0, extra)
             self.keys[layer_idx] = torch.nn.functional.pad(key_states, pad) if extra else key_states
             self.values[layer_idx] = torch.nn.functional.pad(value_states, pad) if extra else value_states
+            self._windows.pop(layer_idx, None)
             return key_states, value_states
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         b, h, _, d = keys.shape
+        new_k, new_v = key_states.to(keys.dtype), value_states.to(keys.dtype)
         w = self.write[:, None, :, None].expand(b, h, -1, d)
-        keys, values = keys.scatter(2, w, key_states.to(keys.dtype)), values.scatter(2, w, value_states.to(keys.dtype))
-        self.keys[layer_idx], self.values[layer_idx] = keys, values
-        r = self.read[:, None, :, None].expand(b, h, -1, d)
-        return keys.gather(2, r), values.gather(2, r)
+        keys.scatter_(2, w, new_k)
+        values.scatter_(2, w, new_v)
+        kept = self._windows.get(layer_idx)
+        slots = self._write_slots() if kept is not None and kept[0] is self.read else None
+        if slots is None:  # a new window (or A not inside it): gather it from the cache
+            r = self.read[:, None, :, None].expand(b, h, -1, d)
+            kept = (self.read, keys.gather(2, r), values.gather(2, r))
+            self._windows[layer_idx] = kept
+        else:
+            s = slots[:, None, :, None].expand(b, h, -1, d)
+            kept[1].scatter_(2, s, new_k)
+            kept[2].scatter_(2, s, new_v)
+        return kept[1], kept[2]
+
+    def _write_slots(self) -> torch.Tensor | None:
+        """[B, |A|] the columns of ``read`` that hold the ``write`` positions (a padding copy of a position is never
+        chosen), or None when a write position is not in ``read``; computed once per (write, read) pair."""
+        if self._slots is None or self._slots[0] is not self.write or self._slots[1] is not self.read:
+            n = max(int(self.read.max()), int(self.write.max())) + 1
+            m = self.read.shape[1]
+            columns = torch.arange(m, device=self.read.device).expand_as(self.read)
+            first = torch.full((self.read.shape[0], n), m, dtype=torch.long, device=self.read.device)
+            first.scatter_reduce_(1, self.read, columns, reduce="amin")  # the first column of each position
+            slots = first.gather(1, self.write)
+            self._slots = (self.write, self.read, None if bool((slots == m).any()) else slots)
+        return self._slots[2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if layer_idx not in self.keys else self.keys[layer_idx].shape[2]

@@ -20,8 +20,14 @@ the shipped recipe leaves it out, because a first run with half of every step's 
 lr 5e-4) learned neither task (no exact answer at G = 64-256); the held-out masked-character accuracy on text is
 reported for what the fine-tune keeps of it.
 
-``python -m prunelab.reproductions.testbeds.diffusion_tasks`` fine-tunes it (deterministic at a fixed thread count)
-and writes the weights with the recipe, the held-out accuracy and the exact-match rate of the vanilla sampler.
+That fine-tune learned the tasks' format, not the tasks. A third task, whose rule is local and whose alphabet the
+model already writes, is learned: ``letters``: ``"letters from c to p by 2:\n"`` -> ``"c e g i k m o"`` (strides 1-3,
+581 instances, 116 held out of training by :func:`letters_held_out`). The ``letters`` test-bed continues from the
+``count`` / ``repeat`` weights on it alone (:data:`TESTBEDS`).
+
+``python -m prunelab.reproductions.testbeds.diffusion_tasks [--testbed letters]`` fine-tunes one (deterministic at a
+fixed thread count) and writes the weights with the recipe, the held-out accuracy and the exact-match rates of the
+vanilla sampler.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import dataclasses
 import random
 import re
+import string
 from pathlib import Path
 
 import torch
@@ -41,26 +48,63 @@ from prunelab.reproductions.testbeds import diffusion_lm, shipped
 WEIGHTS = Path(__file__).with_name("weights") / "diffusion_tasks.safetensors"
 SHA256 = "614b5109ec9731359b6609e0a3d2adf534c8d51ff3d3ac48022c493d94b4284d"
 COMMAND = "python -m prunelab.reproductions.testbeds.diffusion_tasks"
-TASKS = ("count", "repeat")
+TASKS = ("count", "repeat", "letters")
 GEN_LENGTHS = (64, 128, 256, 512)  # the answer canvases of evaluation
 TRAIN_CYCLE = (64, 128, 64, 256, 128, 512)  # of training: the short ones more often (more instances per step)
 STEPS_BY = (1, 2, 3, 5, 7, 10)
+LETTERS_BY = (1, 2, 3)
 
-__all__ = ["TaskConfig", "Example", "examples", "finetune", "exact_match", "save", "load", "main"]
+__all__ = ["TaskConfig", "Testbed", "TESTBEDS", "testbed_of", "Example", "examples", "finetune", "exact_match",
+           "save", "load", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """The fine-tuning recipe; the defaults are the shipped test-bed's."""
+    """A fine-tuning recipe; the defaults are the ``tasks`` test-bed's."""
 
     steps: int = 1500
+    tasks: tuple[str, ...] = ("count", "repeat")  # drawn with equal chance for each instance
+    cycle: tuple[int, ...] = TRAIN_CYCLE  # the canvas length of step i is cycle[i % len(cycle)]
     text_batch: int = 0  # pydoc windows of diffusion_lm's seq_len per step (LLaDA's pre-training loss); 0: none
-    task_tokens: int = 2304  # task canvases per step: this many positions, the canvas length cycling TRAIN_CYCLE
+    task_tokens: int = 2304  # task canvases per step: this many positions
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.03
     eps: float = 1e-3
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Testbed:
+    """A shipped fine-tune: its weights file and checksum, its recipe, and the weights it starts from (``base``:
+    another test-bed's name, or None for the pydoc test-bed)."""
+
+    weights: Path
+    sha256: str
+    recipe: TaskConfig
+    base: str | None
+
+    @property
+    def command(self) -> str:
+        name = next(k for k, v in TESTBEDS.items() if v is self)
+        return COMMAND if name == "tasks" else f"{COMMAND} --testbed {name}"
+
+
+TESTBEDS = {
+    # count and repeat, from the pydoc weights: learns the format, not the tasks (see the test-beds' README)
+    "tasks": Testbed(WEIGHTS, SHA256, TaskConfig(), None),
+    # letters, from the "tasks" weights: right on most instances it was trained on, on a fifth to a third of the rest
+    "letters": Testbed(WEIGHTS.with_name("diffusion_letters.safetensors"),
+                       "e751f844abe22fd9b572cb466b496ee8c2d17aa68d8ebfe77715fc0489bfd46b",
+                       TaskConfig(steps=2400, tasks=("letters",), cycle=(64, 128, 64, 256)), "tasks"),
+}
+
+
+def testbed_of(task: str) -> str:
+    """The name of the shipped test-bed trained on ``task``."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    return next(k for k, v in TESTBEDS.items() if task in v.recipe.tasks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +142,35 @@ def _repeat(rng: random.Random, budget: int, words: list[str]) -> Example | None
     return Example("repeat", f"repeat {times} times: {phrase}\n", answer, budget)
 
 
+def letters_held_out(first: int, last: int, by: int) -> bool:
+    """Whether the ``letters`` instance (alphabet indices of its first and last letter, its stride) is held out of
+    training: 116 of the 581 instances, by a fixed rule."""
+    return (31 * first + 17 * last + 7 * by) % 5 == 0
+
+
+def _letters(rng: random.Random, budget: int, split: str) -> Example | None:
+    by = rng.choice(LETTERS_BY)
+    first = rng.randrange(0, 26 - by)
+    last = rng.randrange(first + by, 26)
+    seq = string.ascii_lowercase[first:last + 1:by]
+    answer = " ".join(seq)
+    if len(answer) > budget or letters_held_out(first, first + by * (len(seq) - 1), by) != (split == "held_out"):
+        return None
+    return Example("letters", f"letters from {seq[0]} to {seq[-1]} by {by}:\n", answer, budget)
+
+
+def _instance(task: str, rng: random.Random, budget: int, words: list[str], split: str) -> Example | None:
+    if task == "count":
+        return _count(rng, budget)
+    if task == "repeat":
+        return _repeat(rng, budget, words)
+    return _letters(rng, budget, split)
+
+
 def examples(task: str, gen_length: int, n: int, *, split: str = "held_out", seed: int = 0) -> list[Example]:
     """``n`` seeded instances of ``task`` for an answer canvas of ``gen_length``; ``repeat`` draws its phrases from
-    the pydoc text of ``split`` (``"train"`` or ``"held_out"``)."""
+    the pydoc text of ``split`` (``"train"`` or ``"held_out"``), ``letters`` its instances from the split's share
+    (:func:`letters_held_out`)."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     if split not in ("train", "held_out"):
@@ -108,7 +178,7 @@ def examples(task: str, gen_length: int, n: int, *, split: str = "held_out", see
     words = _words(diffusion_lm.corpus()[split == "held_out"])
     rng, out = random.Random(f"{task}/{gen_length}/{split}/{seed}"), []
     while len(out) < n:
-        ex = _count(rng, gen_length) if task == "count" else _repeat(rng, gen_length, words)
+        ex = _instance(task, rng, gen_length, words, split)
         if ex is not None:
             out.append(ex)
     return out
@@ -157,10 +227,11 @@ def finetune(cfg: TaskConfig | None = None, *, base: str | Path | None = None, p
             starts = torch.randint(0, len(text) - seq_len, (cfg.text_batch,), generator=gen)
             loss = diffusion_lm.llada_loss(model, torch.stack([text[s:s + seq_len] for s in starts.tolist()]), gen,
                                            cfg.eps)
-        G = TRAIN_CYCLE[step % len(TRAIN_CYCLE)]
+        G = cfg.cycle[step % len(cfg.cycle)]
         batch = []
         while len(batch) * (G + 32) < cfg.task_tokens or not batch:
-            ex = _count(rng, G) if rng.random() < 0.5 else _repeat(rng, G, words)
+            task = cfg.tasks[int(rng.random() * len(cfg.tasks))] if len(cfg.tasks) > 1 else cfg.tasks[0]
+            ex = _instance(task, rng, G, words, "train")
             batch += [ex] if ex is not None else []
         return loss + sft_loss(model, *_canvas(batch, charset), gen, cfg.eps)
 
@@ -188,10 +259,10 @@ def prompts_of(batch: list[Example], charset: diffusion_lm.Charset) -> list[torc
 
 
 def exact_match(model: DiffusionLM, charset: diffusion_lm.Charset, task: str, gen_length: int, n: int = 16, *,
-                batch_size: int = 8, seed: int = 0) -> float:
-    """The share of ``n`` held-out instances whose answer the vanilla sampler (one token per step, greedy) gets
+                batch_size: int = 8, seed: int = 0, split: str = "held_out") -> float:
+    """The share of ``n`` instances of ``split`` whose answer the vanilla sampler (one token per step, greedy) gets
     exactly right."""
-    items, hits = examples(task, gen_length, n, seed=seed), 0
+    items, hits = examples(task, gen_length, n, seed=seed, split=split), 0
     for i in range(0, n, batch_size):
         batch = items[i:i + batch_size]
         got = answers(llada_generate(model, prompts_of(batch, charset), gen_length), charset)
@@ -203,28 +274,43 @@ def save(model: DiffusionLM, info: dict, path: str | Path = WEIGHTS) -> str:
     return diffusion_lm.save(model, info, path)
 
 
-def load(path: str | Path | None = None, *, check: bool = True) -> tuple[DiffusionLM, diffusion_lm.Charset, dict]:
-    """The fine-tuned test-bed (fp32, eval), its charset and its record; the shipped file is checked against
-    :data:`SHA256`."""
-    path, _ = shipped.metadata(path, WEIGHTS, SHA256, COMMAND, check=check)
+def _testbed(name: str) -> Testbed:
+    if name not in TESTBEDS:
+        raise ValueError(f"testbed: expected one of {tuple(TESTBEDS)}, got {name!r}")
+    return TESTBEDS[name]
+
+
+def load(path: str | Path | None = None, *, testbed: str = "tasks", check: bool = True
+         ) -> tuple[DiffusionLM, diffusion_lm.Charset, dict]:
+    """A fine-tuned test-bed (fp32, eval), its charset and its record: the shipped file of ``testbed`` (checked
+    against its SHA-256) unless ``path`` names another."""
+    tb = _testbed(testbed)
+    path, _ = shipped.metadata(path, tb.weights, tb.sha256, tb.command, check=check)
     return diffusion_lm.load(path, check=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=COMMAND, description="Fine-tune the diffusion-LM test-bed on exact-answer "
                                      "tasks and write its weights.")
+    parser.add_argument("--testbed", choices=tuple(TESTBEDS), default="tasks", help="which recipe to run")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it in the last bits)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the recipe's)")
     parser.add_argument("--eval", type=int, default=16, help="held-out instances per task and length for exact match")
-    parser.add_argument("--out", default=str(WEIGHTS), help="the weights file")
+    parser.add_argument("--out", default=None, help="the weights file (default: the test-bed's shipped file)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = TaskConfig() if args.steps is None else TaskConfig(steps=args.steps)
-    model, charset, info = finetune(cfg)
+    tb = TESTBEDS[args.testbed]
+    cfg = tb.recipe if args.steps is None else dataclasses.replace(tb.recipe, steps=args.steps)
+    base = None if tb.base is None else TESTBEDS[tb.base].weights
+    if base is not None:
+        load(testbed=tb.base)  # the base's checksum
+    model, charset, info = finetune(cfg, base=base)
     info["held_out"] = diffusion_lm.held_out_accuracy(model, charset)
-    info["exact_match"] = {f"{t}/{g}": exact_match(model, charset, t, g, args.eval)
-                           for t in TASKS for g in GEN_LENGTHS[:3]}
-    return diffusion_lm.report(model, info, args.out)
+    for split in ("held_out", "train") if "letters" in cfg.tasks else ("held_out",):
+        info["exact_match" + ("" if split == "held_out" else "_train")] = {
+            f"{t}/{g}": exact_match(model, charset, t, g, args.eval, split=split)
+            for t in cfg.tasks for g in GEN_LENGTHS[:3]}
+    return diffusion_lm.report(model, info, args.out or tb.weights)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Tiny preset: Window-Diffusion against LLaDA's vanilla sampler on the diffusion-LM test-bed trained here (CPU).
 
 The claim tested (Zuo et al., arXiv 2601.20332, abstract): "a large speed-up while largely preserving generation",
-"under matched compute budgets". The host is the task test-bed
+"under matched compute budgets". The hosts are the task test-beds
 (:mod:`prunelab.reproductions.testbeds.diffusion_tasks`: a 4-layer LLaDA-shaped model trained here on pydoc text,
-then on two tasks with exact answers, ``count`` and ``repeat``), so matched output is checked against the right
-answer as well as against the vanilla sampler. Every sampler runs one token per step (steps = G), greedy, as the
-paper evaluates LLaDA.
+then fine-tuned on tasks with exact answers), each task on the test-bed trained on it: ``letters`` on the one that
+solves most of its held-out instances, ``count`` and ``repeat`` on the one that learned their format only. So matched
+output is checked against the right answer as well as against the vanilla sampler. Every sampler runs one token per
+step (steps = G), greedy, as the paper evaluates LLaDA.
 
 Rows per task and answer canvas G (a batch of held-out instances, runs interleaved round by round):
 
@@ -24,8 +25,8 @@ of it, the token agreement with vanilla (answer positions, up to the first EOS o
 to vanilla's, and the exact-answer accuracy.
 
 A text table adds the quality measures on free text (held-out pydoc prompts continued for ``--text-length``
-characters): the log-likelihood per SmolLM2 token of the continuation given the prompt, distinct word bigrams, the
-share of spaces, for vanilla, the release window and uniformly random characters.
+characters), per test-bed used: the log-likelihood per SmolLM2 token of the continuation given the prompt, distinct
+word bigrams, the share of spaces, for vanilla, the release window and uniformly random characters.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from prunelab.cli import POSITIVE
 from prunelab.common.provenance import provenance, write_results
 from prunelab.common.timing import ratio_summary
 from prunelab.methods.window_diffusion import WindowDiffusion, llada_generate, run_macs, window_generate
-from prunelab.reproductions.testbeds import diffusion_lm, diffusion_tasks
+from prunelab.reproductions.testbeds import diffusion_lm, diffusion_tasks, shipped
 
 LENGTHS = (64, 128, 256, 512)
 WINDOWS = {"window 64/16/32 (release)": WindowDiffusion(), "window 32/8/16": WindowDiffusion(32, 8, 16),
@@ -50,7 +51,7 @@ WINDOWS = {"window 64/16/32 (release)": WindowDiffusion(), "window 32/8/16": Win
 RELEASE = "window 64/16/32 (release)"
 COLUMNS = ["task", "G", "method", "steps", "s_per_seq", "tokens_per_s", "gmacs_per_seq", "speedup", "spread", "bound",
            "of_bound", "token_agreement", "same_answer", "char_accuracy", "exact"]
-TEXT_COLUMNS = ["method", "G", "smollm2_loglik_per_token", "distinct_2", "space_share", "token_agreement"]
+TEXT_COLUMNS = ["testbed", "method", "G", "smollm2_loglik_per_token", "distinct_2", "space_share", "token_agreement"]
 
 __all__ = ["add_arguments", "run", "run_tiny", "default_out", "agreement", "char_accuracy"]
 
@@ -58,16 +59,28 @@ __all__ = ["add_arguments", "run", "run_tiny", "default_out", "agreement", "char
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=POSITIVE, nargs="+", default=list(LENGTHS), help="answer canvases G")
     parser.add_argument("--tasks", nargs="+", choices=diffusion_tasks.TASKS, default=list(diffusion_tasks.TASKS))
-    parser.add_argument("--n", type=POSITIVE, default=4, help="held-out instances per task and G (one batch)")
+    parser.add_argument("--n", type=POSITIVE, default=4, help="instances per task and G (one batch)")
+    parser.add_argument("--split", choices=("held_out", "train"), default="held_out",
+                        help="instances held out of the test-beds' training, or drawn as training draws them")
     parser.add_argument("--rounds", type=POSITIVE, default=3, help="interleaved timing rounds")
     parser.add_argument("--text-length", type=POSITIVE, default=128, help="characters of free-text continuation")
-    parser.add_argument("--weights", default=None, help="the task test-bed's weights (default: the shipped file)")
+    parser.add_argument("--weights", nargs="+", default=[], metavar="TESTBED=PATH", type=_weights_arg,
+                        help="weights files replacing shipped test-beds (names: "
+                        f"{', '.join(diffusion_tasks.TESTBEDS)})")
     parser.add_argument("--no-progress", action="store_true", help="hide progress lines")
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
-    return run_tiny(out, lengths=args.lengths, tasks=args.tasks, n=args.n, rounds=args.rounds,
-                    text_length=args.text_length, weights=args.weights, progress=not args.no_progress)
+    return run_tiny(out, lengths=args.lengths, tasks=args.tasks, n=args.n, rounds=args.rounds, split=args.split,
+                    text_length=args.text_length, weights=dict(args.weights), progress=not args.no_progress)
+
+
+def _weights_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or name not in diffusion_tasks.TESTBEDS:
+        raise argparse.ArgumentTypeError(f"expected TESTBED=PATH with TESTBED one of "
+                                         f"{tuple(diffusion_tasks.TESTBEDS)}, got {text!r}")
+    return name, path
 
 
 def default_out() -> Path:
@@ -115,9 +128,9 @@ def _samplers(model, prompts, G: int, matched_steps: int | None) -> dict:
     return runs
 
 
-def measure(model, charset, task: str, G: int, n: int, rounds: int) -> list[dict]:
-    """The rows of one task and canvas (module docstring)."""
-    items = diffusion_tasks.examples(task, G, n)
+def measure(model, charset, task: str, G: int, n: int, rounds: int, split: str = "held_out") -> list[dict]:
+    """The rows of one task and canvas (module docstring), on ``n`` instances of ``split``."""
+    items = diffusion_tasks.examples(task, G, n, split=split)
     prompts = diffusion_tasks.prompts_of(items, charset)
     cfg, eos = model.config, charset.eos_id
     vanilla_macs = run_macs(cfg, llada_generate(model, prompts[:1], G, 1).log) * G  # a vanilla step's MACs x G
@@ -165,10 +178,9 @@ def _loglik(lm, tokenizer, prompt: str, continuation: str) -> float:
     return float(logp.gather(-1, c[0][:, None]).mean())
 
 
-def text_quality(model, charset, G: int, n: int, prompt_chars: int = 96) -> list[dict]:
-    """Free-text continuations of held-out pydoc prompts, scored by SmolLM2 (module docstring)."""
-    from prunelab.common.packaged import load_smollm2
-
+def text_quality(model, charset, G: int, n: int, scorer, testbed: str, prompt_chars: int = 96) -> list[dict]:
+    """Free-text continuations of held-out pydoc prompts, scored by SmolLM2 (``scorer``: its model and tokenizer;
+    module docstring)."""
     held = charset.encode(diffusion_lm.corpus()[1])
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(held) - prompt_chars, (n,), generator=g).tolist()
@@ -176,13 +188,14 @@ def text_quality(model, charset, G: int, n: int, prompt_chars: int = 96) -> list
     vanilla = llada_generate(model, prompts, G)
     window = window_generate(model, prompts, G, WINDOWS[RELEASE])
     rand = torch.randint(0, len(charset.chars), (n, G), generator=g)
-    lm, tokenizer = load_smollm2()
+    lm, tokenizer = scorer
     rows = []
     for name, answers in (("vanilla", vanilla.answer), (RELEASE, window.answer), ("random characters", rand)):
         texts = [charset.decode(diffusion_tasks.cut_at_eos(a, charset.eos_id)) for a in answers.tolist()]
         lls = [_loglik(lm, tokenizer, charset.decode(p), t) for p, t in zip(prompts, texts)]
         lls = [x for x in lls if not math.isnan(x)]
-        rows.append({"method": name, "G": G, "smollm2_loglik_per_token": statistics.mean(lls) if lls else float("nan"),
+        rows.append({"testbed": testbed, "method": name, "G": G,
+                     "smollm2_loglik_per_token": statistics.mean(lls) if lls else float("nan"),
                      "distinct_2": statistics.mean(_distinct_2(t) for t in texts),
                      "space_share": sum(t.count(" ") for t in texts) / max(1, sum(len(t) for t in texts)),
                      "token_agreement": agreement(answers, vanilla.answer, charset.eos_id)[0]})
@@ -198,7 +211,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     tasks = sorted({r["task"] for r in rows})
     for name in [RELEASE, RELEASE + " + EOS stop", "window 32/8/16", "window 128/32/32"]:
-        for task, style in zip(tasks, ("-", "--")):
+        for task, style in zip(tasks, ("-", "--", ":")):
             pts = sorted((r["G"], r["speedup"], r["bound"]) for r in rows if r["method"] == name and r["task"] == task)
             if pts:
                 line, = axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
@@ -207,7 +220,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     axes[0].plot([p[0] for p in pts], [p[2] for p in pts], style, color=line.get_color(), alpha=0.35,
                                  label=f"MACs bound, {task}")
     for name in ["vanilla, matched MACs", RELEASE, RELEASE + " + EOS stop", "window 32/8/16", "window 128/32/32"]:
-        for task, style in zip(tasks, ("-", "--")):
+        for task, style in zip(tasks, ("-", "--", ":")):
             pts = sorted((r["G"], r["token_agreement"]) for r in rows if r["method"] == name and r["task"] == task)
             if pts:
                 axes[1].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{name}, {task}")
@@ -223,22 +236,41 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run_tiny(out: str | Path, *, lengths=LENGTHS, tasks=diffusion_tasks.TASKS, n: int = 4, rounds: int = 3,
-             text_length: int = 128, weights: str | None = None, progress: bool = True) -> dict:
-    out = Path(out)
-    model, charset, info = diffusion_tasks.load(weights)
+             split: str = "held_out", text_length: int = 128, weights: dict[str, str] | None = None,
+             progress: bool = True) -> dict:
+    """The tables and the plot (module docstring) into ``out``; ``weights`` maps test-bed names to weights files
+    that replace the shipped ones."""
+    from prunelab.common.packaged import load_smollm2
+
+    out, weights = Path(out), dict(weights or {})
+    unknown = set(weights) - set(diffusion_tasks.TESTBEDS)
+    if unknown:
+        raise ValueError(f"weights: unknown test-beds {sorted(unknown)}; expected names of "
+                         f"{tuple(diffusion_tasks.TESTBEDS)}")
+    testbeds = {}  # name -> (model, charset, info), in the order the tasks first use them
+    for task in tasks:
+        name = diffusion_tasks.testbed_of(task)
+        if name not in testbeds:
+            testbeds[name] = diffusion_tasks.load(weights.get(name), testbed=name)
     rows = []
     for task in tasks:
+        model, charset, _ = testbeds[diffusion_tasks.testbed_of(task)]
         for G in lengths:
             start = time.perf_counter()
-            rows += measure(model, charset, task, G, n, rounds)
+            rows += measure(model, charset, task, G, n, rounds, split)
             if progress:
                 print(f"[tiny] {task} G={G}: {time.perf_counter() - start:.0f} s", flush=True)
-    text = text_quality(model, charset, text_length, n)
+    scorer = load_smollm2()
+    text = [row for name, (model, charset, _) in testbeds.items()
+            for row in text_quality(model, charset, text_length, n, scorer, name)]
     command = (f"prunelab reproduce window_diffusion --preset tiny --lengths {' '.join(map(str, lengths))} --tasks "
-               f"{' '.join(tasks)} --n {n} --rounds {rounds} --text-length {text_length}")
-    meta = provenance(preset="tiny", testbed=diffusion_tasks.COMMAND, testbed_sha256=diffusion_tasks.SHA256, n=n,
-                      rounds=rounds, held_out_masked_accuracy=info.get("held_out"), command=command)
-    write_results(out, "speed", rows, meta, COLUMNS, title="Window-Diffusion on the diffusion-LM test-bed")
+               f"{' '.join(tasks)} --n {n} --rounds {rounds} --split {split} --text-length {text_length}")
+    meta = provenance(preset="tiny", n=n, rounds=rounds, split=split, command=command, testbeds={
+        name: {"command": diffusion_tasks.TESTBEDS[name].command, "weights": str(weights.get(name, "shipped")),
+               "sha256": shipped.sha256(weights.get(name, diffusion_tasks.TESTBEDS[name].weights)),
+               "held_out_masked_accuracy": info.get("held_out"), "exact_match": info.get("exact_match")}
+        for name, (_, _, info) in testbeds.items()})
+    write_results(out, "speed", rows, meta, COLUMNS, title="Window-Diffusion on the diffusion-LM test-beds")
     write_results(out, "text", text, meta, TEXT_COLUMNS, title="Free-text continuations scored by SmolLM2")
     plot(rows, out / "curve.png")
     return {"rows": rows, "text": text, "provenance": meta}
