@@ -86,11 +86,12 @@ def test_sft_loss_masks_the_response_only():
     torch.testing.assert_close(loss, (ce * masked[0] / t[0]).sum() / 4)
 
 
-def test_a_short_fine_tune_round_trips(tmp_path):
+@pytest.mark.parametrize("tasks", [("count", "repeat"), ("letters",)])
+def test_a_short_fine_tune_round_trips(tmp_path, tasks):
     small = dlm.DLMConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, seq_len=32, batch_size=2, steps=2)
     base, info = dlm.train(small, progress=False)
     dlm.save(base, info, tmp_path / "base.safetensors")
-    model, charset, record = dt.finetune(dt.TaskConfig(steps=2, text_batch=2, task_tokens=64),
+    model, charset, record = dt.finetune(dt.TaskConfig(steps=2, tasks=tasks, text_batch=2, task_tokens=64),
                                          base=tmp_path / "base.safetensors", progress=False)
     assert all(torch.isfinite(torch.tensor(record["loss_first_last"])))
     dt.save(model, record, tmp_path / "tasks.safetensors")
@@ -98,7 +99,7 @@ def test_a_short_fine_tune_round_trips(tmp_path):
     x = charset.encode("count from 1 to 3 by 1:\n")[None]
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert meta["tasks_recipe"]["steps"] == 2
+    assert meta["tasks_recipe"]["steps"] == 2 and meta["tasks_recipe"]["tasks"] == list(tasks)
 
 
 @pytest.mark.parametrize("name", list(dt.TESTBEDS))

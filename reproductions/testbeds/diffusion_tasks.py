@@ -230,6 +230,7 @@ def finetune(cfg: TaskConfig | None = None, *, base: str | Path | None = None, p
         G = cfg.cycle[step % len(cfg.cycle)]
         batch = []
         while len(batch) * (G + 32) < cfg.task_tokens or not batch:
+            # one draw per instance when there is a choice: for ("count", "repeat") the draws of the shipped recipe
             task = cfg.tasks[int(rng.random() * len(cfg.tasks))] if len(cfg.tasks) > 1 else cfg.tasks[0]
             ex = _instance(task, rng, G, words, "train")
             batch += [ex] if ex is not None else []
@@ -301,10 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     tb = TESTBEDS[args.testbed]
     cfg = tb.recipe if args.steps is None else dataclasses.replace(tb.recipe, steps=args.steps)
-    base = None if tb.base is None else TESTBEDS[tb.base].weights
-    if base is not None:
-        load(testbed=tb.base)  # the base's checksum
-    model, charset, info = finetune(cfg, base=base)
+    base = None if tb.base is None else TESTBEDS[tb.base]
+    if base is not None:  # the base's checksum
+        shipped.metadata(None, base.weights, base.sha256, base.command)
+    model, charset, info = finetune(cfg, base=None if base is None else base.weights)
     info["held_out"] = diffusion_lm.held_out_accuracy(model, charset)
     for split in ("held_out", "train") if "letters" in cfg.tasks else ("held_out",):
         info["exact_match" + ("" if split == "held_out" else "_train")] = {

@@ -8,7 +8,7 @@ solves most of its held-out instances, ``count`` and ``repeat`` on the one that 
 output is checked against the right answer as well as against the vanilla sampler. Every sampler runs one token per
 step (steps = G), greedy, as the paper evaluates LLaDA.
 
-Rows per task and answer canvas G (a batch of held-out instances, runs interleaved round by round):
+Rows per task and answer canvas G (a batch of instances of ``--split``, runs interleaved round by round):
 
 - ``vanilla``: LLaDA's single-block low-confidence sampler, the reference of every ratio;
 - ``vanilla, matched MACs``: the same sampler with fewer steps (several tokens per step), as many as bring its MACs
