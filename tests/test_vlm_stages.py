@@ -157,18 +157,14 @@ def test_two_methods_compose_their_plans():
     model = _model("llava")
     x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
 
-    class LateRandom(RandomPrune):
-        def vlm_plan(self):
-            return VLMPlan((Stage("llm", self.vlm_select, layer=1, budget=self.vlm_budget, name="late random"),))
-
     with prunelab.apply(model, DivPrune(budget=8)):
         alone = model(**x).logits
-        with prunelab.apply(model, LateRandom(budget=0.5), on_existing="compose") as both:
+        with prunelab.apply(model, RandomPrune(budget=0.5, layer=1), on_existing="compose") as both:
             composed = model(**x).logits
             names = [name for name, _ in both.state.history]
             counts = [[k.numel() for k in kept] for _, kept in both.state.history]
         assert torch.equal(model(**x).logits, alone)  # the composition's removal restores DivPrune alone
-    assert names == ["DivPrune", "late random"] and counts == [[8, 8, 8], [4, 4, 4]]
+    assert names == ["DivPrune", "random after LLM layer 1"] and counts == [[8, 8, 8], [4, 4, 4]]
     assert composed.shape[1] < alone.shape[1] and not torch.allclose(composed[:, -1], alone[:, -1])
     with pytest.raises(ValueError, match="on_existing: 'compose'"):
         import timm
@@ -178,6 +174,31 @@ def test_two_methods_compose_their_plans():
         vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4)
         with prunelab.apply(vit, ZeroTPrune(keep_ratio=0.5)):
             prunelab.apply(vit, ZeroTPrune(keep_ratio=0.7), on_existing="compose")
+
+
+@torch.no_grad()
+def test_random_drop_inside_the_language_model():
+    """RandomPrune(layer=K): the layers up to K see every visual token, the later ones the kept share, and each
+    prompt keeps what it keeps alone; keeping all is the dense model; a layer with none after it is refused."""
+    model = _model("llava")
+    x = tiny_inputs(model, "llava", IMAGES, padding_side="left")
+    dense = model(**x).logits
+    with prunelab.apply(model, RandomPrune(budget=1.0, layer=0)):  # the matrix's tolerance for keep-all
+        torch.testing.assert_close(model(**x).logits, dense, atol=1e-5, rtol=0)
+    with prunelab.apply(model, RandomPrune(budget=0.5, layer=0)) as h:
+        late = model(**x).logits
+        names = [name for name, _ in h.state.history]
+    assert names == ["random after LLM layer 0"] and not torch.allclose(late[:, -1], dense[:, -1])
+    assert torch.equal(model(**x).logits, dense)  # the removal restores the dense model
+    for b in range(len(IMAGES)):  # batch > 1 with padding: every prompt as it is alone
+        with prunelab.apply(model, RandomPrune(budget=0.5, layer=0)):
+            alone = model(**sample_inputs(x, b, IMAGES)).logits
+        torch.testing.assert_close(alone[0, -1], late[b, -1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="layer"):
+        RandomPrune(layer=-1)
+    with pytest.raises(ValueError, match="layer"):
+        with prunelab.apply(model, RandomPrune(layer=model.config.text_config.num_hidden_layers - 1)):
+            model(**x)
 
 
 def test_plan_validation_names_the_field():

@@ -47,8 +47,9 @@ ENTRIES = (
         name="random_prune", cls=RandomPrune, family="VLM", seams=("vlm",),
         backbones=("transformers LLaVA-1.5", "LLaVA-NeXT", "Qwen2.5-VL"),
         keep_all={"budget": 1.0}, prune={"budget": 0.25},
-        bad=(({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"seed": 0.5}, "seed")),
-        status="uniformly random visual tokens per image after the projector; seeded per image of a prompt",
+        bad=(({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"seed": 0.5}, "seed"), ({"layer": -1}, "layer")),
+        status="uniformly random visual tokens per image after the projector, or after an LLM layer (`layer`); seeded "
+               "per image of a prompt",
     ),
     MethodEntry(
         name="oracle_topk", cls=OracleTopK, family="LLM KV cache", seams=("decoder",),

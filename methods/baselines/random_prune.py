@@ -1,4 +1,5 @@
-"""RandomPrune: uniformly random visual tokens per image after the projector (the VLM baseline at equal budget)."""
+"""RandomPrune: uniformly random visual tokens per image after the projector (the VLM baseline at equal budget), or
+after a language-model layer (a late drop to compose with another method)."""
 
 from __future__ import annotations
 
@@ -17,24 +18,35 @@ class RandomPrune:
 
     Attributes:
         budget: a keep ratio (float in (0, 1]) of every visual token of the image (NeXT newlines included, as
-            DivPrune counts them), converted by the repo rule ``keep_count``; or a token count (int >= 1) per
-            image, which must not exceed the image's tokens.
+            DivPrune counts them; with ``layer``, of the image's tokens still in the prompt there), converted by the
+            repo rule ``keep_count``; or a token count (int >= 1) per image, which must not exceed those tokens.
         seed: base seed. The ``k``-th image of a prompt draws from ``seed + k``: the draw depends on the image's
             place in its own prompt, never on the batch, so a batch keeps what each prompt keeps alone and
             repeated forwards (latency runs, teacher-forced quality) keep the same tokens.
+        layer: ``None`` (default): the drop happens after the projector, before the language model. An int ``K``:
+            after language-model layer ``K`` (0-based), among the image tokens still in the prompt there, so layers
+            ``0 .. K`` see every token and the later ones the kept share: the late drop that ``apply(...,
+            on_existing="compose")`` adds to a method pruning earlier (e.g. DivPrune, then half of what it kept after
+            layer 1). ``K`` must leave a layer after it (the engine names ``layer`` otherwise).
     """
 
     budget: float | int = 0.111
     seed: int = 0
+    layer: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "budget", check_budget(self.budget))
         object.__setattr__(self, "seed", check_int(self.seed, "seed"))
+        if self.layer is not None:
+            object.__setattr__(self, "layer", check_int(self.layer, "layer", low=0))
 
     def vlm_plan(self):
         from prunelab.common.vlm_plan import Stage, VLMPlan
 
-        return VLMPlan((Stage("projector", self.vlm_select, budget=self.vlm_budget, name="random"),))
+        if self.layer is None:
+            return VLMPlan((Stage("projector", self.vlm_select, budget=self.vlm_budget, name="random"),))
+        return VLMPlan((Stage("llm", self.vlm_select, layer=self.layer, budget=self.vlm_budget,
+                              name=f"random after LLM layer {self.layer}"),))
 
     def vlm_budget(self, image) -> int:
         n = int(image.embeds.shape[0])

@@ -20,11 +20,11 @@ among the demonstrations. The answer is read as the argmax of the last position'
 The model is the VLM test-bed's architecture (``vlm.py``: CLIP tower, LLaVA projector, 4-layer Llama of width 256) with
 the vocabulary extended by ``label`` and the label words, and RoPE positions up to :data:`MAX_POSITIONS` (an 8-shot
 prompt is 1,330 tokens). The recipe (:class:`Recipe`, :func:`train`, ``python -m prunelab.reproductions.testbeds.icl``)
-starts from the shipped VLM weights, keeps the tower frozen and caches its features once, and trains the projector
-and the language model on prompts assembled from the cache, after a short warm-up on the same prompts with class names
-in place of the images (where the induction circuit forms cheaply); the trained model then runs end to end from
-pixels. Held-out accuracy, measured and discussed in ``reproductions/testbeds/README.md``: 0.06 / 0.93 / 0.85 / 0.70
-at 0 / 2 / 4 / 8 shots.
+starts from the VLM test-bed's base weights, keeps the tower frozen and caches its features once, and trains the
+projector and the language model on prompts assembled from the cache, after a short warm-up on the same prompts with
+class names in place of the images (where the induction circuit forms cheaply); the trained model then runs end to
+end from pixels. Held-out accuracy, measured and discussed in ``reproductions/testbeds/README.md``: 0.06 / 0.93 /
+0.85 / 0.70 at 0 / 2 / 4 / 8 shots.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from prunelab.reproductions.testbeds import shipped, vlm
 from prunelab.reproductions.testbeds.fashion import NAMES, load_fashion_mnist
 from prunelab.reproductions.testbeds.shipped import sha256
 from prunelab.reproductions.testbeds.training import warmup_cosine
+from prunelab.reproductions.testbeds.vlm import cached_forward, tower_features
 
 WORDS = ("dax", "wug", "blick", "fep", "zup", "lorp", "tiv", "kiki", "bouba", "gazzer", "mib", "toma", "wim", "yop",
          "zorb", "nulf")
@@ -238,9 +239,9 @@ def build(seed: int = 0):
 
 
 def from_vlm(seed: int = 0, word_norm: float = 0.0):
-    """:func:`build` with the shipped VLM test-bed's weights (the old ids are the same words); the new words keep
-    their random output rows, and with ``word_norm`` their input embeddings are redrawn: a direction shared by
-    all label words plus one of their own, at that norm.
+    """:func:`build` with the VLM test-bed's base weights (stages A-B, ``vlm.BASE_WEIGHTS``; the old ids are the same
+    words); the new words keep their random output rows, and with ``word_norm`` their input embeddings are redrawn:
+    a direction shared by all label words plus one of their own, at that norm.
 
     Why a large norm: the projected image features arrive with norm about 70 and text positions carry about 40
     after the first layer, while the VLM's word embeddings have norm 0.5; a label word at that scale is 1 % of its own
@@ -248,7 +249,7 @@ def from_vlm(seed: int = 0, word_norm: float = 0.0):
     that attends to every label word at once (the first thing worth learning: the answer is one of them) needs a
     feature they have in common."""
     model, tok = build(seed)
-    vlm.extend_from(model, vlm.load()[0])
+    vlm.extend_from(model, vlm.load(base=True)[0])
     if word_norm:
         with torch.no_grad():
             rows = model.get_input_embeddings().weight[-len(WORDS):]
@@ -261,25 +262,6 @@ def load(path: str | Path | None = None, *, check: bool = True):
     """The trained test-bed (fp32, eval) and its tokenizer from ``path`` (default: the shipped :data:`WEIGHTS`,
     checked against :data:`SHA256`); a file trained with another vocabulary is refused."""
     return shipped.load_with_vocabulary(build, path, WEIGHTS, SHA256, COMMAND, vocabulary(), check=check)
-
-
-def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """[N, 144, 192] what the projector reads: the CLIP tower's layer -2 without the CLS (as LLaVA selects it)."""
-    cfg = model.config
-    h = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
-    return h[:, 1:]
-
-
-def cached_forward(model, input_ids: torch.Tensor, features: torch.Tensor, *, hidden: bool = False):
-    """The language model's output for unpadded prompts ``input_ids`` whose images have the tower features
-    ``features`` (one row per image in prompt order), as the full model computes it from pixels (``hidden``: with
-    every layer's hidden states). This is the training path: the frozen tower runs once per image of the pool, not
-    once per prompt."""
-    embeds = model.get_input_embeddings()(input_ids)
-    if len(features):
-        projected = model.model.multi_modal_projector(features)
-        embeds = embeds.masked_scatter((input_ids == vlm.IMAGE_TOKEN)[..., None], projected.to(embeds.dtype))
-    return model.model.language_model(inputs_embeds=embeds, output_hidden_states=hidden)
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -485,7 +467,7 @@ def held_out(model, shots: Sequence[int] = (0, 1, 2, 4, 8), n: int = 500, seed: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train the test-bed from the VLM test-bed's weights, measure it on held-out prompts, write it."""
+    """Train the test-bed from the VLM test-bed's base weights, measure it on held-out prompts, write it."""
     parser = argparse.ArgumentParser(prog=COMMAND, description="Train the ICL test-bed and write its weights.")
     parser.add_argument("--steps", type=int, default=Recipe.steps)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it in the last bits)")

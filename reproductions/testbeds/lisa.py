@@ -207,9 +207,10 @@ def build(seed: int = 0):
 
 
 def from_vlm(seed: int = 0):
-    """:func:`build` with the shipped VLM test-bed's weights in the VLM (the old ids are the same words)."""
+    """:func:`build` with the VLM test-bed's base weights (stages A-B, ``vlm.BASE_WEIGHTS``) in the VLM (the old ids
+    are the same words)."""
     model, tok = build(seed)
-    vlm.extend_from(model.vlm, vlm.load()[0])
+    vlm.extend_from(model.vlm, vlm.load(base=True)[0])
     return model, tok
 
 

@@ -11,8 +11,14 @@ Stage B, :func:`train_questions`: the whole model (tower, projector, language mo
 (cross-entropy of the answer word at the last prompt position), while stage A's loss stays on as an auxiliary term so
 the tower keeps each region's content in that region's tokens.
 
-:func:`main` runs both and writes the weights (fp16 safetensors, with the vocabulary, the settings and the held-out
-accuracy in the metadata) and prints their SHA-256.
+Stage C, :func:`train_reading`: from stage B's weights, the words' input embeddings scaled up so that a question's
+words survive beside the image tokens in their own residual streams, the tower frozen (its features cached once), the
+projector and the language model trained on the same questions: what lifted presence and count far above their
+majority answers.
+
+:func:`main` runs stages A-B (``--stage ab``, the base weights the ICL and LISA test-beds start from), stage C from
+them (``--stage c``, the default) or all three, and writes the weights (fp16 safetensors, with the vocabulary, the
+settings and the held-out accuracy in the metadata) and prints their SHA-256.
 """
 
 from __future__ import annotations
@@ -104,10 +110,11 @@ def _schedule(opt, lr: float, step: int, steps: int, warmup: int) -> None:
         group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok) -> dict:
+def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: bool = True) -> dict:
     """Training inputs: per scene ``idx[b]``, ``per_image`` questions of random kinds in a row, each followed by its
     answer word (``[image] Question: q1 Answer: a1 Question: q2 Answer: a2 ...``; the first one is exactly the
-    evaluation prompt), left padding; ``targets`` lists (row, position, answer id) of every answer."""
+    evaluation prompt), left padding; ``targets`` lists (row, position, answer id) of every answer. Without
+    ``pixels``, no ``pixel_values`` (a training path with cached tower features)."""
     words = vlm.answer_ids(tok)
     rows, targets = [], []
     for b, i in enumerate(idx):
@@ -124,10 +131,12 @@ def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok) -> dict:
         rows.append(ids[:-1])  # the last answer is a target only
     width = max(len(r) for r in rows)
     pads = [width - len(r) for r in rows]
-    return dict(input_ids=torch.tensor([[vlm.PAD] * p + r for p, r in zip(pads, rows)]),
-                attention_mask=torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows)]),
-                pixel_values=C.to_pixels(scenes.images(idx)),
-                targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]))
+    out = dict(input_ids=torch.tensor([[vlm.PAD] * p + r for p, r in zip(pads, rows)]),
+               attention_mask=torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows)]),
+               targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]))
+    if pixels:
+        out["pixel_values"] = C.to_pixels(scenes.images(idx))
+    return out
 
 
 def train_questions(model, heads: TowerHeads, *, steps: int = 1500, batch_size: int = 16, per_image: int = 8,
@@ -180,6 +189,67 @@ def train_questions(model, heads: TowerHeads, *, steps: int = 1500, batch_size: 
 
 
 @torch.no_grad()
+def cache_features(model, scenes: C.Scenes, *, batch_size: int = 256) -> torch.Tensor:
+    """bf16 [N, 144, width]: what the projector reads for every scene (about 100 scenes a second on 2 cores)."""
+    out = []
+    for i in range(0, len(scenes), batch_size):
+        idx = np.arange(i, min(len(scenes), i + batch_size))
+        out.append(vlm.tower_features(model, C.to_pixels(scenes.images(idx))).bfloat16())
+    return torch.cat(out)
+
+
+def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
+                  embed_scale: float = 60.0, scenes: int = 30_000, seed: int = 0, log_every: int = 100
+                  ) -> list[float]:
+    """Stage C on ``model`` (the test-bed after stages A-B, trained in place); returns the answer losses.
+
+    After stage B the words are drowned in their own residual streams: the input embeddings have norm about 0.6,
+    projected image tokens about 65, and after the first layer's attention a text position carries norm about 40,
+    almost all of it image content, so a question's words (which class, which cell) barely reach the layers that
+    must match them against the image. Stage C multiplies every input embedding by ``embed_scale`` (the first
+    layer's normalised input of a word is unchanged; its residual stream now keeps the word), freezes the tower,
+    caches its features of ``scenes`` training composites once (:func:`cache_features`), and trains the projector
+    and the language model as stage B does (:func:`question_batch`, every answer's cross-entropy), in bf16
+    autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1."""
+    g = torch.Generator().manual_seed(seed + 2)
+    rng = np.random.default_rng(seed + 2)
+    torch.manual_seed(seed + 2)
+    data = C.make_dataset("train", scenes, seed=seed + 2)
+    tok = vlm.tokenizer()
+    start = time.perf_counter()
+    feats = cache_features(model, data.scenes)
+    print(f"reading: tower features of {scenes} composites ({time.perf_counter() - start:.0f} s)", flush=True)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embed_scale)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    model.train()
+    losses = []
+    try:
+        for step in range(steps):
+            _schedule(opt, lr, step, steps, 50)
+            idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
+            x = question_batch(data.scenes, idx, rng, per_image, tok, pixels=False)
+            t = x.pop("targets")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = vlm.cached_forward(model, x["input_ids"], feats[idx].float(),
+                                       attention_mask=x["attention_mask"]).last_hidden_state
+            loss = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                recent = sum(losses[-log_every:]) / len(losses[-log_every:])
+                print(f"reading step {step + 1}/{steps}: answer loss {recent:.3f} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+    finally:
+        model.eval()
+    return losses
+
+
+@torch.no_grad()
 def evaluate(model, data: C.Dataset, *, batch_size: int = 64) -> dict:
     """Accuracy per question kind (argmax over the kind's choices) on ``data``, and ``correct`` per sample."""
     tok = vlm.tokenizer()
@@ -210,35 +280,56 @@ def save(model, path: str | Path, **metadata) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train the test-bed from scratch (stage A, then stage B), evaluate it on held-out questions, write it."""
+    """Train the test-bed (stages A-B from scratch, and / or stage C from their weights), evaluate it on held-out
+    questions, write it."""
     parser = argparse.ArgumentParser(prog="python -m prunelab.reproductions.testbeds.train_vlm",
                                      description="Train the tiny VLM test-bed and write its weights.")
+    parser.add_argument("--stage", choices=["c", "ab", "all"], default="c",
+                        help="c (default): stage C from the shipped stages A-B weights (--base) to the shipped "
+                             "test-bed; ab: stages A-B from scratch (the base); all: A-B, then C")
     parser.add_argument("--tower-steps", type=int, default=300, help="stage A steps (64 composites each)")
     parser.add_argument("--steps", type=int, default=1500, help="stage B steps")
     parser.add_argument("--batch-size", type=int, default=16, help="stage B scenes per step")
-    parser.add_argument("--per-image", type=int, default=8, help="stage B questions per scene")
+    parser.add_argument("--per-image", type=int, default=8, help="stage B and C questions per scene")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage B peak learning rate")
+    parser.add_argument("--reading-steps", type=int, default=2000, help="stage C steps (32 scenes each)")
+    parser.add_argument("--reading-lr", type=float, default=5e-4, help="stage C peak learning rate")
+    parser.add_argument("--embed-scale", type=float, default=60.0,
+                        help="stage C: the input embeddings are multiplied by this")
+    parser.add_argument("--reading-scenes", type=int, default=30_000,
+                        help="stage C: the composites whose tower features it caches")
+    parser.add_argument("--base", default=None, help="stage C's start (default: the shipped stages A-B weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it in the last bits)")
     parser.add_argument("--n-eval", type=int, default=2000, help="held-out questions for the recorded accuracy")
-    parser.add_argument("--out", default=str(vlm.WEIGHTS), help="where to write the weights")
+    parser.add_argument("--out", default=None, help="where to write the weights (default: the shipped file of the "
+                                                   "last stage run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, _ = vlm.build(seed=args.seed)
-    heads = pretrain_tower(model.model.vision_tower, steps=args.tower_steps, seed=args.seed)
-    tower = evaluate_tower(model.model.vision_tower, heads)
-    print(f"stage A held-out: {tower}", flush=True)
-    train_questions(model, heads, steps=args.steps, batch_size=args.batch_size, per_image=args.per_image, lr=args.lr,
-                    seed=args.seed)
+    info = {}
+    if args.stage == "c":
+        model, _ = vlm.load(args.base, base=True)
+        info["base_sha256"] = vlm.sha256(vlm.BASE_WEIGHTS if args.base is None else args.base)
+    else:
+        model, _ = vlm.build(seed=args.seed)
+        heads = pretrain_tower(model.model.vision_tower, steps=args.tower_steps, seed=args.seed)
+        info["stage_a"] = evaluate_tower(model.model.vision_tower, heads)
+        print(f"stage A held-out: {info['stage_a']}", flush=True)
+        train_questions(model, heads, steps=args.steps, batch_size=args.batch_size, per_image=args.per_image,
+                        lr=args.lr, seed=args.seed)
+    if args.stage != "ab":
+        train_reading(model, steps=args.reading_steps, per_image=args.per_image, lr=args.reading_lr,
+                      embed_scale=args.embed_scale, scenes=args.reading_scenes, seed=args.seed)
     minutes = (time.perf_counter() - start) / 60
     held = evaluate(model, C.make_dataset("test", args.n_eval, seed=args.seed + 2))
     held.pop("correct")
     print(f"held-out accuracy: {held} ({minutes:.1f} min)", flush=True)
+    out = args.out or (vlm.BASE_WEIGHTS if args.stage == "ab" else vlm.WEIGHTS)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    digest = save(model, args.out, settings=settings, heldout_accuracy=held, stage_a=tower,
-                  train_minutes=round(minutes, 1), torch=torch.__version__)
-    print(f"wrote {args.out}\nsha256 {digest}")
+    digest = save(model, out, settings=settings, heldout_accuracy=held, train_minutes=round(minutes, 1),
+                  torch=torch.__version__, **info)
+    print(f"wrote {out}\nsha256 {digest}")
     return {"accuracy": held, "sha256": digest, "minutes": minutes}
 
 

@@ -39,11 +39,15 @@ SPECIAL = ("<pad>", "<unk>", "<image>")
 PAD, UNK, IMAGE_TOKEN = 0, 1, 2
 PROMPT = "Question: {question} Answer:"
 WEIGHTS = Path(__file__).with_name("weights") / "vlm.safetensors"
-SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of WEIGHTS; train_vlm prints it
+SHA256 = "979fab319167628068e337cfcd2f13cf35af3f0e8a0e54158ddae952e1e34189"  # of WEIGHTS (stages A-C)
+BASE_WEIGHTS = WEIGHTS.with_name("vlm_base.safetensors")
+BASE_SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of BASE_WEIGHTS (stages A-B)
+COMMAND = "python -m prunelab.reproductions.testbeds.train_vlm"
 
-__all__ = ["IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch",
-           "build", "choice_logits", "extend_from", "llava_config", "load", "model_inputs", "patch_cells", "sha256",
-           "text_config", "tokenizer", "vocabulary", "word_tokenizer"]
+__all__ = ["BASE_SHA256", "BASE_WEIGHTS", "IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS",
+           "answer_ids", "batch", "build", "cached_forward", "choice_logits", "extend_from", "llava_config", "load",
+           "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer", "tower_features", "vocabulary",
+           "word_tokenizer"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -119,15 +123,17 @@ def extend_from(model, source) -> None:
     model.load_state_dict(state)
 
 
-def load(path: str | Path | None = None, *, check: bool = True):
-    """The trained test-bed (fp32, eval) from ``path`` (default: the shipped :data:`WEIGHTS`), and its tokenizer.
+def load(path: str | Path | None = None, *, base: bool = False, check: bool = True):
+    """The trained test-bed (fp32, eval) from ``path`` (default: the shipped :data:`WEIGHTS`; with ``base``, the
+    shipped :data:`BASE_WEIGHTS` of stages A-B, where stage C and the ICL and LISA test-beds start), and its
+    tokenizer.
 
-    The shipped file is checked against :data:`SHA256`, and any file's recorded vocabulary against
-    :func:`vocabulary`; a mismatch raises instead of answering with the wrong weights or words."""
+    A shipped file is checked against its SHA-256, and any file's recorded vocabulary against :func:`vocabulary`; a
+    mismatch raises instead of answering with the wrong weights or words."""
     from safetensors.torch import load_file
 
-    path, meta = shipped.metadata(path, WEIGHTS, SHA256, "python -m prunelab.reproductions.testbeds.train_vlm",
-                                  check=check)
+    shipped_path, digest = (BASE_WEIGHTS, BASE_SHA256) if base else (WEIGHTS, SHA256)
+    path, meta = shipped.metadata(path, shipped_path, digest, COMMAND + (" --stage ab" if base else ""), check=check)
     if meta.get("vocabulary") != "\n".join(vocabulary()):
         raise ValueError(f"path: {path} was trained with another vocabulary than vocabulary() gives now "
                          "(were the templates changed?); retrain the test-bed")
@@ -180,3 +186,22 @@ def patch_cells() -> torch.Tensor:
     rows = torch.arange(side)[:, None].expand(side, side) // per
     cols = torch.arange(side)[None, :].expand(side, side) // per
     return (rows * C.GRID + cols).flatten()
+
+
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, 144, 192] what the projector reads: the CLIP tower's layer -2 without the CLS (as LLaVA selects it)."""
+    h = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    return h[:, 1:]
+
+
+def cached_forward(model, input_ids: torch.Tensor, features: torch.Tensor, *,
+                   attention_mask: torch.Tensor | None = None, hidden: bool = False):
+    """The language model's output for prompts ``input_ids`` (with ``attention_mask`` when they are padded) whose
+    images have the tower features ``features`` (one row per image in prompt order), as the full model computes it
+    from pixels (``hidden``: with every layer's hidden states). This is the training path of a frozen tower: it runs
+    once per image of a pool, not once per prompt."""
+    embeds = model.get_input_embeddings()(input_ids)
+    if len(features):
+        projected = model.model.multi_modal_projector(features)
+        embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN)[..., None], projected.to(embeds.dtype))
+    return model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=hidden)

@@ -15,6 +15,11 @@ and each method at each keep ratio of the 144 visual tokens, the same questions,
 - latency of one batch of ``speed_batch`` questions, measured interleaved (each round times dense and every
   configuration once, in turn), as the median per-round speedup over dense with its inter-quartile range.
 
+Composition rows (``COMPOSE``): a method at each keep ratio, then a random drop of half of what it kept after
+language-model layer 1 (:data:`LATE`), the two plans run as one (``Composed``, what ``apply(...,
+on_existing="compose")`` builds); their ``vs_random`` is against random followed by the same late drop, the
+baseline with the same token count at every layer.
+
 Then the region probe (:mod:`.region`): on the location and relation questions, and the presence questions whose
 answer is "yes", the accuracy when exactly the tokens of the cells the answer depends on are removed, against
 removing as many tokens at random: the test that the model reads the region it is asked about.
@@ -40,11 +45,17 @@ from prunelab.reproductions.testbeds import vlm
 from prunelab.reproductions.vlm_bench.region import DropTokens, cell_tokens, control_tokens
 from prunelab.reproductions.vlm_tiny import LABELS, make_method, mean_visual
 
-__all__ = ["BUDGETS", "METHODS", "evaluate", "plot", "run_bench"]
+__all__ = ["BUDGETS", "COMPOSE", "LATE", "METHODS", "composed", "evaluate", "plot", "run_bench"]
 
 METHODS = ("random_prune", "divprune", "hiprune", "flowcut", "visiondrop")
 BUDGETS = (0.5, 0.25, 0.111)
 """Keep ratios of each image's visual tokens: 72, 36 and 16 of 144 (LLaVA-1.5's 288, 144, 64 of 576)."""
+
+COMPOSE = ("divprune", "hiprune")
+"""Methods that also get composition rows (each after random, its baseline, at the same settings)."""
+LATE = {"layer": 1, "budget": 0.5}
+"""The later drop of the composition rows: ``RandomPrune`` keeping half of each image's remaining tokens after
+language-model layer 1 of the test-bed's 4 (layers 0-1 see the first method's tokens, layers 2-3 half of them)."""
 
 COLUMNS = ["method", "keep_ratio", "visual_%", *C.KINDS, "mean", "mean_se", "vs_random", "vs_random_se",
            "lm_macs_%", "bound", "speedup", "speedup_iqr"]
@@ -195,23 +206,37 @@ SPEED_COLUMNS = ["method", "keep_ratio", "dense_ms", "ms", "speedup", "speedup_i
                  "tower_GMACs", "lm_GMACs"]
 
 
+def composed(name: str, model, ratio: float, seed: int = 0):
+    """The composition row's method: ``name`` at keep ratio ``ratio`` (as its own row builds it), then
+    ``RandomPrune(**LATE)`` (seeded apart from a first random drop)."""
+    from prunelab.common.vlm_methods import Composed
+    from prunelab.methods.baselines import RandomPrune
+
+    return Composed(make_method(name, model, "llava", ratio, seed), RandomPrune(seed=seed + 1000, **LATE))
+
+
 def accuracy_table(model, data: C.Dataset, methods: Sequence[str], budgets: Sequence[float], *,
-                   batch_size: int = 64, seed: int = 0) -> tuple[list[dict], dict]:
-    """Rows (dense first, then each method at each keep ratio) of accuracy per kind, ``visual_%``, ``lm_macs_%`` and
-    ``bound`` on ``data``; and the method objects by ``(name, ratio)``. Each row's ``name`` is the registry name."""
+                   batch_size: int = 64, seed: int = 0, compose: Sequence[str] = ()) -> tuple[list[dict], dict]:
+    """Rows (dense first, then each method at each keep ratio, then the composition rows of ``compose`` after
+    random's) of accuracy per kind, ``visual_%``, ``lm_macs_%`` and ``bound`` on ``data``; and the method objects by
+    ``(name, ratio)``. Each row's ``name`` is the registry name, ``+late`` appended for a composition row."""
     dense = evaluate(model, data, batch_size=batch_size)
     tower = _tower_macs(model) * len(data.samples)
     whole_dense = tower + dense["dense_macs"]
     rows = [{"name": "dense", "method": "dense", "keep_ratio": 1.0, "visual_%": 100.0,
              **accuracy_row(data, dense["correct"]), "lm_macs_%": 100.0, "bound": 1.0}]
     configs, results = {}, {}
-    for name in methods:
+    late = [(f"{name}+late", f"{LABELS[name]} + late random", name)
+            for name in dict.fromkeys(("random_prune", *compose) if compose else ())]
+    for key, label, name in [(name, LABELS[name], name) for name in methods] + late:
+        base_key = "random_prune+late" if key.endswith("+late") else "random_prune"
         for b in budgets:
-            print(f"  {LABELS[name]} at {b} ...", flush=True)
-            configs[(name, b)] = make_method(name, model, "llava", b, seed)
-            results[(name, b)] = res = evaluate(model, data, configs[(name, b)], batch_size=batch_size)
-            base = results.get(("random_prune", b)) if name != "random_prune" else None
-            rows.append({"name": name, "method": LABELS[name], "keep_ratio": b,
+            print(f"  {label} at {b} ...", flush=True)
+            configs[(key, b)] = (composed(name, model, b, seed) if key.endswith("+late")
+                                 else make_method(name, model, "llava", b, seed))
+            results[(key, b)] = res = evaluate(model, data, configs[(key, b)], batch_size=batch_size)
+            base = results.get((base_key, b)) if key != base_key else None
+            rows.append({"name": key, "method": label, "keep_ratio": b,
                          "visual_%": 100 * res["visual"] / vlm.TOKENS,
                          **accuracy_row(data, res["correct"], base["correct"] if base else None),
                          "lm_macs_%": 100 * res["macs"] / res["dense_macs"],
@@ -245,12 +270,15 @@ def write_testbed_table(out, methods: Sequence[str], budgets: Sequence[float], *
 
 def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float] = BUDGETS, n: int = 1000,
               templates: str = "train", batch_size: int = 64, speed_batch: int = 8, rounds: int = 7,
-              seed: int = 0, weights: str | Path | None = None, speed: bool = False, speed_rounds: int = 5) -> dict:
+              seed: int = 0, weights: str | Path | None = None, speed: bool = False, speed_rounds: int = 5,
+              compose: Sequence[str] = COMPOSE) -> dict:
     """Write ``bench.{json,md}``, ``region.{json,md}`` and ``bench.png`` into ``out`` (and with ``speed``,
-    ``speed.{json,md}``: :func:`speed_table`); return the rows."""
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"methods: unknown {bad}; choose from {METHODS}")
+    ``speed.{json,md}``: :func:`speed_table`); return the rows. ``compose``: methods with composition rows
+    (:data:`LATE`; empty: none)."""
+    for arg, names in (("methods", methods), ("compose", compose)):
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            raise ValueError(f"{arg}: unknown {bad}; choose from {METHODS}")
     budgets = [check_real(b, f"budgets[{i}]", low=0.0, high=1.0, low_open=True) for i, b in enumerate(budgets)]
     n = check_int(n, "n", low=len(C.KINDS))
     speed_batch, rounds = check_int(speed_batch, "speed_batch", low=1), check_int(rounds, "rounds", low=1)
@@ -259,7 +287,8 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"vlm_bench: {n} held-out questions", flush=True)
-    rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed)
+    rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed,
+                                   compose=compose)
     print("vlm_bench: latency, interleaved ...", flush=True)
     x = vlm.batch(data.samples[:speed_batch], data.scenes)
     inputs = vlm.model_inputs(x)
@@ -276,7 +305,9 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
                       data=f"{n} held-out questions (Fashion-MNIST test images, {templates} templates, seed "
                            f"{1000 + seed}), batches of {batch_size}, left padding",
                       accuracy="argmax over the question kind's choices; se: binomial standard error; mean: over "
-                               "kinds; vs_random: paired difference to random_prune at the same keep ratio",
+                               "kinds; vs_random: paired difference to random_prune at the same keep ratio (for "
+                               "a '+ late random' row: to random + late random)",
+                      composition=f"'+ late random': the method, then RandomPrune(**{LATE}) (Composed)",
                       macs="lm_macs_%: language-model prefill MACs, unpadded, LM head on the last position; bound: "
                            "dense / pruned MACs of the whole forward with the tower counted dense",
                       latency=f"batch of {speed_batch}, {rounds} interleaved rounds; dense median {dense_ms:.1f} ms "

@@ -6,11 +6,14 @@ import argparse
 from pathlib import Path
 
 from prunelab.cli import NON_NEGATIVE, POSITIVE, RATIO
-from prunelab.reproductions.vlm_bench.bench import BUDGETS, METHODS, run_bench
+from prunelab.reproductions.vlm_bench.bench import BUDGETS, COMPOSE, LATE, METHODS, run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--compose", nargs="*", default=list(COMPOSE), choices=METHODS,
+                        help=f"methods that also get a composition row, then random_prune{LATE} (with random + the "
+                             "same late drop as their baseline); none without arguments")
     parser.add_argument("--budgets", type=RATIO, nargs="+", default=list(BUDGETS),
                         help="keep ratios of each image's 144 visual tokens, in (0, 1]")
     parser.add_argument("--n", type=POSITIVE, default=1000, help="held-out questions (the kinds drawn uniformly)")
@@ -34,4 +37,5 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else Path("runs/vlm_bench/tiny")
     return run_bench(out, args.methods, budgets=args.budgets, n=args.n, templates=args.templates,
                      batch_size=args.batch_size, speed_batch=args.speed_batch, rounds=args.rounds, seed=args.seed,
-                     weights=args.weights, speed=args.speed, speed_rounds=args.speed_rounds)
+                     weights=args.weights, speed=args.speed, speed_rounds=args.speed_rounds,
+                     compose=args.compose)
