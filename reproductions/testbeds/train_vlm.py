@@ -110,6 +110,24 @@ def _schedule(opt, lr: float, step: int, steps: int, warmup: int) -> None:
         group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def _update(opt, params, loss: torch.Tensor) -> None:
+    """Backward, gradients clipped at norm 1, one optimiser step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad()
+
+
+def _log(losses: list[float], answer: torch.Tensor, step: int, steps: int, every: int, start: float, stage: str,
+         extra: str = "") -> None:
+    """Record the answer loss; every ``every`` steps (and at the last) print its recent mean."""
+    losses.append(answer.item())
+    if every and (step % every == 0 or step == steps - 1):
+        recent = sum(losses[-every:]) / len(losses[-every:])
+        print(f"{stage} step {step + 1}/{steps}: answer loss {recent:.3f}{extra} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
 def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: bool = True) -> dict:
     """Training inputs: per scene ``idx[b]``, ``per_image`` questions of random kinds in a row, each followed by its
     answer word (``[image] Question: q1 Answer: a1 Question: q2 Answer: a2 ...``; the first one is exactly the
@@ -172,16 +190,8 @@ def train_questions(model, heads: TowerHeads, *, steps: int = 1500, batch_size: 
             h = seen.pop("h")
             tower = (F.cross_entropy(heads.cls(h).flatten(0, 1), _targets(data.scenes, idx).flatten())
                      + F.cross_entropy(heads.cell(h).flatten(0, 1), cells.expand(len(idx), -1).flatten()))
-            loss = qa + aux * tower
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad()
-            losses.append(qa.item())
-            if log_every and (step % log_every == 0 or step == steps - 1):
-                recent = sum(losses[-log_every:]) / len(losses[-log_every:])
-                print(f"question step {step + 1}/{steps}: answer loss {recent:.3f}, tower loss {tower.item():.3f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            _update(opt, params, qa + aux * tower)
+            _log(losses, qa, step, steps, log_every, start, "question", f", tower loss {tower.item():.3f}")
     finally:
         hook.remove()
         model.eval()
@@ -235,15 +245,8 @@ def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: 
                 h = vlm.cached_forward(model, x["input_ids"], feats[idx].float(),
                                        attention_mask=x["attention_mask"]).last_hidden_state
             loss = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-            if log_every and (step % log_every == 0 or step == steps - 1):
-                recent = sum(losses[-log_every:]) / len(losses[-log_every:])
-                print(f"reading step {step + 1}/{steps}: answer loss {recent:.3f} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            _update(opt, params, loss)
+            _log(losses, loss, step, steps, log_every, start, "reading")
     finally:
         model.eval()
     return losses

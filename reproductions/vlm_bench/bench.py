@@ -226,14 +226,14 @@ def accuracy_table(model, data: C.Dataset, methods: Sequence[str], budgets: Sequ
     rows = [{"name": "dense", "method": "dense", "keep_ratio": 1.0, "visual_%": 100.0,
              **accuracy_row(data, dense["correct"]), "lm_macs_%": 100.0, "bound": 1.0}]
     configs, results = {}, {}
-    late = [(f"{name}+late", f"{LABELS[name]} + late random", name)
-            for name in dict.fromkeys(("random_prune", *compose) if compose else ())]
-    for key, label, name in [(name, LABELS[name], name) for name in methods] + late:
-        base_key = "random_prune+late" if key.endswith("+late") else "random_prune"
+    rows_of = [(name, False) for name in methods]
+    rows_of += [(name, True) for name in dict.fromkeys(("random_prune", *compose) if compose else ())]
+    for name, late in rows_of:
+        key, label = (f"{name}+late", f"{LABELS[name]} + late random") if late else (name, LABELS[name])
+        base_key = "random_prune+late" if late else "random_prune"
         for b in budgets:
             print(f"  {label} at {b} ...", flush=True)
-            configs[(key, b)] = (composed(name, model, b, seed) if key.endswith("+late")
-                                 else make_method(name, model, "llava", b, seed))
+            configs[(key, b)] = composed(name, model, b, seed) if late else make_method(name, model, "llava", b, seed)
             results[(key, b)] = res = evaluate(model, data, configs[(key, b)], batch_size=batch_size)
             base = results.get((base_key, b)) if key != base_key else None
             rows.append({"name": key, "method": label, "keep_ratio": b,
