@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -115,6 +117,58 @@ def test_train_save_load_round_trip(tmp_path):
     fresh, _ = vit.train(TINY, data_root=str(root), progress=False)
     with torch.no_grad():
         assert torch.equal(fresh(x), again(x))
+
+
+def test_mimetic_init_shapes_attention_as_the_paper_prescribes():
+    cfg = ViTConfig(embed_dim=24, depth=2, num_heads=3)
+    model = vit.build(cfg)
+    vit.mimetic_init(model, 0.7, 0.7, 0.4, 0.4, gen=torch.Generator().manual_seed(0))
+    d, k = cfg.embed_dim, cfg.embed_dim // cfg.num_heads
+    for blk in model.blocks:
+        w = blk.attn.qkv.weight
+        for h in range(cfg.num_heads):
+            qk = w[h * k : (h + 1) * k].T @ w[d + h * k : d + (h + 1) * k]  # W_q W_k^T of head h, [d, d]
+            off = qk - torch.diag(qk.diag())
+            assert qk.diag().mean() > 0.1 and qk.diag().mean() > 3 * off.abs().mean()
+        vo = w[2 * d :].T @ blk.attn.proj.weight.T  # W_v W_o, full rank: a2 Z - b2 I exactly
+        assert vo.diag().mean().item() == pytest.approx(-0.4, abs=0.1)
+    pe = model.pos_embed[0]
+    assert torch.equal(pe[0], torch.zeros(d))  # the class token's entry
+    # 2-D sine-cosine over the 14 x 14 grid: neighbours are more alike than distant patches.
+    near, far = (pe[1] * pe[2]).sum(), (pe[1] * pe[196]).sum()
+    assert near > far
+    again = vit.build(cfg)
+    vit.mimetic_init(again, 0.7, 0.7, 0.4, 0.4, gen=torch.Generator().manual_seed(0))
+    mine = {k: v for k, v in again.state_dict().items() if "attn" in k and "weight" in k or k == "pos_embed"}
+    assert len(mine) == 1 + 2 * cfg.depth and all(torch.equal(v, model.state_dict()[k]) for k, v in mine.items())
+
+
+def test_mimetic_bf16_recipe_trains_and_round_trips(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_split(root, "train", 128, seed=1)
+    write_split(root, "test", 32, seed=2)
+    cfg = dataclasses.replace(TINY, phases=((28, 64), (56, 64)), mimetic=(0.7, 0.7, 0.4, 0.4), bf16=True)
+    model, info = vit.train(cfg, data_root=str(root), progress=False)
+    assert info["config"]["mimetic"] == (0.7, 0.7, 0.4, 0.4) and info["config"]["bf16"] is True
+    path = tmp_path / "vit.safetensors"
+    vit.save(model, info, path)
+    again, info2 = vit.load(path)
+    assert info2["config"]["mimetic"] == [0.7, 0.7, 0.4, 0.4] and info2["config"]["bf16"] is True
+    x = data.preprocess(torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again(x))
+
+
+def test_command_line_overrides():
+    parser = argparse.ArgumentParser()
+    cfg = vit._config(["lr=5e-4", "phases=[[28, 100], [56, 10]]", "mimetic=[0.7, 0.7, 0.4, 0.4]", "bf16=true"], parser)
+    assert cfg.lr == 5e-4 and cfg.phases == ((28, 100), (56, 10)) and cfg.mimetic == (0.7, 0.7, 0.4, 0.4) and cfg.bf16
+    assert vit._config([], parser) == ViTConfig()
+    with pytest.raises(SystemExit):
+        vit._config(["learning_rate=1e-3"], parser)
+    with pytest.raises(SystemExit):
+        vit._config(["lr=fast"], parser)
 
 
 def test_loader_refusals(tmp_path):
