@@ -257,7 +257,8 @@ def train(
         "config": dataclasses.asdict(cfg), "test_top1": top1,
         "train_seconds": round(train_seconds, 1), "phase_seconds": phase_seconds,
         "eval_seconds": round(eval_seconds, 1), "train_images": len(images), "images_seen": total,
-        "steps": steps, "threads": torch.get_num_threads(), "torch_version": torch.__version__, "timm_version": timm.__version__,
+        "steps": steps, "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
         "train_images_file": FILES["train"][0],
         "train_images_sha256": file_sha256(split_paths("train", data_root)[0]),
     }
@@ -307,7 +308,9 @@ def _config(overrides: list[str], parser: argparse.ArgumentParser) -> ViTConfig:
             value = json.loads(raw)
         except json.JSONDecodeError:
             parser.error(f"--set {item!r}: the value must be JSON (numbers, true/false, null, lists)")
-        values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+        if isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        values[name] = value
     return ViTConfig(**values)
 
 
