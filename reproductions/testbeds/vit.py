@@ -54,9 +54,9 @@ class ViTConfig:
     weight 0.5) reached 63.9 % after the same 12k images, below plain training, and was left out. (With a
     width-64, 8-block ViT, batch 32 beat 64 and 128 per second of training, and plain 56 px training reached 74 %
     where the curriculum reached 82 % in the same time.) Four epochs at 28 px instead of two, in bf16 autocast (a
-    28 px step about 1.3x faster on this CPU): 82.8 % with timm's initialisation, 83.4 % with the mimetic one, from
-    the same seed and schedule; the second ships. Both still fit the training images at only 84-85 %: the model
-    underfits, and more epochs than an hour allows are what it lacks.
+    28 px step about 1.3x faster on the 2-core CPU it was measured on): 82.8 % with timm's initialisation, 83.4 %
+    with the mimetic one, from the same seed and schedule; the second ships. Both still fit the training images at
+    only 84-85 %: the model underfits, and more epochs than an hour allows are what it lacks.
     """
 
     img_size: int = IMG_SIZE
@@ -79,9 +79,9 @@ class ViTConfig:
     grad_clip: float = 1.0
     seed: int = 0
     # Mimetic initialisation (Trockman and Kolter, ICML 2023): per head W_q W_k^T = a1 Z + b1 I and per block
-    # W_v W_o = a2 Z - b2 I (Z Gaussian of variance 1/width), factored by SVD, with the paper's ViT values
-    # (a1, b1, a2, b2); None keeps timm's initialisation. With it the position embedding starts as 2-D sine-cosine
-    # (still learned), so that attention of a token to itself and its neighbours is where training begins.
+    # W_v W_o = a2 Z - b2 I (Z Gaussian of variance 1/width), factored by SVD; the field is (a1, b1, a2, b2), None
+    # keeps timm's initialisation. Our addition: with it the position embedding starts as 2-D sine-cosine (still
+    # learned), so that attention of a token to itself and its neighbours is where training begins.
     mimetic: tuple[float, float, float, float] | None = (0.7, 0.7, 0.4, 0.4)
     bf16: bool = True  # bf16 autocast for the training steps (the weights and the optimiser stay fp32)
 
@@ -290,7 +290,9 @@ def load(path: str | Path | None = None, *, check: bool = True) -> tuple[VisionT
     info = json.loads(meta["info"])
     cfg = dict(info["config"])
     cfg["phases"] = tuple(tuple(phase) for phase in cfg["phases"])
-    if cfg.get("mimetic") is not None:
+    cfg.setdefault("mimetic", None)  # files written before these fields existed used neither
+    cfg.setdefault("bf16", False)
+    if cfg["mimetic"] is not None:
         cfg["mimetic"] = tuple(cfg["mimetic"])
     model = build(ViTConfig(**cfg))
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
