@@ -159,16 +159,27 @@ def test_mimetic_bf16_recipe_trains_and_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again(x))
 
+    # A file written before the recipe had these fields loads too, as trained without them.
+    from safetensors.torch import load_file, save_file
 
-def test_command_line_overrides():
+    old = dict(info, config={k: v for k, v in info["config"].items() if k not in ("mimetic", "bf16")})
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"info": json.dumps(old)})
+    before, _ = vit.load(tmp_path / "old.safetensors")
+    with torch.no_grad():
+        assert torch.equal(before(x), again(x))
+
+
+def test_command_line_overrides(capsys):
     parser = argparse.ArgumentParser()
     cfg = vit._config(["lr=5e-4", "phases=[[28, 100], [56, 10]]", "mimetic=[0.7, 0.7, 0.4, 0.4]", "bf16=true"], parser)
     assert cfg.lr == 5e-4 and cfg.phases == ((28, 100), (56, 10)) and cfg.mimetic == (0.7, 0.7, 0.4, 0.4) and cfg.bf16
     assert vit._config([], parser) == ViTConfig()
     with pytest.raises(SystemExit):
         vit._config(["learning_rate=1e-3"], parser)
+    assert "no ViTConfig field 'learning_rate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         vit._config(["lr=fast"], parser)
+    assert "'lr=fast': the value must be JSON" in capsys.readouterr().err
 
 
 def test_loader_refusals(tmp_path):
