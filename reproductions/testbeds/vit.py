@@ -288,32 +288,32 @@ def load(path: str | Path | None = None, *, check: bool = True) -> tuple[VisionT
     if "info" not in meta:
         raise ValueError(f"path: {path} carries no training info; write it with vit.save()")
     info = json.loads(meta["info"])
-    cfg = dict(info["config"])
-    cfg["phases"] = tuple(tuple(phase) for phase in cfg["phases"])
-    cfg.setdefault("mimetic", None)  # files written before these fields existed used neither
-    cfg.setdefault("bf16", False)
-    if cfg["mimetic"] is not None:
-        cfg["mimetic"] = tuple(cfg["mimetic"])
-    model = build(ViTConfig(**cfg))
+    # Files written before the mimetic and bf16 fields existed were trained with neither.
+    model = build(_config_from({"mimetic": None, "bf16": False, **info["config"]}))
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
     return model.eval(), info
 
 
+def _config_from(fields: dict) -> ViTConfig:
+    """A :class:`ViTConfig` from JSON-decoded ``fields`` (JSON lists become the config's tuples)."""
+    def frozen(value):
+        return tuple(frozen(v) for v in value) if isinstance(value, list) else value
+
+    return ViTConfig(**{name: frozen(value) for name, value in fields.items()})
+
+
 def _config(overrides: list[str], parser: argparse.ArgumentParser) -> ViTConfig:
-    """The shipped :class:`ViTConfig` with ``FIELD=JSON`` overrides (JSON lists become tuples)."""
+    """The shipped :class:`ViTConfig` with ``FIELD=JSON`` overrides."""
     fields, values = {f.name for f in dataclasses.fields(ViTConfig)}, {}
     for item in overrides:
         name, _, raw = item.partition("=")
         if name not in fields:
             parser.error(f"--set {item!r}: no ViTConfig field {name!r} (fields: {', '.join(sorted(fields))})")
         try:
-            value = json.loads(raw)
+            values[name] = json.loads(raw)
         except json.JSONDecodeError:
             parser.error(f"--set {item!r}: the value must be JSON (numbers, true/false, null, lists)")
-        if isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        values[name] = value
-    return ViTConfig(**values)
+    return _config_from(values)
 
 
 def main(argv: list[str] | None = None) -> dict:
