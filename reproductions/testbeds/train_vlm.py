@@ -131,10 +131,11 @@ def _log(losses: list[float], answer: torch.Tensor, step: int, steps: int, every
 def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: bool = True) -> dict:
     """Training inputs: per scene ``idx[b]``, ``per_image`` questions of random kinds in a row, each followed by its
     answer word (``[image] Question: q1 Answer: a1 Question: q2 Answer: a2 ...``; the first one is exactly the
-    evaluation prompt), left padding; ``targets`` lists (row, position, answer id) of every answer. Without
-    ``pixels``, no ``pixel_values`` (a training path with cached tower features)."""
+    evaluation prompt), left padding; ``targets`` lists (row, position, answer id) of every answer, ``asked``
+    (row, position, cell) of every location question's answer position. Without ``pixels``, no ``pixel_values`` (a
+    training path with cached tower features)."""
     words = vlm.answer_ids(tok)
-    rows, targets = [], []
+    rows, targets, asked_cells = [], [], []
     for b, i in enumerate(idx):
         ids = [vlm.IMAGE_TOKEN] * vlm.TOKENS
         asked = 0
@@ -144,6 +145,8 @@ def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: b
                 continue
             ids += tok(vlm.PROMPT.format(question=q.question)).input_ids
             targets.append((b, len(ids) - 1, words[q.answer]))
+            if q.kind == "location":
+                asked_cells.append((b, len(ids) - 1, q.cells[0]))
             ids.append(words[q.answer])
             asked += 1
         rows.append(ids[:-1])  # the last answer is a target only
@@ -151,7 +154,8 @@ def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: b
     pads = [width - len(r) for r in rows]
     out = dict(input_ids=torch.tensor([[vlm.PAD] * p + r for p, r in zip(pads, rows)]),
                attention_mask=torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows)]),
-               targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]))
+               targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]),
+               asked=torch.tensor([(b, pads[b] + t, c) for b, t, c in asked_cells], dtype=torch.long).view(-1, 3))
     if pixels:
         out["pixel_values"] = C.to_pixels(scenes.images(idx))
     return out
@@ -184,7 +188,7 @@ def train_questions(model, heads: TowerHeads, *, steps: int = 1500, batch_size: 
             _schedule(opt, lr, step, steps, min(100, max(1, steps // 10)))
             idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
             x = question_batch(data.scenes, idx, rng, per_image, tok)
-            t = x.pop("targets")
+            t, _ = x.pop("targets"), x.pop("asked")
             logits = model(**x).logits[t[:, 0], t[:, 1]]
             qa = F.cross_entropy(logits, t[:, 2])
             h = seen.pop("h")
@@ -209,8 +213,8 @@ def cache_features(model, scenes: C.Scenes, *, batch_size: int = 256) -> torch.T
 
 
 def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
-                  embed_scale: float = 60.0, scenes: int = 30_000, seed: int = 0, log_every: int = 100
-                  ) -> list[float]:
+                  embed_scale: float = 60.0, scenes: int = 30_000, route: float = 1.0, route_layer: int = 1,
+                  seed: int = 0, log_every: int = 100) -> list[float]:
     """Stage C on ``model`` (the test-bed after stages A-B, trained in place); returns the answer losses.
 
     After stage B the words are drowned in their own residual streams: the input embeddings have norm about 0.6,
@@ -220,7 +224,11 @@ def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: 
     layer's normalised input of a word is unchanged; its residual stream now keeps the word), freezes the tower,
     caches its features of ``scenes`` training composites once (:func:`cache_features`), and trains the projector
     and the language model as stage B does (:func:`question_batch`, every answer's cross-entropy), in bf16
-    autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1."""
+    autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1.
+
+    ``route`` > 0 adds a training aid (its linear head is not kept): at the answer position of every location
+    question, the hidden state after language-model layer ``route_layer`` must name the asked cell (9-way
+    cross-entropy, weighted by ``route``), so the question's position words reach the position that answers."""
     g = torch.Generator().manual_seed(seed + 2)
     rng = np.random.default_rng(seed + 2)
     torch.manual_seed(seed + 2)
@@ -232,21 +240,31 @@ def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: 
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(embed_scale)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    if route > 0:
+        aid = torch.nn.Linear(model.config.text_config.hidden_size, C.GRID * C.GRID)
+        params += list(aid.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     model.train()
-    losses = []
+    losses, routed = [], []
     try:
         for step in range(steps):
             _schedule(opt, lr, step, steps, 50)
             idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
             x = question_batch(data.scenes, idx, rng, per_image, tok, pixels=False)
-            t = x.pop("targets")
+            t, a = x.pop("targets"), x.pop("asked")
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                h = vlm.cached_forward(model, x["input_ids"], feats[idx].float(),
-                                       attention_mask=x["attention_mask"]).last_hidden_state
-            loss = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
-            _update(opt, params, loss)
-            _log(losses, loss, step, steps, log_every, start, "reading")
+                out = vlm.cached_forward(model, x["input_ids"], feats[idx].float(),
+                                         attention_mask=x["attention_mask"], hidden=route > 0)
+            h = out.last_hidden_state
+            loss = total = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
+            extra = ""
+            if route > 0 and len(a):
+                z = aid(out.hidden_states[route_layer + 1][a[:, 0], a[:, 1]].float())
+                total = total + route * F.cross_entropy(z, a[:, 2])
+                routed.append(float((z.argmax(-1) == a[:, 2]).float().mean()))
+                extra = f", asked cell read at {np.mean(routed[-max(1, log_every):]):.2f}"
+            _update(opt, params, total)
+            _log(losses, loss, step, steps, log_every, start, "reading", extra)
     finally:
         model.eval()
     return losses
@@ -301,9 +319,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stage C: the input embeddings are multiplied by this")
     parser.add_argument("--reading-scenes", type=int, default=30_000,
                         help="stage C: the composites whose tower features it caches")
+    parser.add_argument("--route", type=float, default=1.0,
+                        help="stage C: weight of the routing aid (the asked cell read from the answer position); 0 "
+                             "turns it off")
+    parser.add_argument("--route-layer", type=int, default=1,
+                        help="stage C: the language-model layer after which the routing aid reads")
     parser.add_argument("--base", default=None, help="stage C's start (default: the shipped stages A-B weights)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it in the last bits)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (results depend on it in the last bits; the shipped stage C file was "
+                             "trained with 1, the base file with 2)")
     parser.add_argument("--n-eval", type=int, default=2000, help="held-out questions for the recorded accuracy")
     parser.add_argument("--out", default=None, help="where to write the weights (default: the shipped file of the "
                                                    "last stage run)")
@@ -323,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
                         lr=args.lr, seed=args.seed)
     if args.stage != "ab":
         train_reading(model, steps=args.reading_steps, per_image=args.per_image, lr=args.reading_lr,
-                      embed_scale=args.embed_scale, scenes=args.reading_scenes, seed=args.seed)
+                      embed_scale=args.embed_scale, scenes=args.reading_scenes, route=args.route,
+                      route_layer=args.route_layer, seed=args.seed)
     minutes = (time.perf_counter() - start) / 60
     held = evaluate(model, C.make_dataset("test", args.n_eval, seed=args.seed + 2))
     held.pop("correct")
