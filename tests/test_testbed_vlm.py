@@ -127,6 +127,15 @@ def test_question_batch_marks_each_location_answer_with_its_cell():
     assert x["asked"].dtype == torch.long
 
 
+def test_routing_aid_refuses_a_layer_the_model_lacks():
+    from prunelab.reproductions.testbeds.train_vlm import train_reading
+
+    model, _ = _built()
+    for layer in (-1, 4):
+        with pytest.raises(ValueError, match="route_layer"):
+            train_reading(model, steps=1, scenes=10, route_layer=layer)
+
+
 @pytest.mark.slow
 def test_routing_aid_learns_the_asked_cell(capsys):
     """With ``route``, the answer position learns to hold the asked cell (printed as the aid's accuracy)."""

@@ -229,6 +229,9 @@ def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: 
     ``route`` > 0 adds a training aid (its linear head is not kept): at the answer position of every location
     question, the hidden state after language-model layer ``route_layer`` must name the asked cell (9-way
     cross-entropy, weighted by ``route``), so the question's position words reach the position that answers."""
+    layers = model.config.text_config.num_hidden_layers
+    if route > 0 and not 0 <= route_layer < layers:
+        raise ValueError(f"route_layer must name a language-model layer, 0..{layers - 1}; got {route_layer}")
     g = torch.Generator().manual_seed(seed + 2)
     rng = np.random.default_rng(seed + 2)
     torch.manual_seed(seed + 2)
