@@ -137,27 +137,27 @@ def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: b
     (row, position, cell) of every location question's answer position. Without ``pixels``, no ``pixel_values`` (a
     training path with cached tower features)."""
     words = vlm.answer_ids(tok)
-    rows, targets, asked_cells = [], [], []
+    rows, targets, asked = [], [], []
     for b, i in enumerate(idx):
         ids = [vlm.IMAGE_TOKEN] * vlm.TOKENS
-        asked = 0
-        while asked < per_image:
+        answered = 0
+        while answered < per_image:
             q = C.ask(rng, scenes.cells[i], C.KINDS[int(rng.integers(len(C.KINDS)))], int(i))
             if q is None:
                 continue
             ids += tok(vlm.PROMPT.format(question=q.question)).input_ids
             targets.append((b, len(ids) - 1, words[q.answer]))
             if q.kind == "location":
-                asked_cells.append((b, len(ids) - 1, q.cells[0]))
+                asked.append((b, len(ids) - 1, q.cells[0]))
             ids.append(words[q.answer])
-            asked += 1
+            answered += 1
         rows.append(ids[:-1])  # the last answer is a target only
     width = max(len(r) for r in rows)
     pads = [width - len(r) for r in rows]
     out = dict(input_ids=torch.tensor([[vlm.PAD] * p + r for p, r in zip(pads, rows)]),
                attention_mask=torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows)]),
                targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]),
-               asked=torch.tensor([(b, pads[b] + t, c) for b, t, c in asked_cells], dtype=torch.long).view(-1, 3))
+               asked=torch.tensor([(b, pads[b] + t, c) for b, t, c in asked], dtype=torch.long).view(-1, 3))
     if pixels:
         out["pixel_values"] = C.to_pixels(scenes.images(idx))
     return out
