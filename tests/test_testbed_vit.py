@@ -201,7 +201,8 @@ def test_shipped_weights_checksum():
 @NEEDS_FASHION_MNIST
 def test_shipped_weights_load_and_classify():
     model, info = vit.load()
-    assert info["test_top1"] >= 80.0 and info["config"]["embed_dim"] == 192
+    assert info["test_top1"] >= 87.0 and info["config"]["embed_dim"] == 192
+    assert [s["test_top1"] for s in (info["init"]["init"], info["init"])] == [83.42, 83.99]  # stages 1 and 2
     images, labels = data.load_fashion_mnist("test")
     x = data.preprocess(images[:200])
     with torch.no_grad():
@@ -215,3 +216,45 @@ def test_real_fashion_mnist_test_split():
     assert x.shape == (10000, 28, 28) and y.shape == (10000,)
     assert torch.equal(torch.bincount(y), torch.full((10,), 1000))
     assert len(data.CLASSES) == 10
+
+
+def test_continuation_starts_from_init_and_records_stage1(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_split(root, "train", 128, seed=1)
+    write_split(root, "test", 32, seed=2)
+    first, _ = vit.train(dataclasses.replace(TINY, phases=((28, 64), (56, 64))), data_root=str(root), progress=False)
+    x = data.preprocess(torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
+    # At a zero learning rate (AdamW's decay scales with it) continuing changes nothing: the weights come from init.
+    still, _ = vit.train(dataclasses.replace(TINY, phases=((56, 64),), lr=0.0, seed=1), data_root=str(root),
+                         progress=False, init=first)
+    with torch.no_grad():
+        assert torch.equal(still(x), first.eval()(x))
+    with pytest.raises(ValueError, match="init: its architecture"):
+        vit.train(dataclasses.replace(TINY, embed_dim=32), data_root=str(root), progress=False, init=first)
+
+    # The command line: stage 2 from a stage-1 file records that file's SHA-256 and test accuracy.
+    path1, path2 = tmp_path / "s1.safetensors", tmp_path / "s2.safetensors"
+    vit.save(first, {"config": dataclasses.asdict(TINY), "test_top1": 12.5}, path1)
+    tiny = [f"{k}={json.dumps(v)}" for k, v in
+            {"embed_dim": 16, "depth": 2, "num_heads": 1, "batch_size": 64, "phases": [[28, 64], [56, 64]]}.items()]
+    argv = ["--stage", "2", "--init", str(path1), "--data", str(root), "--out", str(path2)]
+    info = vit.main(argv + [a for item in tiny for a in ("--set", item)])
+    assert info["init"]["sha256"] == vit.sha256(path1) and info["init"]["test_top1"] == 12.5
+    assert info["config"]["seed"] == vit.STAGE2.seed and info["config"]["lr"] == vit.STAGE2.lr
+    # --stage 3 from that file: the recorded chain reaches back to stage 1.
+    path3 = tmp_path / "s3.safetensors"
+    info3 = vit.main(["--stage", "3", "--init", str(path2), "--data", str(root), "--out", str(path3)]
+                     + [a for item in tiny for a in ("--set", item)])
+    assert info3["config"]["seed"] == vit.STAGE3.seed and info3["config"]["lr"] == vit.STAGE3.lr
+    assert info3["init"]["sha256"] == vit.sha256(path2) and info3["init"]["init"]["sha256"] == vit.sha256(path1)
+    assert vit.load(path2)[1]["init"]["sha256"] == vit.sha256(path1)
+
+
+def test_shipped_recipe_stages_and_command_line_refusals(capsys):
+    assert vit.STAGES[0] == ViTConfig() and len({cfg.seed for cfg in vit.STAGES}) == len(vit.STAGES)
+    assert all(cfg.mimetic is None and cfg.phases[-1][0] == cfg.img_size for cfg in vit.STAGES[1:])
+    for argv in (["--stage", "2"], ["--stage", "3"], ["--init", "x.safetensors"], ["--stage", "1", "--init", "x"]):
+        with pytest.raises(SystemExit):
+            vit.main(argv)
+        assert "--init FILE goes with --stage N for N > 1" in capsys.readouterr().err
