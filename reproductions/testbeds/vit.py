@@ -326,8 +326,8 @@ def _config_from(fields: dict) -> ViTConfig:
     return ViTConfig(**{name: frozen(value) for name, value in fields.items()})
 
 
-def _config(overrides: list[str], parser: argparse.ArgumentParser) -> ViTConfig:
-    """The shipped :class:`ViTConfig` with ``FIELD=JSON`` overrides."""
+def _config(overrides: list[str], parser: argparse.ArgumentParser, base: ViTConfig = STAGE1) -> ViTConfig:
+    """``base`` (default: the first stage's :class:`ViTConfig`) with ``FIELD=JSON`` overrides."""
     fields, values = {f.name for f in dataclasses.fields(ViTConfig)}, {}
     for item in overrides:
         name, _, raw = item.partition("=")
@@ -337,7 +337,7 @@ def _config(overrides: list[str], parser: argparse.ArgumentParser) -> ViTConfig:
             values[name] = json.loads(raw)
         except json.JSONDecodeError:
             parser.error(f"--set {item!r}: the value must be JSON (numbers, true/false, null, lists)")
-    return _config_from(values)
+    return _config_from({**dataclasses.asdict(base), **values})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -363,8 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--init FILE goes with --stage N for N > 1, and such a stage needs it")
     torch.set_num_threads(args.threads)
     stages = list(STAGES[first - 1 : None if args.stage == "all" else first])
-    overrides = _config(args.set, parser)
-    stages[-1] = dataclasses.replace(stages[-1], **{f: getattr(overrides, f) for f in _overridden(args.set)})
+    stages[-1] = _config(args.set, parser, base=stages[-1])
     init, init_info = None, None
     if args.init is not None:
         init, init_info = load(args.init, check=False)
@@ -379,11 +378,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out} (SHA-256 {digest}); test top-1 {info['test_top1']:.2f} %")
     return info
-
-
-def _overridden(overrides: list[str]) -> list[str]:
-    """The ViTConfig fields named by ``FIELD=JSON`` overrides."""
-    return [item.partition("=")[0] for item in overrides]
 
 
 if __name__ == "__main__":
