@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,16 +131,18 @@ def _log(losses: list[float], answer: torch.Tensor, step: int, steps: int, every
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: bool = True) -> dict:
+def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: bool = True,
+                   prefix: Sequence[int] | None = None) -> dict:
     """Training inputs: per scene ``idx[b]``, ``per_image`` questions of random kinds in a row, each followed by its
     answer word (``[image] Question: q1 Answer: a1 Question: q2 Answer: a2 ...``; the first one is exactly the
     evaluation prompt), left padding; ``targets`` lists (row, position, answer id) of every answer, ``asked``
     (row, position, cell) of every location question's answer position. Without ``pixels``, no ``pixel_values`` (a
-    training path with cached tower features)."""
+    training path with cached tower features). ``prefix``: the image's token ids before the first question (default:
+    this test-bed's 144 ``<image>`` placeholders)."""
     words = vlm.answer_ids(tok)
     rows, targets, asked = [], [], []
     for b, i in enumerate(idx):
-        ids = [vlm.IMAGE_TOKEN] * vlm.TOKENS
+        ids = list(prefix) if prefix is not None else [vlm.IMAGE_TOKEN] * vlm.TOKENS
         answered = 0
         while answered < per_image:
             q = C.ask(rng, scenes.cells[i], C.KINDS[int(rng.integers(len(C.KINDS)))], int(i))
@@ -276,15 +279,16 @@ def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: 
 
 
 @torch.no_grad()
-def evaluate(model, data: C.Dataset, *, batch_size: int = 64) -> dict:
-    """Accuracy per question kind (argmax over the kind's choices) on ``data``, and ``correct`` per sample."""
-    tok = vlm.tokenizer()
+def evaluate(model, data: C.Dataset, *, batch_size: int = 64, testbed=vlm) -> dict:
+    """Accuracy per question kind (argmax over the kind's choices) on ``data``, and ``correct`` per sample;
+    ``testbed``: the module that makes the model's inputs (:mod:`.vlm`, or :mod:`.vlm_qwen` for its variant)."""
+    tok = testbed.tokenizer()
     correct = []
     for i in range(0, len(data.samples), batch_size):
         part = data.samples[i:i + batch_size]
-        x = vlm.batch(part, data.scenes, tok)
-        logits = model(**vlm.model_inputs(x), logits_to_keep=1).logits
-        for s, scores in zip(part, vlm.choice_logits(logits, x["kind"], tok)):
+        x = testbed.batch(part, data.scenes, tok)
+        logits = model(**testbed.model_inputs(x), logits_to_keep=1).logits
+        for s, scores in zip(part, testbed.choice_logits(logits, x["kind"], tok)):
             correct.append(s.choices[int(scores.argmax())] == s.answer)
     out = {k: float(sum(c for c, s in zip(correct, data.samples) if s.kind == k)
                     / max(1, sum(s.kind == k for s in data.samples))) for k in C.KINDS}

@@ -43,11 +43,12 @@ SHA256 = "b8938a31559fd5c18af2125d204e43a48d73220cf849592b9ddf0cfc75f4bcc8"  # o
 BASE_WEIGHTS = WEIGHTS.with_name("vlm_base.safetensors")
 BASE_SHA256 = "578fb8a91089fd2031828b00e88e632e66f7f90021655b9f3985575b8cd2a752"  # of BASE_WEIGHTS (stages A-B)
 COMMAND = "python -m prunelab.reproductions.testbeds.train_vlm"
+FAMILY, ARCHITECTURE = "llava", "LLaVA"
 
-__all__ = ["BASE_SHA256", "BASE_WEIGHTS", "IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS", "TOWER", "UNK", "WEIGHTS",
-           "answer_ids", "batch", "build", "cached_forward", "choice_logits", "extend_from", "llava_config", "load",
-           "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer", "tower_features", "vocabulary",
-           "word_tokenizer"]
+__all__ = ["ARCHITECTURE", "BASE_SHA256", "BASE_WEIGHTS", "FAMILY", "IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS",
+           "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch", "build", "cached_forward", "choice_logits", "extend_from",
+           "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer",
+           "tower_features", "tower_macs", "vocabulary", "word_tokenizer"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -186,6 +187,19 @@ def patch_cells() -> torch.Tensor:
     rows = torch.arange(side)[:, None].expand(side, side) // per
     cols = torch.arange(side)[None, :].expand(side, side) // per
     return (rows * C.GRID + cols).flatten()
+
+
+def tower_macs(model) -> int:
+    """MACs of one image through the CLIP tower (every layer, as the model runs it) and the projector."""
+    from prunelab.common.flops import ViTDims, vit_macs
+
+    cfg = model.config.vision_config
+    side = cfg.image_size // cfg.patch_size
+    dims = ViTDims(depth=cfg.num_hidden_layers, embed_dim=cfg.hidden_size, attn_dim=cfg.hidden_size,
+                   mlp_hidden=cfg.intermediate_size, num_patches=side * side, num_prefix=1,
+                   patch_in=3 * cfg.patch_size ** 2, head_in=0, num_outputs=0)
+    text = model.config.get_text_config().hidden_size
+    return vit_macs(dims) + TOKENS * (cfg.hidden_size + text) * text
 
 
 def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,19 @@
 """``prunelab reproduce vlm_bench``: every VLM method at identical budgets on the trained test-bed VLM.
 
-The test-bed (:mod:`prunelab.reproductions.testbeds.vlm`, shipped weights) answers held-out questions about
-Fashion-MNIST composites (test-split images; four kinds: presence, location, count, relation). For the dense model
-and each method at each keep ratio of the 144 visual tokens, the same questions, the same batches:
+A test-bed of :data:`TESTBEDS` (shipped weights: the LLaVA one, :mod:`prunelab.reproductions.testbeds.vlm`, 144
+visual tokens an image; or its Qwen2.5-VL variant, :mod:`prunelab.reproductions.testbeds.vlm_qwen`, 36 merged tokens
+with M-RoPE) answers held-out questions about Fashion-MNIST composites (test-split images; four kinds: presence,
+location, count, relation). For the dense model and each method at each keep ratio of the image's visual tokens, the
+same questions, the same batches:
 
 - accuracy per question kind with its standard error (binomial), their mean, and the paired difference to
   ``random_prune`` at the same keep ratio (``vs_random``, with the standard error of the per-question difference);
-- the visual tokens kept, as a share of 144 averaged over the language model's layers (``visual_%``: methods that
-  prune inside the language model keep more early and fewer late);
+- the visual tokens kept, as a share of the image's averaged over the language model's layers (``visual_%``:
+  methods that prune inside the language model keep more early and fewer late);
 - language-model prefill MACs (unpadded, LM head on the last position) as a share of dense, and the whole
-  forward's MACs bound ``bound`` = dense / pruned MACs of tower + projector + language model, the tower counted
-  dense (exact for methods that prune after the tower; FlowCut and VisionDrop also prune inside it, so their
-  bounds are higher);
+  forward's MACs bound ``bound`` = dense / pruned MACs of tower + projector (Qwen2.5-VL: merger) + language
+  model (``tower_macs`` of the test-bed's module), the tower counted dense (exact for methods that prune after the
+  tower; FlowCut and VisionDrop also prune inside it, so their bounds are higher);
 - latency of one batch of ``speed_batch`` questions, measured interleaved (each round times dense and every
   configuration once, in turn), as the median per-round speedup over dense with its inter-quartile range.
 
@@ -35,17 +37,21 @@ import matplotlib.pyplot as plt
 import torch
 
 import prunelab
-from prunelab.common.flops import ViTDims, vit_macs
 from prunelab.common.llm_flops import vlm_prefill_cost
 from prunelab.common.provenance import provenance, write_results
 from prunelab.common.timing import Timing, interleave
 from prunelab.common.validate import check_int, check_real
 from prunelab.reproductions.testbeds import composites as C
-from prunelab.reproductions.testbeds import vlm
+from prunelab.reproductions.testbeds import vlm, vlm_qwen
+from prunelab.reproductions.testbeds.shipped import sha256
 from prunelab.reproductions.vlm_bench.region import DropTokens, cell_tokens, control_tokens
 from prunelab.reproductions.vlm_tiny import LABELS, make_method, mean_visual
 
-__all__ = ["BUDGETS", "COMPOSE", "LATE", "METHODS", "composed", "evaluate", "plot", "run_bench"]
+__all__ = ["BUDGETS", "COMPOSE", "LATE", "METHODS", "TESTBEDS", "composed", "evaluate", "plot", "run_bench"]
+
+TESTBEDS = {"llava": vlm, "qwen2_5_vl": vlm_qwen}
+"""The trained test-beds by family: the same composites and questions through ``LlavaForConditionalGeneration``
+(144 CLIP tokens an image) and ``Qwen2_5_VLForConditionalGeneration`` (36 merged tokens, M-RoPE)."""
 
 METHODS = ("random_prune", "divprune", "hiprune", "flowcut", "visiondrop")
 BUDGETS = (0.5, 0.25, 0.111)
@@ -66,29 +72,31 @@ def _se(p: float, n: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data: C.Dataset, method=None, *, batch_size: int = 64) -> dict:
+def evaluate(model, data: C.Dataset, method=None, *, batch_size: int = 64, testbed=vlm) -> dict:
     """Per question: correct or not (``correct``), under ``method`` (a method object, or a callable
     ``samples -> method`` for per-batch probes; ``None``: dense); with the mean visual tokens per LLM layer and the
-    summed dense and pruned LM prefill MACs."""
-    tok = vlm.tokenizer()
+    summed dense and pruned LM prefill MACs. ``testbed``: the module of ``model``'s inputs (a :data:`TESTBEDS`
+    value)."""
+    tb = testbed
+    tok = tb.tokenizer()
     n_layers = model.config.get_text_config().num_hidden_layers
     correct, visual, dense_macs, macs = [], [], 0, 0
     for i in range(0, len(data.samples), batch_size):
         part = data.samples[i:i + batch_size]
-        x = vlm.batch(part, data.scenes, tok)
-        inputs = vlm.model_inputs(x)
+        x = tb.batch(part, data.scenes, tok)
+        inputs = tb.model_inputs(x)
         m = method(part) if callable(method) and not hasattr(method, "vlm_plan") else method
         if m is None:
             logits = model(**inputs, logits_to_keep=1).logits
-            cost = vlm_prefill_cost(model, inputs, [vlm.TOKENS] * len(part))
-            visual.append(float(vlm.TOKENS * len(part)))
+            cost = vlm_prefill_cost(model, inputs, [tb.TOKENS] * len(part))
+            visual.append(float(tb.TOKENS * len(part)))
         else:
             with prunelab.apply(model, m) as h:
                 logits = model(**inputs, logits_to_keep=1).logits
                 cost = vlm_prefill_cost(model, inputs, h)
                 visual.append(mean_visual(h, n_layers))
         dense_macs, macs = dense_macs + cost.dense_macs, macs + cost.pruned_macs
-        for s, scores in zip(part, vlm.choice_logits(logits, x["kind"], tok)):
+        for s, scores in zip(part, tb.choice_logits(logits, x["kind"], tok)):
             correct.append(s.choices[int(scores.argmax())] == s.answer)
     return {"correct": correct, "visual": sum(visual) / len(data.samples), "dense_macs": dense_macs, "macs": macs}
 
@@ -114,38 +122,27 @@ def accuracy_row(data: C.Dataset, correct: Sequence[bool], baseline: Sequence[bo
     return row
 
 
-def _tower_macs(model) -> int:
-    cfg = model.config.vision_config
-    side = cfg.image_size // cfg.patch_size
-    dims = ViTDims(depth=cfg.num_hidden_layers, embed_dim=cfg.hidden_size, attn_dim=cfg.hidden_size,
-                   mlp_hidden=cfg.intermediate_size, num_patches=side * side, num_prefix=1,
-                   patch_in=3 * cfg.patch_size ** 2, head_in=0, num_outputs=0)
-    projector = vlm.TOKENS * (cfg.hidden_size + model.config.get_text_config().hidden_size) * \
-        model.config.get_text_config().hidden_size
-    return vit_macs(dims) + projector
-
-
 def _median_iqr(xs: Sequence[float]) -> tuple[float, float]:
     t = Timing(tuple(xs))
     return t.median_s, t.iqr_s
 
 
-def region_probe(model, data: C.Dataset, *, batch_size: int, seed: int) -> list[dict]:
+def region_probe(model, data: C.Dataset, *, batch_size: int, seed: int, testbed=vlm) -> list[dict]:
     """Accuracy with the answer's cells removed, with as many random tokens removed, and intact, on the questions
     whose answer depends on part of the image (location, relation, presence answered "yes")."""
     idx = [i for i, s in enumerate(data.samples) if s.kind in ("location", "relation")
            or (s.kind == "presence" and s.answer == "yes")]
     samples = [data.samples[i] for i in idx]
     sub = C.Dataset(samples, data.scenes)
-    cells = vlm.patch_cells()
+    cells = testbed.patch_cells()
     g = torch.Generator().manual_seed(seed)
     region = {s: cell_tokens(s.cells, cells) for s in samples}
-    control = {s: control_tokens(len(region[s]), vlm.TOKENS, g) for s in samples}
-    runs = {"intact": evaluate(model, sub, batch_size=batch_size)["correct"],
+    control = {s: control_tokens(len(region[s]), testbed.TOKENS, g) for s in samples}
+    runs = {"intact": evaluate(model, sub, batch_size=batch_size, testbed=testbed)["correct"],
             "region removed": evaluate(model, sub, lambda p: DropTokens(tuple(region[s] for s in p)),
-                                       batch_size=batch_size)["correct"],
+                                       batch_size=batch_size, testbed=testbed)["correct"],
             "random removed": evaluate(model, sub, lambda p: DropTokens(tuple(control[s] for s in p)),
-                                       batch_size=batch_size)["correct"]}
+                                       batch_size=batch_size, testbed=testbed)["correct"]}
     rows = []
     for name, correct in runs.items():
         row = {"tokens": name, "removed": statistics.fmean(len(region[s]) for s in samples) if name != "intact"
@@ -158,7 +155,7 @@ def region_probe(model, data: C.Dataset, *, batch_size: int, seed: int) -> list[
     return rows
 
 
-def plot(rows: Sequence[dict], path: str | Path | None = None):
+def plot(rows: Sequence[dict], path: str | Path | None = None, *, title: str = "trained test-bed VLM"):
     """Mean accuracy (standard error bars) against the kept share of visual tokens, one line per method."""
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = next(r for r in rows if r["method"] == "dense")
@@ -169,7 +166,7 @@ def plot(rows: Sequence[dict], path: str | Path | None = None):
     ax.axhline(dense["mean"], color="k", ls="--", lw=1, label="dense")
     ax.set_xlabel("visual tokens kept, % (mean over LLM layers)")
     ax.set_ylabel("held-out accuracy, mean over question kinds")
-    ax.set_title("trained test-bed VLM: accuracy against budget", fontsize=10)
+    ax.set_title(f"{title}: accuracy against budget", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
@@ -206,22 +203,23 @@ SPEED_COLUMNS = ["method", "keep_ratio", "dense_ms", "ms", "speedup", "speedup_i
                  "tower_GMACs", "lm_GMACs"]
 
 
-def composed(name: str, model, ratio: float, seed: int = 0):
+def composed(name: str, model, ratio: float, seed: int = 0, family: str = "llava"):
     """The composition row's method: ``name`` at keep ratio ``ratio`` (as its own row builds it), then
     ``RandomPrune(**LATE)`` (seeded apart from a first random drop)."""
     from prunelab.common.vlm_methods import Composed
     from prunelab.methods.baselines import RandomPrune
 
-    return Composed(make_method(name, model, "llava", ratio, seed), RandomPrune(seed=seed + 1000, **LATE))
+    return Composed(make_method(name, model, family, ratio, seed), RandomPrune(seed=seed + 1000, **LATE))
 
 
 def accuracy_table(model, data: C.Dataset, methods: Sequence[str], budgets: Sequence[float], *,
-                   batch_size: int = 64, seed: int = 0, compose: Sequence[str] = ()) -> tuple[list[dict], dict]:
+                   batch_size: int = 64, seed: int = 0, compose: Sequence[str] = (), testbed=vlm
+                   ) -> tuple[list[dict], dict]:
     """Rows (dense first, then each method at each keep ratio, then the composition rows of ``compose`` after
     random's) of accuracy per kind, ``visual_%``, ``lm_macs_%`` and ``bound`` on ``data``; and the method objects by
     ``(name, ratio)``. Each row's ``name`` is the registry name, ``+late`` appended for a composition row."""
-    dense = evaluate(model, data, batch_size=batch_size)
-    tower = _tower_macs(model) * len(data.samples)
+    dense = evaluate(model, data, batch_size=batch_size, testbed=testbed)
+    tower = testbed.tower_macs(model) * len(data.samples)
     whole_dense = tower + dense["dense_macs"]
     rows = [{"name": "dense", "method": "dense", "keep_ratio": 1.0, "visual_%": 100.0,
              **accuracy_row(data, dense["correct"]), "lm_macs_%": 100.0, "bound": 1.0}]
@@ -233,11 +231,12 @@ def accuracy_table(model, data: C.Dataset, methods: Sequence[str], budgets: Sequ
         base_key = "random_prune+late" if late else "random_prune"
         for b in budgets:
             print(f"  {label} at {b} ...", flush=True)
-            configs[(key, b)] = composed(name, model, b, seed) if late else make_method(name, model, "llava", b, seed)
-            results[(key, b)] = res = evaluate(model, data, configs[(key, b)], batch_size=batch_size)
+            configs[(key, b)] = (composed(name, model, b, seed, testbed.FAMILY) if late
+                                 else make_method(name, model, testbed.FAMILY, b, seed))
+            results[(key, b)] = res = evaluate(model, data, configs[(key, b)], batch_size=batch_size, testbed=testbed)
             base = results.get((base_key, b)) if key != base_key else None
             rows.append({"name": key, "method": label, "keep_ratio": b,
-                         "visual_%": 100 * res["visual"] / vlm.TOKENS,
+                         "visual_%": 100 * res["visual"] / testbed.TOKENS,
                          **accuracy_row(data, res["correct"], base["correct"] if base else None),
                          "lm_macs_%": 100 * res["macs"] / res["dense_macs"],
                          "bound": whole_dense / (tower + res["macs"])})
@@ -271,10 +270,13 @@ def write_testbed_table(out, methods: Sequence[str], budgets: Sequence[float], *
 def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float] = BUDGETS, n: int = 1000,
               templates: str = "train", batch_size: int = 64, speed_batch: int = 8, rounds: int = 7,
               seed: int = 0, weights: str | Path | None = None, speed: bool = False, speed_rounds: int = 5,
-              compose: Sequence[str] = COMPOSE) -> dict:
+              compose: Sequence[str] = COMPOSE, testbed: str = "llava") -> dict:
     """Write ``bench.{json,md}``, ``region.{json,md}`` and ``bench.png`` into ``out`` (and with ``speed``,
     ``speed.{json,md}``: :func:`speed_table`); return the rows. ``compose``: methods with composition rows
-    (:data:`LATE`; empty: none)."""
+    (:data:`LATE`; empty: none). ``testbed``: a key of :data:`TESTBEDS`, the trained model to run on."""
+    if testbed not in TESTBEDS:
+        raise ValueError(f"testbed: expected one of {tuple(TESTBEDS)}, got {testbed!r}")
+    tb = TESTBEDS[testbed]
     for arg, names in (("methods", methods), ("compose", compose)):
         bad = [m for m in names if m not in METHODS]
         if bad:
@@ -282,26 +284,28 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
     budgets = [check_real(b, f"budgets[{i}]", low=0.0, high=1.0, low_open=True) for i, b in enumerate(budgets)]
     n = check_int(n, "n", low=len(C.KINDS))
     speed_batch, rounds = check_int(speed_batch, "speed_batch", low=1), check_int(rounds, "rounds", low=1)
-    model, _ = vlm.load(weights)
+    model, _ = tb.load(weights)
     data = C.make_dataset("test", n, seed=1000 + seed, templates=templates)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"vlm_bench: {n} held-out questions", flush=True)
+    print(f"vlm_bench: {n} held-out questions, {testbed} test-bed", flush=True)
     rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed,
-                                   compose=compose)
+                                   compose=compose, testbed=tb)
     print("vlm_bench: latency, interleaved ...", flush=True)
-    x = vlm.batch(data.samples[:speed_batch], data.scenes)
-    inputs = vlm.model_inputs(x)
+    x = tb.batch(data.samples[:speed_batch], data.scenes)
+    inputs = tb.model_inputs(x)
     dense_s, times = interleave(model, configs, lambda: model(**inputs, logits_to_keep=1), rounds=rounds)
     for r in rows:
         key = (r.pop("name"), r["keep_ratio"])
         ratios = [d / t for d, t in zip(dense_s, times[key])] if key in configs else [1.0]
         r["speedup"], r["speedup_iqr"] = _median_iqr(ratios)
     print("vlm_bench: region probe ...", flush=True)
-    region = region_probe(model, data, batch_size=batch_size, seed=seed)
+    region = region_probe(model, data, batch_size=batch_size, seed=seed, testbed=tb)
     dense_ms, dense_iqr = _median_iqr([t * 1e3 for t in dense_s])
-    meta = provenance(preset="tiny", model=f"trained test-bed VLM ({vlm.WEIGHTS.name if weights is None else weights}"
-                      f", sha256 {vlm.sha256(vlm.WEIGHTS if weights is None else weights)[:16]}...), float32",
+    path = tb.WEIGHTS if weights is None else Path(weights)
+    name = path.name if weights is None else str(path)
+    meta = provenance(preset="tiny", model=f"trained test-bed VLM, {tb.ARCHITECTURE} ({name}, sha256 "
+                      f"{sha256(path)[:16]}...), float32",
                       data=f"{n} held-out questions (Fashion-MNIST test images, {templates} templates, seed "
                            f"{1000 + seed}), batches of {batch_size}, left padding",
                       accuracy="argmax over the question kind's choices; se: binomial standard error; mean: over "
@@ -313,11 +317,11 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
                       latency=f"batch of {speed_batch}, {rounds} interleaved rounds; dense median {dense_ms:.1f} ms "
                               f"(IQR {dense_iqr:.1f}); speedup: median per-round dense / pruned time, with its IQR; "
                               f"torch threads {torch.get_num_threads()}")
-    write_results(out, "bench", rows, meta, COLUMNS, "VLM leaderboard on the trained test-bed: held-out accuracy per "
-                  "question kind, cost and speed at identical budgets")
+    write_results(out, "bench", rows, meta, COLUMNS, f"VLM leaderboard on the trained {tb.ARCHITECTURE} test-bed: "
+                  "held-out accuracy per question kind, cost and speed at identical budgets")
     write_results(out, "region", region, meta, None, "Region probe: accuracy with the answer's cells removed, "
                   "against as many random tokens removed")
-    fig = plot(rows, out / "bench.png")
+    fig = plot(rows, out / "bench.png", title=f"trained {tb.ARCHITECTURE} test-bed")
     plt.close(fig)
     result = {"rows": rows, "region": region}
     if speed:

@@ -6,16 +6,19 @@ import argparse
 from pathlib import Path
 
 from prunelab.cli import NON_NEGATIVE, POSITIVE, RATIO
-from prunelab.reproductions.vlm_bench.bench import BUDGETS, COMPOSE, LATE, METHODS, run_bench
+from prunelab.reproductions.vlm_bench.bench import BUDGETS, COMPOSE, LATE, METHODS, TESTBEDS, run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+    parser.add_argument("--testbed", choices=list(TESTBEDS), default="llava",
+                        help="the trained test-bed: LLaVA (144 CLIP tokens an image) or Qwen2.5-VL (36 merged tokens, "
+                             "M-RoPE), same composites and questions")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--compose", nargs="*", default=list(COMPOSE), choices=METHODS,
                         help=f"methods that also get a composition row, then random_prune{LATE} (with random + the "
                              "same late drop as their baseline); none without arguments")
     parser.add_argument("--budgets", type=RATIO, nargs="+", default=list(BUDGETS),
-                        help="keep ratios of each image's 144 visual tokens, in (0, 1]")
+                        help="keep ratios of each image's visual tokens, in (0, 1]")
     parser.add_argument("--n", type=POSITIVE, default=1000, help="held-out questions (the kinds drawn uniformly)")
     parser.add_argument("--templates", choices=["train", "heldout"], default="train",
                         help="question phrasings: those seen in training, or the held-out ones")
@@ -34,8 +37,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.preset != "tiny":
         raise SystemExit("vlm_bench has one preset, 'tiny' (the trained test-bed VLM); the full-size VLM presets are "
                          "each paper's `prunelab reproduce <paper> --preset full`")
-    out = Path(args.out) if args.out else Path("runs/vlm_bench/tiny")
+    out = Path(args.out) if args.out else Path("runs/vlm_bench/tiny" + ("" if args.testbed == "llava" else
+                                                                        f"_{args.testbed}"))
     return run_bench(out, args.methods, budgets=args.budgets, n=args.n, templates=args.templates,
                      batch_size=args.batch_size, speed_batch=args.speed_batch, rounds=args.rounds, seed=args.seed,
                      weights=args.weights, speed=args.speed, speed_rounds=args.speed_rounds,
-                     compose=args.compose)
+                     compose=args.compose, testbed=args.testbed)

@@ -1,0 +1,201 @@
+"""Training the Qwen2.5-VL variant of the VLM test-bed (``vlm_qwen.py``): two stages, one command.
+
+Stage A, :func:`pretrain_tower`: the vision tower and the ``PatchMerger`` learn what each merged token shows. Every
+token the merger gives the language model (one per 2 x 2 unit of patches, 36 an image) predicts the class of the grid
+cell it lies in (one of 10, or empty) and which cell that is, with a linear head each, as the LLaVA test-bed's stage A
+does on its 144 CLIP tokens; a cell's content and place are then readable from its own 4 tokens.
+
+Stage B, :func:`train_reading`: the tower frozen (the merger's inputs of ``scenes`` training composites cached once,
+:func:`vlm_qwen.tower_states`), the merger and a language model trained from initialisation on sequences of 8
+questions per composite with every answer's cross-entropy (``train_vlm.question_batch``), with the two things the
+LLaVA test-bed's stage C found it needed: input embeddings at a large norm (``embed_scale`` times the initial ones),
+so a question's words survive beside the image tokens in their own residual streams, and the routing aid (the answer
+position of every location question must name the asked cell after language-model layer 1, through a linear head
+that is not shipped). It skips the LLaVA recipe's stage B (the whole model on questions from pixels): that stage
+mostly taught the language model the templates, which this one learns directly, at a fraction of the cost.
+
+:func:`main` runs both, evaluates the result on held-out questions and writes the weights (fp16 safetensors with the
+vocabulary and the recipe, the held-out accuracy and the training time in the metadata) and prints their SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prunelab.reproductions.testbeds import composites as C
+from prunelab.reproductions.testbeds import shipped
+from prunelab.reproductions.testbeds import vlm_qwen as Q
+from prunelab.reproductions.testbeds.train_vlm import TowerHeads, _log, _schedule, _update, evaluate, question_batch
+
+__all__ = ["evaluate_tower", "main", "pretrain_tower", "train_reading"]
+
+
+def _merged(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 36, text width]: the merger's output per image, raster order (what the language model receives)."""
+    grid = torch.tensor([Q.GRID_THW] * len(pixels))
+    return model.model.visual(Q.patchify(pixels), grid_thw=grid).pooler_output.view(len(pixels), Q.TOKENS, -1)
+
+
+def _targets(scenes: C.Scenes, idx) -> torch.Tensor:
+    """[B, 36]: 0 for a token of an empty cell, 1 + class otherwise."""
+    return torch.as_tensor(scenes.cells[idx]).long()[:, Q.patch_cells()] + 1
+
+
+def _tower_loss(heads: TowerHeads, h: torch.Tensor, scenes: C.Scenes, idx) -> torch.Tensor:
+    cells = Q.patch_cells().expand(len(idx), -1)
+    return (F.cross_entropy(heads.cls(h).flatten(0, 1), _targets(scenes, idx).flatten())
+            + F.cross_entropy(heads.cell(h).flatten(0, 1), cells.flatten()))
+
+
+def pretrain_tower(model, *, steps: int = 400, batch_size: int = 64, lr: float = 2e-3, scenes: int = 60_000,
+                   seed: int = 0, log_every: int = 50) -> TowerHeads:
+    """Stage A on ``model``'s tower and merger (trained in place); returns the heads, with the step losses as
+    ``heads.losses``. AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1; composites from the
+    Fashion-MNIST training images, drawn with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    data = C.make_dataset("train", scenes, seed=seed)
+    visual = model.model.visual
+    heads = TowerHeads(model.config.vision_config.out_hidden_size)
+    params = [*visual.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    visual.train()
+    start, losses = time.perf_counter(), []
+    try:
+        for step in range(steps):
+            _schedule(opt, lr, step, steps, 50)
+            idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
+            loss = _tower_loss(heads, _merged(model, C.to_pixels(data.scenes.images(idx))), data.scenes, idx)
+            _update(opt, params, loss)
+            _log(losses, loss, step, steps, log_every, start, "tower")
+    finally:
+        visual.eval()
+    heads.losses = losses
+    return heads
+
+
+@torch.no_grad()
+def evaluate_tower(model, heads: TowerHeads, *, n: int = 1000, seed: int = 1) -> dict:
+    """Held-out accuracy of stage A on composites of Fashion-MNIST test images: per merged token, per cell (majority
+    of its 4 tokens), on non-empty cells, and of the cell index."""
+    data = C.make_dataset("test", n, seed=seed)
+    idx = list(range(n))
+    h = _merged(model, C.to_pixels(data.scenes.images(idx)))
+    pred, want, cells = heads.cls(h).argmax(-1), _targets(data.scenes, idx), Q.patch_cells()
+    votes = torch.stack([torch.mode(pred[:, cells == k], dim=1).values for k in range(C.GRID * C.GRID)], 1)
+    truth = torch.as_tensor(data.scenes.cells[idx]).long() + 1
+    return {"token": float((pred == want).float().mean()), "cell": float((votes == truth).float().mean()),
+            "nonempty_cell": float((votes == truth)[truth > 0].float().mean()),
+            "cell_index": float((heads.cell(h).argmax(-1) == cells).float().mean())}
+
+
+@torch.no_grad()
+def cache_states(model, scenes: C.Scenes, *, batch_size: int = 128) -> torch.Tensor:
+    """bf16 [N, 36, 4, 192]: the merger's input for every scene."""
+    out = []
+    for i in range(0, len(scenes), batch_size):
+        idx = np.arange(i, min(len(scenes), i + batch_size))
+        out.append(Q.tower_states(model, C.to_pixels(scenes.images(idx))).bfloat16())
+    return torch.cat(out)
+
+
+def train_reading(model, *, steps: int = 3000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
+                  embed_scale: float = 100.0, scenes: int = 20_000, route: float = 1.0, route_layer: int = 1,
+                  seed: int = 0, log_every: int = 100) -> list[float]:
+    """Stage B on ``model`` (after stage A, trained in place); returns the answer losses. Multiplies the input
+    embeddings by ``embed_scale``, freezes the tower, caches the merger's inputs of ``scenes`` training composites and
+    trains the merger and the language model on ``per_image`` questions per composite, ``batch_size`` composites a
+    step, in bf16 autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1. ``route`` > 0 adds
+    the routing aid (see the module docstring) after layer ``route_layer``."""
+    layers = model.config.text_config.num_hidden_layers
+    if route > 0 and not 0 <= route_layer < layers:
+        raise ValueError(f"route_layer must name a language-model layer, 0..{layers - 1}; got {route_layer}")
+    g = torch.Generator().manual_seed(seed + 2)
+    rng = np.random.default_rng(seed + 2)
+    torch.manual_seed(seed + 2)
+    data = C.make_dataset("train", scenes, seed=seed + 2)
+    tok = Q.tokenizer()
+    start = time.perf_counter()
+    states = cache_states(model, data.scenes)
+    print(f"reading: merger inputs of {scenes} composites ({time.perf_counter() - start:.0f} s)", flush=True)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embed_scale)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.visual.") or ".merger." in n]
+    if route > 0:
+        aid = torch.nn.Linear(model.config.text_config.hidden_size, C.GRID * C.GRID)
+        params += list(aid.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    prefix = Q.prompt_ids("", tok)[:Q.TOKENS + 2]  # the image's span: start marker, placeholders, end marker
+    model.train()
+    losses, routed = [], []
+    try:
+        for step in range(steps):
+            _schedule(opt, lr, step, steps, 50)
+            idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
+            x = question_batch(data.scenes, idx, rng, per_image, tok, pixels=False, prefix=prefix)
+            t, a = x.pop("targets"), x.pop("asked")
+            x["mm_token_type_ids"] = (x["input_ids"] == Q.IMAGE_TOKEN).long()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = Q.cached_forward(model, x, states[idx].float(), hidden=route > 0)
+            h = out.last_hidden_state
+            loss = total = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
+            extra = ""
+            if route > 0 and len(a):
+                z = aid(out.hidden_states[route_layer + 1][a[:, 0], a[:, 1]].float())
+                total = total + route * F.cross_entropy(z, a[:, 2])
+                routed.append(float((z.argmax(-1) == a[:, 2]).float().mean()))
+                extra = f", asked cell read at {np.mean(routed[-max(1, log_every):]):.2f}"
+            _update(opt, params, total)
+            _log(losses, loss, step, steps, log_every, start, "reading", extra)
+    finally:
+        model.eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train the Qwen2.5-VL test-bed (stages A and B), evaluate it on held-out questions, write it."""
+    parser = argparse.ArgumentParser(prog="python -m prunelab.reproductions.testbeds.train_vlm_qwen",
+                                     description="Train the Qwen2.5-VL variant of the tiny VLM test-bed.")
+    parser.add_argument("--tower-steps", type=int, default=400, help="stage A steps (64 composites each)")
+    parser.add_argument("--steps", type=int, default=3000, help="stage B steps (32 composites each)")
+    parser.add_argument("--per-image", type=int, default=8, help="stage B questions per composite")
+    parser.add_argument("--lr", type=float, default=5e-4, help="stage B peak learning rate")
+    parser.add_argument("--embed-scale", type=float, default=100.0,
+                        help="stage B: the initial input embeddings are multiplied by this")
+    parser.add_argument("--scenes", type=int, default=20_000, help="stage B: the composites whose tower states it "
+                                                                   "caches")
+    parser.add_argument("--route", type=float, default=1.0, help="stage B: weight of the routing aid; 0 turns it off")
+    parser.add_argument("--route-layer", type=int, default=1,
+                        help="stage B: the language-model layer after which the routing aid reads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (results depend on it in the last bits; the shipped file used 2)")
+    parser.add_argument("--n-eval", type=int, default=2000, help="held-out questions for the recorded accuracy")
+    parser.add_argument("--out", default=str(Q.WEIGHTS), help="where to write the weights")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model, _ = Q.build(seed=args.seed)
+    heads = pretrain_tower(model, steps=args.tower_steps, seed=args.seed)
+    stage_a = evaluate_tower(model, heads)
+    print(f"stage A held-out: {stage_a}", flush=True)
+    train_reading(model, steps=args.steps, per_image=args.per_image, lr=args.lr, embed_scale=args.embed_scale,
+                  scenes=args.scenes, route=args.route, route_layer=args.route_layer, seed=args.seed)
+    minutes = (time.perf_counter() - start) / 60
+    held = evaluate(model, C.make_dataset("test", args.n_eval, seed=args.seed + 2), testbed=Q)
+    held.pop("correct")
+    print(f"held-out accuracy: {held} ({minutes:.1f} min)", flush=True)
+    info = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "stage_a": stage_a,
+            "heldout_accuracy": held, "train_minutes": round(minutes, 1), "torch": torch.__version__}
+    digest = shipped.save_with_vocabulary(model, Q.vocabulary(), info, args.out)
+    print(f"wrote {args.out}\nsha256 {digest}")
+    return {"accuracy": held, "sha256": digest, "minutes": minutes}
+
+
+if __name__ == "__main__":
+    main()
