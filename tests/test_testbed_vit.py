@@ -201,7 +201,7 @@ def test_shipped_weights_checksum():
 @NEEDS_FASHION_MNIST
 def test_shipped_weights_load_and_classify():
     model, info = vit.load()
-    assert info["test_top1"] >= 87.0 and info["config"]["embed_dim"] == 192
+    assert info["test_top1"] >= 88.0 and info["config"]["embed_dim"] == 192
     assert [s["test_top1"] for s in (info["init"]["init"], info["init"])] == [83.42, 83.99]  # stages 1 and 2
     images, labels = data.load_fashion_mnist("test")
     x = data.preprocess(images[:200])

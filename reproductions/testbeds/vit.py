@@ -40,7 +40,7 @@ from prunelab.reproductions.testbeds.shipped import sha256
 from prunelab.reproductions.testbeds.training import warmup_cosine
 
 WEIGHTS = Path(__file__).with_name("weights") / "vit.safetensors"
-SHA256 = "e25e15ed276da8bf3a2a0e2f43539be043d41f6f378308b09b80c4f0a21c5af2"
+SHA256 = "0a6c8fab1594ab71c139c4737bd7c9820b94b2c39bb81c6f88ada9a1d279d0bb"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +92,10 @@ class ViTConfig:
 # gives nine more epochs at 28 px in another data order (seed 1); its short 56 px phase comes at the end of the cosine,
 # where the learning rate is nearly zero, so the model reads 28 px images far better than the 56 px ones it ships for
 # (87.5 % against 84.5 % on 3,000 test images). Stage 3 trains at 56 px alone, on the 197-token sequence, with a
-# learning rate of its own.
+# learning rate of its own (80k images: 88.53 %; 40k gave 87.80 %).
 STAGE1 = ViTConfig()
 STAGE2 = dataclasses.replace(STAGE1, phases=((28, 540000), (56, 20000)), seed=1, mimetic=None)
-STAGE3 = dataclasses.replace(STAGE2, phases=((56, 40000),), lr=1e-4, seed=2)
+STAGE3 = dataclasses.replace(STAGE2, phases=((56, 80000),), lr=1e-4, seed=2)
 STAGES = (STAGE1, STAGE2, STAGE3)
 
 
