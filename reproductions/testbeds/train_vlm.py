@@ -208,13 +208,74 @@ def train_questions(model, heads: TowerHeads, *, steps: int = 1500, batch_size: 
 
 
 @torch.no_grad()
-def cache_features(model, scenes: C.Scenes, *, batch_size: int = 256) -> torch.Tensor:
-    """bf16 [N, 144, width]: what the projector reads for every scene (about 100 scenes a second on 2 cores)."""
+def cache_images(encode, scenes: C.Scenes, *, batch_size: int) -> torch.Tensor:
+    """bf16 ``encode(pixels)`` of every scene, batch by batch: a frozen tower's output, computed once."""
     out = []
     for i in range(0, len(scenes), batch_size):
         idx = np.arange(i, min(len(scenes), i + batch_size))
-        out.append(vlm.tower_features(model, C.to_pixels(scenes.images(idx))).bfloat16())
+        out.append(encode(C.to_pixels(scenes.images(idx))).bfloat16())
     return torch.cat(out)
+
+
+def cache_features(model, scenes: C.Scenes, *, batch_size: int = 256) -> torch.Tensor:
+    """bf16 [N, 144, width]: what the projector reads for every scene (about 100 scenes a second on 2 cores)."""
+    return cache_images(lambda pixels: vlm.tower_features(model, pixels), scenes, batch_size=batch_size)
+
+
+def reading_stage(model, encode, forward, trainable, *, tok, steps: int, batch_size: int, per_image: int, lr: float,
+                  embed_scale: float, scenes: int, route: float, route_layer: int, seed: int, log_every: int,
+                  cache_batch: int, prefix: Sequence[int] | None = None) -> list[float]:
+    """The reading stage shared by the VLM test-beds (this one's stage C, the Qwen2.5-VL variant's stage B), on
+    ``model`` in place; returns the answer losses.
+
+    Multiplies the input embeddings by ``embed_scale``; caches ``encode(pixels)`` (the frozen tower's output) for
+    ``scenes`` training composites; trains the parameters whose names pass ``trainable`` on ``per_image`` questions
+    per composite (:func:`question_batch` with ``tok`` and ``prefix``), ``batch_size`` composites a step, every
+    answer's cross-entropy on the output of ``forward(x, cached, hidden)`` (the language model's, for the batch
+    ``x`` whose images have the cached rows ``cached``), in bf16 autocast: AdamW, warm-up over 50 steps, cosine
+    decay, gradients clipped at 1. ``route`` > 0 adds the routing aid: at the answer position of every location
+    question, the hidden state after language-model layer ``route_layer`` must name the asked cell (9-way
+    cross-entropy weighted by ``route``, through a linear head that is not kept)."""
+    layers = model.config.text_config.num_hidden_layers
+    if route > 0 and not 0 <= route_layer < layers:
+        raise ValueError(f"route_layer must name a language-model layer, 0..{layers - 1}; got {route_layer}")
+    g = torch.Generator().manual_seed(seed + 2)
+    rng = np.random.default_rng(seed + 2)
+    torch.manual_seed(seed + 2)
+    data = C.make_dataset("train", scenes, seed=seed + 2)
+    start = time.perf_counter()
+    cached = cache_images(encode, data.scenes, batch_size=cache_batch)
+    print(f"reading: tower outputs of {scenes} composites ({time.perf_counter() - start:.0f} s)", flush=True)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embed_scale)
+    params = [p for n, p in model.named_parameters() if trainable(n)]
+    if route > 0:
+        aid = torch.nn.Linear(model.config.text_config.hidden_size, C.GRID * C.GRID)
+        params += list(aid.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    model.train()
+    losses, routed = [], []
+    try:
+        for step in range(steps):
+            _schedule(opt, lr, step, steps, 50)
+            idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
+            x = question_batch(data.scenes, idx, rng, per_image, tok, pixels=False, prefix=prefix)
+            t, a = x.pop("targets"), x.pop("asked")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = forward(x, cached[idx].float(), route > 0)
+            h = out.last_hidden_state
+            loss = total = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
+            extra = ""
+            if route > 0 and len(a):
+                z = aid(out.hidden_states[route_layer + 1][a[:, 0], a[:, 1]].float())
+                total = total + route * F.cross_entropy(z, a[:, 2])
+                routed.append(float((z.argmax(-1) == a[:, 2]).float().mean()))
+                extra = f", asked cell read at {np.mean(routed[-max(1, log_every):]):.2f}"
+            _update(opt, params, total)
+            _log(losses, loss, step, steps, log_every, start, "reading", extra)
+    finally:
+        model.eval()
+    return losses
 
 
 def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
@@ -229,53 +290,19 @@ def train_reading(model, *, steps: int = 2000, batch_size: int = 32, per_image: 
     layer's normalised input of a word is unchanged; its residual stream now keeps the word), freezes the tower,
     caches its features of ``scenes`` training composites once (:func:`cache_features`), and trains the projector
     and the language model as stage B does (:func:`question_batch`, every answer's cross-entropy), in bf16
-    autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1.
+    autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1 (:func:`reading_stage`).
 
     ``route`` > 0 adds a training aid (its linear head is not kept): at the answer position of every location
     question, the hidden state after language-model layer ``route_layer`` must name the asked cell (9-way
     cross-entropy, weighted by ``route``), so the question's position words reach the position that answers."""
-    layers = model.config.text_config.num_hidden_layers
-    if route > 0 and not 0 <= route_layer < layers:
-        raise ValueError(f"route_layer must name a language-model layer, 0..{layers - 1}; got {route_layer}")
-    g = torch.Generator().manual_seed(seed + 2)
-    rng = np.random.default_rng(seed + 2)
-    torch.manual_seed(seed + 2)
-    data = C.make_dataset("train", scenes, seed=seed + 2)
-    tok = vlm.tokenizer()
-    start = time.perf_counter()
-    feats = cache_features(model, data.scenes)
-    print(f"reading: tower features of {scenes} composites ({time.perf_counter() - start:.0f} s)", flush=True)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(embed_scale)
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    if route > 0:
-        aid = torch.nn.Linear(model.config.text_config.hidden_size, C.GRID * C.GRID)
-        params += list(aid.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    model.train()
-    losses, routed = [], []
-    try:
-        for step in range(steps):
-            _schedule(opt, lr, step, steps, 50)
-            idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
-            x = question_batch(data.scenes, idx, rng, per_image, tok, pixels=False)
-            t, a = x.pop("targets"), x.pop("asked")
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = vlm.cached_forward(model, x["input_ids"], feats[idx].float(),
-                                         attention_mask=x["attention_mask"], hidden=route > 0)
-            h = out.last_hidden_state
-            loss = total = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
-            extra = ""
-            if route > 0 and len(a):
-                z = aid(out.hidden_states[route_layer + 1][a[:, 0], a[:, 1]].float())
-                total = total + route * F.cross_entropy(z, a[:, 2])
-                routed.append(float((z.argmax(-1) == a[:, 2]).float().mean()))
-                extra = f", asked cell read at {np.mean(routed[-max(1, log_every):]):.2f}"
-            _update(opt, params, total)
-            _log(losses, loss, step, steps, log_every, start, "reading", extra)
-    finally:
-        model.eval()
-    return losses
+
+    def forward(x, feats, hidden):
+        return vlm.cached_forward(model, x["input_ids"], feats, attention_mask=x["attention_mask"], hidden=hidden)
+
+    return reading_stage(model, lambda pixels: vlm.tower_features(model, pixels), forward,
+                         lambda name: not name.startswith("model.vision_tower."), tok=vlm.tokenizer(), steps=steps,
+                         batch_size=batch_size, per_image=per_image, lr=lr, embed_scale=embed_scale, scenes=scenes,
+                         route=route, route_layer=route_layer, seed=seed, log_every=log_every, cache_batch=256)
 
 
 @torch.no_grad()

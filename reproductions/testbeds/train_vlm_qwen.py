@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import shipped
 from prunelab.reproductions.testbeds import vlm_qwen as Q
-from prunelab.reproductions.testbeds.train_vlm import TowerHeads, _log, _schedule, _update, evaluate, question_batch
+from prunelab.reproductions.testbeds.train_vlm import TowerHeads, _log, _schedule, _update, evaluate, reading_stage
 
 __all__ = ["evaluate_tower", "main", "pretrain_tower", "train_reading"]
 
@@ -94,67 +93,26 @@ def evaluate_tower(model, heads: TowerHeads, *, n: int = 1000, seed: int = 1) ->
             "cell_index": float((heads.cell(h).argmax(-1) == cells).float().mean())}
 
 
-@torch.no_grad()
-def cache_states(model, scenes: C.Scenes, *, batch_size: int = 128) -> torch.Tensor:
-    """bf16 [N, 36, 4, 192]: the merger's input for every scene."""
-    out = []
-    for i in range(0, len(scenes), batch_size):
-        idx = np.arange(i, min(len(scenes), i + batch_size))
-        out.append(Q.tower_states(model, C.to_pixels(scenes.images(idx))).bfloat16())
-    return torch.cat(out)
-
-
 def train_reading(model, *, steps: int = 3000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
                   embed_scale: float = 100.0, scenes: int = 20_000, route: float = 1.0, route_layer: int = 1,
                   seed: int = 0, log_every: int = 100) -> list[float]:
     """Stage B on ``model`` (after stage A, trained in place); returns the answer losses. Multiplies the input
-    embeddings by ``embed_scale``, freezes the tower, caches the merger's inputs of ``scenes`` training composites and
-    trains the merger and the language model on ``per_image`` questions per composite, ``batch_size`` composites a
-    step, in bf16 autocast: AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1. ``route`` > 0 adds
-    the routing aid (see the module docstring) after layer ``route_layer``."""
-    layers = model.config.text_config.num_hidden_layers
-    if route > 0 and not 0 <= route_layer < layers:
-        raise ValueError(f"route_layer must name a language-model layer, 0..{layers - 1}; got {route_layer}")
-    g = torch.Generator().manual_seed(seed + 2)
-    rng = np.random.default_rng(seed + 2)
-    torch.manual_seed(seed + 2)
-    data = C.make_dataset("train", scenes, seed=seed + 2)
+    embeddings by ``embed_scale``, freezes the tower, caches the merger's inputs of ``scenes`` training composites
+    (:func:`vlm_qwen.tower_states`) and trains the merger and the language model on ``per_image`` questions per
+    composite, ``batch_size`` composites a step (``train_vlm.reading_stage``, the LLaVA test-bed's stage C loop).
+    ``route`` > 0 adds the routing aid (see the module docstring) after layer ``route_layer``."""
+
+    def forward(x, states, hidden):
+        x["mm_token_type_ids"] = (x["input_ids"] == Q.IMAGE_TOKEN).long()
+        return Q.cached_forward(model, x, states, hidden=hidden)
+
     tok = Q.tokenizer()
-    start = time.perf_counter()
-    states = cache_states(model, data.scenes)
-    print(f"reading: merger inputs of {scenes} composites ({time.perf_counter() - start:.0f} s)", flush=True)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(embed_scale)
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.visual.") or ".merger." in n]
-    if route > 0:
-        aid = torch.nn.Linear(model.config.text_config.hidden_size, C.GRID * C.GRID)
-        params += list(aid.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     prefix = Q.prompt_ids("", tok)[:Q.TOKENS + 2]  # the image's span: start marker, placeholders, end marker
-    model.train()
-    losses, routed = [], []
-    try:
-        for step in range(steps):
-            _schedule(opt, lr, step, steps, 50)
-            idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
-            x = question_batch(data.scenes, idx, rng, per_image, tok, pixels=False, prefix=prefix)
-            t, a = x.pop("targets"), x.pop("asked")
-            x["mm_token_type_ids"] = (x["input_ids"] == Q.IMAGE_TOKEN).long()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = Q.cached_forward(model, x, states[idx].float(), hidden=route > 0)
-            h = out.last_hidden_state
-            loss = total = F.cross_entropy(model.lm_head(h[t[:, 0], t[:, 1]].float()), t[:, 2])
-            extra = ""
-            if route > 0 and len(a):
-                z = aid(out.hidden_states[route_layer + 1][a[:, 0], a[:, 1]].float())
-                total = total + route * F.cross_entropy(z, a[:, 2])
-                routed.append(float((z.argmax(-1) == a[:, 2]).float().mean()))
-                extra = f", asked cell read at {np.mean(routed[-max(1, log_every):]):.2f}"
-            _update(opt, params, total)
-            _log(losses, loss, step, steps, log_every, start, "reading", extra)
-    finally:
-        model.eval()
-    return losses
+    return reading_stage(model, lambda pixels: Q.tower_states(model, pixels), forward,
+                         lambda name: not name.startswith("model.visual.") or ".merger." in name, tok=tok,
+                         steps=steps, batch_size=batch_size, per_image=per_image, lr=lr, embed_scale=embed_scale,
+                         scenes=scenes, route=route, route_layer=route_layer, seed=seed, log_every=log_every,
+                         cache_batch=128, prefix=prefix)
 
 
 def main(argv: list[str] | None = None) -> dict:
