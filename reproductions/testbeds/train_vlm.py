@@ -56,9 +56,24 @@ def _features(tower, pixels: torch.Tensor) -> torch.Tensor:
     return tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # LLaVA's feature layer, no CLS
 
 
-def _targets(scenes: C.Scenes, idx) -> torch.Tensor:
-    """[B, 144]: 0 for a patch in an empty cell, 1 + class otherwise."""
-    return torch.as_tensor(scenes.cells[idx]).long()[:, vlm.patch_cells()] + 1
+def _targets(scenes: C.Scenes, idx, token_cells: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T]: 0 for an image token in an empty cell, 1 + class otherwise; token ``t`` lies in cell
+    ``token_cells[t]`` (default: this test-bed's 144 patches, :func:`vlm.patch_cells`)."""
+    cells = vlm.patch_cells() if token_cells is None else token_cells
+    return torch.as_tensor(scenes.cells[idx]).long()[:, cells] + 1
+
+
+def tower_accuracy(heads: TowerHeads, h: torch.Tensor, scenes: C.Scenes, idx, token_cells: torch.Tensor, *,
+                   unit: str = "patch") -> dict:
+    """Stage A's accuracy on features ``h`` [B, T, width] of scenes ``idx`` (token ``t`` in cell
+    ``token_cells[t]``): per token (keyed ``unit``), per cell (majority of its tokens), on the non-empty cells, and of
+    the cell index."""
+    pred, want = heads.cls(h).argmax(-1), _targets(scenes, idx, token_cells)
+    votes = torch.stack([torch.mode(pred[:, token_cells == k], dim=1).values for k in range(C.GRID * C.GRID)], 1)
+    truth = torch.as_tensor(scenes.cells[idx]).long() + 1
+    return {unit: float((pred == want).float().mean()), "cell": float((votes == truth).float().mean()),
+            "nonempty_cell": float((votes == truth)[truth > 0].float().mean()),
+            "cell_index": float((heads.cell(h).argmax(-1) == token_cells).float().mean())}
 
 
 def pretrain_tower(tower, *, steps: int = 300, batch_size: int = 64, lr: float = 2e-3, scenes: int = 60_000,
@@ -100,12 +115,7 @@ def evaluate_tower(tower, heads: TowerHeads, *, n: int = 1000, seed: int = 1) ->
     data = C.make_dataset("test", n, seed=seed)
     idx = list(range(n))
     h = _features(tower, C.to_pixels(data.scenes.images(idx)))
-    pred, want, cells = heads.cls(h).argmax(-1), _targets(data.scenes, idx), vlm.patch_cells()
-    votes = torch.stack([torch.mode(pred[:, cells == k], dim=1).values for k in range(C.GRID * C.GRID)], 1)
-    truth = torch.as_tensor(data.scenes.cells[idx]).long() + 1
-    return {"patch": float((pred == want).float().mean()), "cell": float((votes == truth).float().mean()),
-            "nonempty_cell": float((votes == truth)[truth > 0].float().mean()),
-            "cell_index": float((heads.cell(h).argmax(-1) == cells).float().mean())}
+    return tower_accuracy(heads, h, data.scenes, idx, vlm.patch_cells())
 
 
 def _schedule(opt, lr: float, step: int, steps: int, warmup: int) -> None:

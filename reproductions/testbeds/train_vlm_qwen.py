@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import shipped
+from prunelab.reproductions.testbeds import train_vlm as T
 from prunelab.reproductions.testbeds import vlm_qwen as Q
-from prunelab.reproductions.testbeds.train_vlm import TowerHeads, _log, _schedule, _update, evaluate, reading_stage
+from prunelab.reproductions.testbeds.train_vlm import TowerHeads, evaluate, reading_stage, tower_accuracy
 
 __all__ = ["evaluate_tower", "main", "pretrain_tower", "train_reading"]
 
@@ -40,14 +41,9 @@ def _merged(model, pixels: torch.Tensor) -> torch.Tensor:
     return model.model.visual(Q.patchify(pixels), grid_thw=grid).pooler_output.view(len(pixels), Q.TOKENS, -1)
 
 
-def _targets(scenes: C.Scenes, idx) -> torch.Tensor:
-    """[B, 36]: 0 for a token of an empty cell, 1 + class otherwise."""
-    return torch.as_tensor(scenes.cells[idx]).long()[:, Q.patch_cells()] + 1
-
-
 def _tower_loss(heads: TowerHeads, h: torch.Tensor, scenes: C.Scenes, idx) -> torch.Tensor:
     cells = Q.patch_cells().expand(len(idx), -1)
-    return (F.cross_entropy(heads.cls(h).flatten(0, 1), _targets(scenes, idx).flatten())
+    return (F.cross_entropy(heads.cls(h).flatten(0, 1), T._targets(scenes, idx, Q.patch_cells()).flatten())
             + F.cross_entropy(heads.cell(h).flatten(0, 1), cells.flatten()))
 
 
@@ -67,11 +63,11 @@ def pretrain_tower(model, *, steps: int = 400, batch_size: int = 64, lr: float =
     start, losses = time.perf_counter(), []
     try:
         for step in range(steps):
-            _schedule(opt, lr, step, steps, 50)
+            T._schedule(opt, lr, step, steps, 50)
             idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
             loss = _tower_loss(heads, _merged(model, C.to_pixels(data.scenes.images(idx))), data.scenes, idx)
-            _update(opt, params, loss)
-            _log(losses, loss, step, steps, log_every, start, "tower")
+            T._update(opt, params, loss)
+            T._log(losses, loss, step, steps, log_every, start, "tower")
     finally:
         visual.eval()
     heads.losses = losses
@@ -85,12 +81,7 @@ def evaluate_tower(model, heads: TowerHeads, *, n: int = 1000, seed: int = 1) ->
     data = C.make_dataset("test", n, seed=seed)
     idx = list(range(n))
     h = _merged(model, C.to_pixels(data.scenes.images(idx)))
-    pred, want, cells = heads.cls(h).argmax(-1), _targets(data.scenes, idx), Q.patch_cells()
-    votes = torch.stack([torch.mode(pred[:, cells == k], dim=1).values for k in range(C.GRID * C.GRID)], 1)
-    truth = torch.as_tensor(data.scenes.cells[idx]).long() + 1
-    return {"token": float((pred == want).float().mean()), "cell": float((votes == truth).float().mean()),
-            "nonempty_cell": float((votes == truth)[truth > 0].float().mean()),
-            "cell_index": float((heads.cell(h).argmax(-1) == cells).float().mean())}
+    return tower_accuracy(heads, h, data.scenes, idx, Q.patch_cells(), unit="token")
 
 
 def train_reading(model, *, steps: int = 3000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
