@@ -8,10 +8,9 @@ import functools
 
 import pytest
 import torch
-from testbed_helpers import NEEDS_FASHION_MNIST
+from testbed_helpers import NEEDS_FASHION_MNIST, check_forward_through_seam
 
 import prunelab
-from prunelab import registry
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import vlm
 
@@ -50,21 +49,7 @@ def test_patch_cells_follow_the_grid():
 @torch.no_grad()
 def test_batch_and_forward_through_the_seam():
     model, tokenizer = _built()
-    data = C.make_dataset("test", 3, seed=0)
-    x = vlm.batch(data.samples, data.scenes, tokenizer)
-    assert ((x["input_ids"] == vlm.IMAGE_TOKEN).sum(-1) == vlm.TOKENS).all()
-    assert bool((x["attention_mask"][:, -1] == 1).all())  # left padding
-    inputs = vlm.model_inputs(x)
-    dense = model(**inputs, logits_to_keep=1).logits
-    scores = vlm.choice_logits(dense, x["kind"], tokenizer)
-    assert [s.numel() for s in scores] == [len(C.CHOICES[k]) for k in x["kind"]]
-    entry = registry.get("divprune")
-    with prunelab.apply(model, entry.build(model, budget=1.0)):
-        kept = model(**inputs, logits_to_keep=1).logits
-    torch.testing.assert_close(kept, dense, atol=1e-4, rtol=1e-4)
-    with prunelab.apply(model, entry.build(model, budget=0.25)) as h:
-        model(**inputs, logits_to_keep=1)
-    assert [k.numel() for k in h.state.kept] == [36] * 3
+    check_forward_through_seam(vlm, model, tokenizer, kept_at_quarter=36)
 
 
 @pytest.mark.slow

@@ -8,10 +8,8 @@ import functools
 
 import pytest
 import torch
-from testbed_helpers import NEEDS_FASHION_MNIST
+from testbed_helpers import NEEDS_FASHION_MNIST, check_forward_through_seam
 
-import prunelab
-from prunelab import registry
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import vlm, vlm_qwen
 from prunelab.reproductions.testbeds.shipped import sha256
@@ -64,22 +62,8 @@ def test_vocabulary_extends_the_llava_test_beds():
 @torch.no_grad()
 def test_batch_and_forward_through_the_seam():
     model, tok = _built()
-    data = C.make_dataset("test", 3, seed=0)
-    x = vlm_qwen.batch(data.samples, data.scenes, tok)
-    assert ((x["input_ids"] == vlm_qwen.IMAGE_TOKEN).sum(-1) == vlm_qwen.TOKENS).all()
+    x = check_forward_through_seam(vlm_qwen, model, tok, kept_at_quarter=9)
     assert x["mm_token_type_ids"].sum().item() == 3 * vlm_qwen.TOKENS and x["pixel_values"].shape == (3 * 144, 294)
-    assert bool((x["attention_mask"][:, -1] == 1).all())  # left padding
-    inputs = vlm_qwen.model_inputs(x)
-    dense = model(**inputs, logits_to_keep=1).logits
-    scores = vlm_qwen.choice_logits(dense, x["kind"], tok)
-    assert [s.numel() for s in scores] == [len(C.CHOICES[k]) for k in x["kind"]]
-    entry = registry.get("divprune")
-    with prunelab.apply(model, entry.build(model, budget=1.0)):
-        kept = model(**inputs, logits_to_keep=1).logits
-    torch.testing.assert_close(kept, dense, atol=1e-4, rtol=1e-4)
-    with prunelab.apply(model, entry.build(model, budget=0.25)) as h:
-        model(**inputs, logits_to_keep=1)
-    assert [k.numel() for k in h.state.kept] == [9] * 3
 
 
 @torch.no_grad()

@@ -197,15 +197,11 @@ def batch(data: Sequence[Prompt]) -> dict:
     image tokens), and ``answer`` [B], the index of each prompt's answer in :data:`WORDS`."""
     vocab = {w: i for i, w in enumerate(vocabulary())}
     ids = [prompt_ids([vocab[w] for w in p.labels]) for p in data]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[vlm.PAD] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     splits = {p.split for p in data}
     if len(splits) != 1:
         raise ValueError(f"data: one batch draws its images from one split, got {sorted(splits)}")
     pixels = _render(splits.pop(), [i for p in data for i in p.items], [c for p in data for c in p.cells])
-    return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
-                answer=torch.tensor([WORDS.index(p.answer) for p in data]))
+    return dict(vlm.left_pad(ids), pixel_values=pixels, answer=torch.tensor([WORDS.index(p.answer) for p in data]))
 
 
 def model_inputs(x: dict) -> dict:

@@ -161,10 +161,7 @@ def batch(q: Queries, tok=None) -> dict:
     seg = seg_token_id()
     ids = [[vlm.IMAGE_TOKEN] * vlm.TOKENS + tok(PROMPT.format(name=NAMES[int(c)])).input_ids + [seg]
            for c in q.classes]
-    width = max(map(len, ids))
-    return dict(input_ids=torch.tensor([[vlm.PAD] * (width - len(i)) + i for i in ids]),
-                attention_mask=torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
-                pixel_values=C.to_pixels(q.images), sam_pixel_values=sam_pixels(q.images))
+    return dict(vlm.left_pad(ids), pixel_values=C.to_pixels(q.images), sam_pixel_values=sam_pixels(q.images))
 
 
 # -- the model ------------------------------------------------------------------------------------------------------

@@ -165,11 +165,9 @@ def question_batch(scenes: C.Scenes, idx, rng, per_image: int, tok, *, pixels: b
             ids.append(words[q.answer])
             answered += 1
         rows.append(ids[:-1])  # the last answer is a target only
-    width = max(len(r) for r in rows)
-    pads = [width - len(r) for r in rows]
-    out = dict(input_ids=torch.tensor([[vlm.PAD] * p + r for p, r in zip(pads, rows)]),
-               attention_mask=torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows)]),
-               targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]),
+    out = vlm.left_pad(rows)
+    pads = [out["input_ids"].shape[1] - len(r) for r in rows]
+    out.update(targets=torch.tensor([(b, pads[b] + t, a) for b, t, a in targets]),
                asked=torch.tensor([(b, pads[b] + t, c) for b, t, c in asked], dtype=torch.long).view(-1, 3))
     if pixels:
         out["pixel_values"] = C.to_pixels(scenes.images(idx))

@@ -47,7 +47,7 @@ FAMILY, ARCHITECTURE = "llava", "LLaVA"
 
 __all__ = ["ARCHITECTURE", "BASE_SHA256", "BASE_WEIGHTS", "FAMILY", "IMAGE_TOKEN", "PAD", "PROMPT", "SHA256", "TOKENS",
            "TOWER", "UNK", "WEIGHTS", "answer_ids", "batch", "build", "cached_forward", "choice_logits", "extend_from",
-           "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer",
+           "left_pad", "llava_config", "load", "model_inputs", "patch_cells", "sha256", "text_config", "tokenizer",
            "tower_features", "tower_macs", "vocabulary", "word_tokenizer"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -156,18 +156,23 @@ def answer_ids(tok=None) -> dict[str, int]:
     return out
 
 
+def left_pad(rows: Sequence[Sequence[int]]) -> dict:
+    """``input_ids`` and ``attention_mask`` of the token id lists ``rows``, left-padded with :data:`PAD` to the
+    longest (every prompt of the test-beds ends where the next token is read)."""
+    width = max(len(r) for r in rows)
+    return dict(input_ids=torch.tensor([[PAD] * (width - len(r)) + list(r) for r in rows]),
+                attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+
 def batch(samples: Sequence[C.Sample], scenes: C.Scenes, tok=None, *, pixels: torch.Tensor | None = None) -> dict:
     """Model inputs for ``samples`` (left padding), with ``answer`` [B] (the answer token ids) and ``kind`` (list)."""
     tok = tok or tokenizer()
     ids = [[IMAGE_TOKEN] * TOKENS + tok(PROMPT.format(question=s.question)).input_ids for s in samples]
-    width = max(len(i) for i in ids)
-    input_ids = torch.tensor([[PAD] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     if pixels is None:
         pixels = C.to_pixels(scenes.images([s.scene_index for s in samples]))
     words = answer_ids(tok)
-    return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
-                answer=torch.tensor([words[s.answer] for s in samples]), kind=[s.kind for s in samples])
+    return dict(left_pad(ids), pixel_values=pixels, answer=torch.tensor([words[s.answer] for s in samples]),
+                kind=[s.kind for s in samples])
 
 
 def model_inputs(x: dict) -> dict:

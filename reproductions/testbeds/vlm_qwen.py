@@ -119,19 +119,12 @@ def prompt_ids(question: str, tok=None) -> list[int]:
     return [start, *[IMAGE_TOKEN] * TOKENS, end, *tok(vlm.PROMPT.format(question=question)).input_ids]
 
 
-def _padded(rows: Sequence[Sequence[int]]) -> dict:
-    """Left-padded ``input_ids``, ``attention_mask`` and ``mm_token_type_ids`` (1 at image tokens) of ``rows``."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[PAD] * (width - len(r)) + list(r) for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return dict(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=(input_ids == IMAGE_TOKEN).long())
-
-
 def batch(samples: Sequence[C.Sample], scenes: C.Scenes, tok=None, *, pixels: torch.Tensor | None = None) -> dict:
     """Model inputs for ``samples`` (left padding, one image each), with ``answer`` [B] (the answer token ids) and
     ``kind`` (list)."""
     tok = tok or tokenizer()
-    out = _padded([prompt_ids(s.question, tok) for s in samples])
+    out = vlm.left_pad([prompt_ids(s.question, tok) for s in samples])
+    out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).long()
     if pixels is None:
         pixels = C.to_pixels(scenes.images([s.scene_index for s in samples]))
     words = vlm.answer_ids(tok)

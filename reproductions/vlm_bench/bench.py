@@ -77,26 +77,25 @@ def evaluate(model, data: C.Dataset, method=None, *, batch_size: int = 64, testb
     ``samples -> method`` for per-batch probes; ``None``: dense); with the mean visual tokens per LLM layer and the
     summed dense and pruned LM prefill MACs. ``testbed``: the module of ``model``'s inputs (a :data:`TESTBEDS`
     value)."""
-    tb = testbed
-    tok = tb.tokenizer()
+    tok = testbed.tokenizer()
     n_layers = model.config.get_text_config().num_hidden_layers
     correct, visual, dense_macs, macs = [], [], 0, 0
     for i in range(0, len(data.samples), batch_size):
         part = data.samples[i:i + batch_size]
-        x = tb.batch(part, data.scenes, tok)
-        inputs = tb.model_inputs(x)
+        x = testbed.batch(part, data.scenes, tok)
+        inputs = testbed.model_inputs(x)
         m = method(part) if callable(method) and not hasattr(method, "vlm_plan") else method
         if m is None:
             logits = model(**inputs, logits_to_keep=1).logits
-            cost = vlm_prefill_cost(model, inputs, [tb.TOKENS] * len(part))
-            visual.append(float(tb.TOKENS * len(part)))
+            cost = vlm_prefill_cost(model, inputs, [testbed.TOKENS] * len(part))
+            visual.append(float(testbed.TOKENS * len(part)))
         else:
             with prunelab.apply(model, m) as h:
                 logits = model(**inputs, logits_to_keep=1).logits
                 cost = vlm_prefill_cost(model, inputs, h)
                 visual.append(mean_visual(h, n_layers))
         dense_macs, macs = dense_macs + cost.dense_macs, macs + cost.pruned_macs
-        for s, scores in zip(part, tb.choice_logits(logits, x["kind"], tok)):
+        for s, scores in zip(part, testbed.choice_logits(logits, x["kind"], tok)):
             correct.append(s.choices[int(scores.argmax())] == s.answer)
     return {"correct": correct, "visual": sum(visual) / len(data.samples), "dense_macs": dense_macs, "macs": macs}
 
