@@ -63,6 +63,13 @@ def _targets(scenes: C.Scenes, idx, token_cells: torch.Tensor | None = None) -> 
     return torch.as_tensor(scenes.cells[idx]).long()[:, cells] + 1
 
 
+def tower_loss(heads: TowerHeads, h: torch.Tensor, scenes: C.Scenes, idx, token_cells: torch.Tensor) -> torch.Tensor:
+    """Stage A's loss on features ``h`` [B, T, width] of scenes ``idx`` (token ``t`` in cell ``token_cells[t]``): the
+    cross-entropy of each token's cell class (or empty) plus that of its cell index."""
+    return (F.cross_entropy(heads.cls(h).flatten(0, 1), _targets(scenes, idx, token_cells).flatten())
+            + F.cross_entropy(heads.cell(h).flatten(0, 1), token_cells.expand(len(idx), -1).flatten()))
+
+
 def tower_accuracy(heads: TowerHeads, h: torch.Tensor, scenes: C.Scenes, idx, token_cells: torch.Tensor, *,
                    unit: str = "patch") -> dict:
     """Stage A's accuracy on features ``h`` [B, T, width] of scenes ``idx`` (token ``t`` in cell
@@ -94,8 +101,7 @@ def pretrain_tower(tower, *, steps: int = 300, batch_size: int = 64, lr: float =
             group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
         h = _features(tower, C.to_pixels(data.scenes.images(idx)))
-        loss = (F.cross_entropy(heads.cls(h).flatten(0, 1), _targets(data.scenes, idx).flatten())
-                + F.cross_entropy(heads.cell(h).flatten(0, 1), cells.expand(batch_size, -1).flatten()))
+        loss = tower_loss(heads, h, data.scenes, idx, cells)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -205,8 +211,7 @@ def train_questions(model, heads: TowerHeads, *, steps: int = 1500, batch_size: 
             logits = model(**x).logits[t[:, 0], t[:, 1]]
             qa = F.cross_entropy(logits, t[:, 2])
             h = seen.pop("h")
-            tower = (F.cross_entropy(heads.cls(h).flatten(0, 1), _targets(data.scenes, idx).flatten())
-                     + F.cross_entropy(heads.cell(h).flatten(0, 1), cells.expand(len(idx), -1).flatten()))
+            tower = tower_loss(heads, h, data.scenes, idx, cells)
             _update(opt, params, qa + aux * tower)
             _log(losses, qa, step, steps, log_every, start, "question", f", tower loss {tower.item():.3f}")
     finally:

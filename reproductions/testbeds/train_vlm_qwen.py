@@ -24,13 +24,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import shipped
 from prunelab.reproductions.testbeds import train_vlm as T
 from prunelab.reproductions.testbeds import vlm_qwen as Q
-from prunelab.reproductions.testbeds.train_vlm import TowerHeads, evaluate, reading_stage, tower_accuracy
 
 __all__ = ["evaluate_tower", "main", "pretrain_tower", "train_reading"]
 
@@ -41,14 +39,8 @@ def _merged(model, pixels: torch.Tensor) -> torch.Tensor:
     return model.model.visual(Q.patchify(pixels), grid_thw=grid).pooler_output.view(len(pixels), Q.TOKENS, -1)
 
 
-def _tower_loss(heads: TowerHeads, h: torch.Tensor, scenes: C.Scenes, idx) -> torch.Tensor:
-    cells = Q.patch_cells().expand(len(idx), -1)
-    return (F.cross_entropy(heads.cls(h).flatten(0, 1), T._targets(scenes, idx, Q.patch_cells()).flatten())
-            + F.cross_entropy(heads.cell(h).flatten(0, 1), cells.flatten()))
-
-
 def pretrain_tower(model, *, steps: int = 400, batch_size: int = 64, lr: float = 2e-3, scenes: int = 60_000,
-                   seed: int = 0, log_every: int = 50) -> TowerHeads:
+                   seed: int = 0, log_every: int = 50) -> T.TowerHeads:
     """Stage A on ``model``'s tower and merger (trained in place); returns the heads, with the step losses as
     ``heads.losses``. AdamW, warm-up over 50 steps, cosine decay, gradients clipped at 1; composites from the
     Fashion-MNIST training images, drawn with ``seed``."""
@@ -56,7 +48,7 @@ def pretrain_tower(model, *, steps: int = 400, batch_size: int = 64, lr: float =
     torch.manual_seed(seed)
     data = C.make_dataset("train", scenes, seed=seed)
     visual = model.model.visual
-    heads = TowerHeads(model.config.vision_config.out_hidden_size)
+    heads = T.TowerHeads(model.config.vision_config.out_hidden_size)
     params = [*visual.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     visual.train()
@@ -65,7 +57,8 @@ def pretrain_tower(model, *, steps: int = 400, batch_size: int = 64, lr: float =
         for step in range(steps):
             T._schedule(opt, lr, step, steps, 50)
             idx = torch.randint(0, scenes, (batch_size,), generator=g).numpy()
-            loss = _tower_loss(heads, _merged(model, C.to_pixels(data.scenes.images(idx))), data.scenes, idx)
+            loss = T.tower_loss(heads, _merged(model, C.to_pixels(data.scenes.images(idx))), data.scenes, idx,
+                              Q.patch_cells())
             T._update(opt, params, loss)
             T._log(losses, loss, step, steps, log_every, start, "tower")
     finally:
@@ -75,13 +68,13 @@ def pretrain_tower(model, *, steps: int = 400, batch_size: int = 64, lr: float =
 
 
 @torch.no_grad()
-def evaluate_tower(model, heads: TowerHeads, *, n: int = 1000, seed: int = 1) -> dict:
+def evaluate_tower(model, heads: T.TowerHeads, *, n: int = 1000, seed: int = 1) -> dict:
     """Held-out accuracy of stage A on composites of Fashion-MNIST test images: per merged token, per cell (majority
     of its 4 tokens), on non-empty cells, and of the cell index."""
     data = C.make_dataset("test", n, seed=seed)
     idx = list(range(n))
     h = _merged(model, C.to_pixels(data.scenes.images(idx)))
-    return tower_accuracy(heads, h, data.scenes, idx, Q.patch_cells(), unit="token")
+    return T.tower_accuracy(heads, h, data.scenes, idx, Q.patch_cells(), unit="token")
 
 
 def train_reading(model, *, steps: int = 3000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
@@ -99,7 +92,7 @@ def train_reading(model, *, steps: int = 3000, batch_size: int = 32, per_image: 
 
     tok = Q.tokenizer()
     prefix = Q.prompt_ids("", tok)[:Q.TOKENS + 2]  # the image's span: start marker, placeholders, end marker
-    return reading_stage(model, lambda pixels: Q.tower_states(model, pixels), forward,
+    return T.reading_stage(model, lambda pixels: Q.tower_states(model, pixels), forward,
                          lambda name: not name.startswith("model.visual.") or ".merger." in name, tok=tok,
                          steps=steps, batch_size=batch_size, per_image=per_image, lr=lr, embed_scale=embed_scale,
                          scenes=scenes, route=route, route_layer=route_layer, seed=seed, log_every=log_every,
@@ -136,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_reading(model, steps=args.steps, per_image=args.per_image, lr=args.lr, embed_scale=args.embed_scale,
                   scenes=args.scenes, route=args.route, route_layer=args.route_layer, seed=args.seed)
     minutes = (time.perf_counter() - start) / 60
-    held = evaluate(model, C.make_dataset("test", args.n_eval, seed=args.seed + 2), testbed=Q)
+    held = T.evaluate(model, C.make_dataset("test", args.n_eval, seed=args.seed + 2), testbed=Q)
     held.pop("correct")
     print(f"held-out accuracy: {held} ({minutes:.1f} min)", flush=True)
     info = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "stage_a": stage_a,
