@@ -205,7 +205,7 @@ def install_vlm(model, method) -> VLMHandle:
     if plan.layers("vision"):
         reads = {layer: {v for s in plan.stages if s.where == "vision" and s.layer == layer
                          for v in s.needs.vision_layers} for layer in plan.layers("vision")}
-        undo += fam.install_tower_stages(model, plan.layers("vision"), state, run_tower_stages, reads)
+        undo += fam.install_tower_stages(model, plan.layers("vision"), state, run_tower_stages, reads, plan.patches)
     undo.append(model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True).remove)
     if fam.tiles_from_sizes:
         undo.append(record_image_sizes(model.model, state, lambda sizes: fam.crops(model, sizes, len(sizes))))

@@ -77,7 +77,7 @@ class Llava(Family):
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         state.tiles = [1] * int(pixels.shape[0])
 
-    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None) -> list:
+    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None, patches: bool = False) -> list:
         from prunelab.common.vlm_plan import ImageContext
 
         blocks = self.vision_blocks(model)

@@ -170,9 +170,9 @@ class Family:
     def on_tower_call(self, state, args, kwargs) -> None:
         """Read what a tower stage needs (tiles per image, grids) from the tower's own call."""
 
-    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None) -> list:
+    def install_tower_stages(self, model, layers, state, run, reads: dict | None = None, patches: bool = False) -> list:
         """Stages after encoder ``layers``: ``run(layer, images)`` asks the plan; ``reads[layer]`` are the encoder
-        layers whose statistics those stages read."""
+        layers whose statistics those stages read; ``patches``: the stages select patches (``Stage.patches``)."""
         raise ValueError(f"where: vision-encoder stages are not supported on {self.name}")
 
     def span_ids(self, model, span: ImageSpan, ids: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,13 @@ class Stage:
     the rotary embedding of its rank), and decoding continues right after the last one, so every later position
     moves down by the tokens dropped so far; default: kept rows keep their positions. Needs 1-D rotary positions
     (LLaVA-1.5, LLaVA-NeXT), not Qwen2.5-VL's M-RoPE ids.
+
+    ``patches`` (vision stages only; every vision stage of a plan agrees): on Qwen2.5-VL the stage sees the tower's
+    patches (ids ``unit * m * m + p`` in raster order), not its merge units, and keeps any of them. The merger then
+    joins every ``m * m`` consecutive kept patches (raster order) into one token, however far apart they lie, and an
+    image's tokens fill the first slots of its span, with those slots' M-RoPE ids (the official FlowCut Qwen code
+    does both). An image must keep a multiple of ``m * m`` patches when the tower is done. CLIP towers' tokens are
+    patches already: no effect there.
     """
 
     where: str
@@ -204,9 +211,13 @@ class Stage:
     reactivate: bool = False
     exact: bool = True
     renumber: bool = False
+    patches: bool = False
 
     def __post_init__(self):
         check_choice(self.where, "where", WHERE)
+        check_bool(self.patches, "patches")
+        if self.patches and self.where != "vision":
+            raise ValueError(f"patches: a 'vision' stage selects patches, not a {self.where!r} stage")
         if self.renumber and self.where != "llm":
             raise ValueError(f"renumber: positions are renumbered after an 'llm' stage, not a {self.where!r} stage")
         if self.reactivate and (self.where != "llm" or self.needs.rows or self.needs.llm_kv):
@@ -249,6 +260,8 @@ class VLMPlan:
             if s.needs.previous and any(t.where == "llm" and t.layer == s.layer - 1 for t in self.stages):
                 raise ValueError(f"previous: the stage after LLM layer {s.layer} reads layer {s.layer - 1}'s rows over "
                                  f"its own rows, so no stage may run after layer {s.layer - 1}")
+        if len({s.patches for s in self.stages if s.where == "vision"}) > 1:
+            raise ValueError("patches: the vision stages of a plan all select patches or all select the tower's tokens")
         if any(s.renumber for s in self.stages) and any(s.reactivate for s in self.stages):
             raise ValueError("renumber: positions are not renumbered in a plan whose dropped tokens come back "
                              "(reactivate): a returning token has no place in the renumbered order")
@@ -263,6 +276,11 @@ class VLMPlan:
         for s in self.stages:
             out = out.merged(s.needs)
         return out
+
+    @property
+    def patches(self) -> bool:
+        """The plan's vision stages select patches (``Stage.patches``)."""
+        return any(s.patches for s in self.stages)
 
     @property
     def llm_layers(self) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ tokens at the same budget, seeded per image of a prompt. Every method is built t
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,14 +72,24 @@ COLUMNS = ["family", "method", "keep_ratio", "kept_visual", "visual_mean", "visu
            "ms", "speedup", "kl", "agreement", "kl_last", "agreement_last"]
 
 
-def make_method(name: str, model, family: str, ratio: float, seed: int = 0):
+def has_official_quirks(name: str) -> bool:
+    """The registry's method ``name`` has an ``official_quirks`` switch."""
+    return "official_quirks" in {f.name for f in dataclasses.fields(registry.get(name).cls)}
+
+
+def make_method(name: str, model, family: str, ratio: float, seed: int = 0, official: bool = False):
     """The method ``name`` of :data:`METHODS` at keep ratio ``ratio`` for ``model``, from the registry with its
     settings for the tiny models (``MethodEntry.tiny``: HiPrune's shallow object block and kept NeXT newlines, so
-    ratio 1.0 is exactly the dense model; the kept counts in the table include the newlines)."""
+    ratio 1.0 is exactly the dense model; the kept counts in the table include the newlines); ``official``: with
+    ``official_quirks=True``."""
     if name not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
     entry = registry.get(name)
     settings = entry.tiny(model) if entry.tiny else {}
+    if official:
+        if not has_official_quirks(name):
+            raise ValueError(f"official: {name} has no official_quirks switch")
+        settings["official_quirks"] = True
     if name == "random_prune":
         settings["seed"] = seed
     if entry.tiny_budget is not None:

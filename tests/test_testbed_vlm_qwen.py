@@ -150,11 +150,15 @@ def test_bench_runs_on_the_qwen_test_bed(tmp_path):
     from prunelab.reproductions.vlm_bench.bench import run_bench
 
     out = run_bench(tmp_path, ("random_prune", "divprune"), budgets=(0.25,), n=8, speed_batch=2, rounds=1,
-                    compose=(), testbed="qwen2_5_vl")
+                    compose=(), official=("flowcut",), testbed="qwen2_5_vl")
     rows = {r["method"]: r for r in out["rows"]}
-    assert set(rows) == {"dense", "random", "DivPrune"}
+    assert set(rows) == {"dense", "random", "DivPrune", "FlowCut (official quirks)"}
     assert rows["DivPrune"]["visual_%"] == pytest.approx(100 * 9 / 36)
+    assert rows["FlowCut (official quirks)"]["lm_macs_%"] < 100 and "vs_random" in rows["FlowCut (official quirks)"]
     assert rows["DivPrune"]["lm_macs_%"] < 60 and rows["DivPrune"]["bound"] > 1
     assert "Qwen2.5-VL" in (tmp_path / "bench.md").read_text()
     with pytest.raises(ValueError, match="testbed"):
         run_bench(tmp_path, ("divprune",), n=8, testbed="llava_next")
+    with pytest.raises(ValueError, match="official"):
+        run_bench(tmp_path, ("random_prune",), budgets=(0.25,), n=8, compose=(), official=("random_prune",),
+                  testbed="qwen2_5_vl")

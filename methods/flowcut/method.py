@@ -51,7 +51,10 @@ class FlowCut:
             ``"cosine"`` (the paper's description).
         ema_weight: weight of the previous cumulative score (the official 0.5).
         llm_layer: the LLM layer after which LLaVA-NeXT and Qwen2.5-VL are cut to T (the official 1).
-        official_quirks: the official batch rule: one prune count for every image of a forward (its maximum).
+        official_quirks: the official code's choices: one prune count for every image of a forward (its maximum);
+            on Qwen2.5-VL also patches, not merge units, pruned in the encoder (``8T`` of them), joined by the
+            merger four at a time in raster order, and the resulting ``2T`` tokens given the first ``2T`` M-RoPE
+            ids of the image's span.
         feature_layer: the encoder layer whose output the projector reads (set by :meth:`for_model`); on
             Qwen2.5-VL the tower's depth: the final cut comes after its last block, before the merger.
         family: the model family (set by :meth:`for_model`).
@@ -103,7 +106,7 @@ class FlowCut:
             needs = (Needs(vision_layers=(layer,), queries=True, keys=True, values=True) if qwen
                      else Needs(vision_layers=(layer,), cls_row=True, values=True))
             stages.append(Stage("vision", functools.partial(self._encoder, layer), layer=layer, needs=needs,
-                                exact=False, name=f"FlowCut encoder {layer}"))
+                                exact=False, name=f"FlowCut encoder {layer}", patches=qwen and self.official_quirks))
         if self.family != "llava":
             stages.append(Stage("llm", self._llm, layer=self.llm_layer, needs=Needs(rows=("last",), llm_kv=True),
                                 exact=False, name=f"FlowCut LLM {self.llm_layer}"))
@@ -114,9 +117,12 @@ class FlowCut:
         return min(n, self.budget) if isinstance(self.budget, int) else keep_count(n, self.budget, name="budget")
 
     def _encoder_target(self, layer: int, img) -> int:
-        """Patches (Qwen2.5-VL: merge units) each tile keeps when the encoder is done."""
+        """Patches (Qwen2.5-VL: merge units, or patches under ``official_quirks``) each tile keeps when the encoder
+        is done."""
         if self.family == "qwen2_5_vl":
-            return min(img.keys[layer].shape[1], 2 * self.target(img.keys[layer].shape[1]))
+            units, m2 = img.keys[layer].shape[1:3]
+            per = m2 if self.official_quirks else 1  # the official 4 * 2T patches, or 2T units
+            return per * min(units, 2 * self.target(units))
         full = img.cls_row[layer].shape[-1]  # the tile's patches before any drop
         if self.family == "llava":
             return self.target(full)
@@ -127,13 +133,16 @@ class FlowCut:
     def _scores(self, layer: int, img) -> tuple[torch.Tensor, torch.Tensor]:
         """The relation score ``a`` and the layer score ``S`` of the rows the tile holds ([tiles, n])."""
         ids = img.token_ids
-        if self.family == "qwen2_5_vl":  # merge units: the mean query as the global query, no semantic term
-            q, k, v = (x[:, ids[0]].float() for x in (img.queries[layer], img.keys[layer], img.values[layer]))
-            H, n, m2, d = k.shape
-            k, v = k.reshape(H, n * m2, d), v.reshape(H, n * m2, d)
-            a = ((q.reshape(H, n * m2, d).mean(1, keepdim=True) @ k.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)
-            a = a[:, 0].mean(0).view(n, m2)
-            rho = v.mean(0).abs().sum(-1).view(n, m2)
+        if self.family == "qwen2_5_vl":  # the mean query as the global query, no semantic term
+            m2, d = img.keys[layer].shape[2:]
+            units = not self.official_quirks  # merge units of m2 patches, or (official) patches
+            rows = (ids[0, :, None] * m2 + torch.arange(m2, device=ids.device)).flatten() if units else ids[0]
+            q, k, v = (img_x[layer].flatten(1, 2)[:, rows].float() for img_x in (img.queries, img.keys, img.values))
+            a = ((q.mean(1, keepdim=True) @ k.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)[:, 0].mean(0)
+            rho = v.mean(0).abs().sum(-1)
+            if not units:
+                return a[None], (a * rho)[None]
+            a, rho = a.view(-1, m2), rho.view(-1, m2)
             return a.sum(-1)[None], (a * rho).mean(-1)[None]
         rows = torch.cat([torch.zeros_like(ids[:, :1]), ids + 1], 1)  # the CLS, then the rows held
         v, cls = img.values[layer], img.cls_row[layer]  # [tiles, H, 1 + P, d], [tiles, H, P]

@@ -45,7 +45,7 @@ from prunelab.reproductions.testbeds import composites as C
 from prunelab.reproductions.testbeds import vlm, vlm_qwen
 from prunelab.reproductions.testbeds.shipped import sha256
 from prunelab.reproductions.vlm_bench.region import DropTokens, cell_tokens, control_tokens
-from prunelab.reproductions.vlm_tiny import LABELS, make_method, mean_visual
+from prunelab.reproductions.vlm_tiny import LABELS, has_official_quirks, make_method, mean_visual
 
 __all__ = ["BUDGETS", "COMPOSE", "LATE", "METHODS", "TESTBEDS", "composed", "evaluate", "plot", "run_bench"]
 
@@ -212,26 +212,28 @@ def composed(name: str, model, ratio: float, seed: int = 0, family: str = "llava
 
 
 def accuracy_table(model, data: C.Dataset, methods: Sequence[str], budgets: Sequence[float], *,
-                   batch_size: int = 64, seed: int = 0, compose: Sequence[str] = (), testbed=vlm
-                   ) -> tuple[list[dict], dict]:
-    """Rows (dense first, then each method at each keep ratio, then the composition rows of ``compose`` after
-    random's) of accuracy per kind, ``visual_%``, ``lm_macs_%`` and ``bound`` on ``data``; and the method objects by
-    ``(name, ratio)``. Each row's ``name`` is the registry name, ``+late`` appended for a composition row."""
+                   batch_size: int = 64, seed: int = 0, compose: Sequence[str] = (), official: Sequence[str] = (),
+                   testbed=vlm) -> tuple[list[dict], dict]:
+    """Rows (dense first, then each method at each keep ratio, then the rows of ``official`` with
+    ``official_quirks=True``, then the composition rows of ``compose`` after random's) of accuracy per kind,
+    ``visual_%``, ``lm_macs_%`` and ``bound`` on ``data``; and the method objects by ``(name, ratio)``. Each row's
+    ``name`` is the registry name, ``+official`` or ``+late`` appended for the extra rows."""
     dense = evaluate(model, data, batch_size=batch_size, testbed=testbed)
     tower = testbed.tower_macs(model) * len(data.samples)
     whole_dense = tower + dense["dense_macs"]
     rows = [{"name": "dense", "method": "dense", "keep_ratio": 1.0, "visual_%": 100.0,
              **accuracy_row(data, dense["correct"]), "lm_macs_%": 100.0, "bound": 1.0}]
     configs, results = {}, {}
-    rows_of = [(name, False) for name in methods]
-    rows_of += [(name, True) for name in dict.fromkeys(("random_prune", *compose) if compose else ())]
-    for name, late in rows_of:
-        key, label = (f"{name}+late", f"{LABELS[name]} + late random") if late else (name, LABELS[name])
-        base_key = "random_prune+late" if late else "random_prune"
+    rows_of = [(name, "") for name in methods] + [(name, "official") for name in official]
+    rows_of += [(name, "late") for name in dict.fromkeys(("random_prune", *compose) if compose else ())]
+    suffix = {"": "", "official": " (official quirks)", "late": " + late random"}
+    for name, extra in rows_of:
+        key, label = (f"{name}+{extra}" if extra else name), LABELS[name] + suffix[extra]
+        base_key = "random_prune+late" if extra == "late" else "random_prune"
         for b in budgets:
             print(f"  {label} at {b} ...", flush=True)
-            configs[(key, b)] = (composed(name, model, b, seed, testbed.FAMILY) if late
-                                 else make_method(name, model, testbed.FAMILY, b, seed))
+            configs[(key, b)] = (composed(name, model, b, seed, testbed.FAMILY) if extra == "late"
+                                 else make_method(name, model, testbed.FAMILY, b, seed, official=extra == "official"))
             results[(key, b)] = res = evaluate(model, data, configs[(key, b)], batch_size=batch_size, testbed=testbed)
             base = results.get((base_key, b)) if key != base_key else None
             rows.append({"name": key, "method": label, "keep_ratio": b,
@@ -269,17 +271,21 @@ def write_testbed_table(out, methods: Sequence[str], budgets: Sequence[float], *
 def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float] = BUDGETS, n: int = 1000,
               templates: str = "train", batch_size: int = 64, speed_batch: int = 8, rounds: int = 7,
               seed: int = 0, weights: str | Path | None = None, speed: bool = False, speed_rounds: int = 5,
-              compose: Sequence[str] = COMPOSE, testbed: str = "llava") -> dict:
+              compose: Sequence[str] = COMPOSE, official: Sequence[str] = (), testbed: str = "llava") -> dict:
     """Write ``bench.{json,md}``, ``region.{json,md}`` and ``bench.png`` into ``out`` (and with ``speed``,
     ``speed.{json,md}``: :func:`speed_table`); return the rows. ``compose``: methods with composition rows
-    (:data:`LATE`; empty: none). ``testbed``: a key of :data:`TESTBEDS`, the trained model to run on."""
+    (:data:`LATE`; empty: none); ``official``: methods that also get rows with ``official_quirks=True``.
+    ``testbed``: a key of :data:`TESTBEDS`, the trained model to run on."""
     if testbed not in TESTBEDS:
         raise ValueError(f"testbed: expected one of {tuple(TESTBEDS)}, got {testbed!r}")
     tb = TESTBEDS[testbed]
-    for arg, names in (("methods", methods), ("compose", compose)):
+    for arg, names in (("methods", methods), ("compose", compose), ("official", official)):
         bad = [m for m in names if m not in METHODS]
         if bad:
             raise ValueError(f"{arg}: unknown {bad}; choose from {METHODS}")
+    no_switch = [m for m in official if not has_official_quirks(m)]
+    if no_switch:
+        raise ValueError(f"official: {no_switch} have no official_quirks switch")
     budgets = [check_real(b, f"budgets[{i}]", low=0.0, high=1.0, low_open=True) for i, b in enumerate(budgets)]
     n = check_int(n, "n", low=len(C.KINDS))
     speed_batch, rounds = check_int(speed_batch, "speed_batch", low=1), check_int(rounds, "rounds", low=1)
@@ -289,7 +295,7 @@ def run_bench(out, methods: Sequence[str] = METHODS, *, budgets: Sequence[float]
     out.mkdir(parents=True, exist_ok=True)
     print(f"vlm_bench: {n} held-out questions, {testbed} test-bed", flush=True)
     rows, configs = accuracy_table(model, data, methods, budgets, batch_size=batch_size, seed=seed,
-                                   compose=compose, testbed=tb)
+                                   compose=compose, official=official, testbed=tb)
     print("vlm_bench: latency, interleaved ...", flush=True)
     x = tb.batch(data.samples[:speed_batch], data.scenes)
     inputs = tb.model_inputs(x)

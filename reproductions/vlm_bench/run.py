@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     parser.add_argument("--compose", nargs="*", default=list(COMPOSE), choices=METHODS,
                         help=f"methods that also get a composition row, then random_prune{LATE} (with random + the "
                              "same late drop as their baseline); none without arguments")
+    parser.add_argument("--official", nargs="*", default=[], choices=METHODS,
+                        help="methods that also get rows with official_quirks=True (the official code's choices)")
     parser.add_argument("--budgets", type=RATIO, nargs="+", default=list(BUDGETS),
                         help="keep ratios of each image's visual tokens, in (0, 1]")
     parser.add_argument("--n", type=POSITIVE, default=1000, help="held-out questions (the kinds drawn uniformly)")
@@ -42,4 +44,4 @@ def main(args: argparse.Namespace) -> dict:
     return run_bench(out, args.methods, budgets=args.budgets, n=args.n, templates=args.templates,
                      batch_size=args.batch_size, speed_batch=args.speed_batch, rounds=args.rounds, seed=args.seed,
                      weights=args.weights, speed=args.speed, speed_rounds=args.speed_rounds,
-                     compose=args.compose, testbed=args.testbed)
+                     compose=args.compose, official=args.official, testbed=args.testbed)
