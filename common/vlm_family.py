@@ -104,7 +104,7 @@ class Tower:
     Attributes:
         held: ``(l, rows)`` after each stage at encoder layer ``l``: the rows layers ``> l`` hold, as indices into
             the unpruned rows (CLIP: ``[tiles, 1 + K]`` positions, CLS first; Qwen2.5-VL: ``[U']`` merge units in
-            window order).
+            window order, or patches ``unit * m * m + p`` when the stages select patches).
         full: rows per tile (CLIP) or merge units (Qwen2.5-VL) before any drop.
         history: ``(stage name, kept ids per image)`` of each tower stage, ids per tile ``[tiles, K]``.
         extra: the adapter's own bookkeeping (e.g. Qwen2.5-VL's windows).
