@@ -77,8 +77,8 @@ def evaluate_tower(model, heads: T.TowerHeads, *, n: int = 1000, seed: int = 1) 
     return T.tower_accuracy(heads, h, data.scenes, idx, Q.patch_cells(), unit="token")
 
 
-def train_reading(model, *, steps: int = 3000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
-                  embed_scale: float = 100.0, scenes: int = 20_000, route: float = 1.0, route_layer: int = 1,
+def train_reading(model, *, steps: int = 6000, batch_size: int = 32, per_image: int = 8, lr: float = 5e-4,
+                  embed_scale: float = 100.0, scenes: int = 40_000, route: float = 1.0, route_layer: int = 1,
                   seed: int = 0, log_every: int = 100) -> list[float]:
     """Stage B on ``model`` (after stage A, trained in place); returns the answer losses. Multiplies the input
     embeddings by ``embed_scale``, freezes the tower, caches the merger's inputs of ``scenes`` training composites
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m prunelab.reproductions.testbeds.train_vlm_qwen",
                                      description="Train the Qwen2.5-VL variant of the tiny VLM test-bed.")
     parser.add_argument("--tower-steps", type=int, default=400, help="stage A steps (64 composites each)")
-    parser.add_argument("--steps", type=int, default=3000, help="stage B steps (32 composites each)")
+    parser.add_argument("--steps", type=int, default=6000, help="stage B steps (32 composites each)")
     parser.add_argument("--per-image", type=int, default=8, help="stage B questions per composite")
     parser.add_argument("--lr", type=float, default=5e-4, help="stage B peak learning rate")
     parser.add_argument("--embed-scale", type=float, default=100.0,
                         help="stage B: the initial input embeddings are multiplied by this")
-    parser.add_argument("--scenes", type=int, default=20_000, help="stage B: the composites whose tower states it "
+    parser.add_argument("--scenes", type=int, default=40_000, help="stage B: the composites whose tower states it "
                                                                    "caches")
     parser.add_argument("--route", type=float, default=1.0, help="stage B: weight of the routing aid; 0 turns it off")
     parser.add_argument("--route-layer", type=int, default=1,

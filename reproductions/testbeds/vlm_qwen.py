@@ -39,7 +39,7 @@ VISION = dict(depth=4, hidden_size=192, intermediate_size=768, num_heads=3, in_c
 MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
 IMAGE_TOKEN, PAD = vlm.IMAGE_TOKEN, vlm.PAD
 WEIGHTS = Path(__file__).with_name("weights") / "vlm_qwen.safetensors"
-SHA256 = "9e24ca147499ba9b230061a8657f29317bd930bdfa9959968fa79aeb0346a4d5"  # of WEIGHTS
+SHA256 = "ee52d87ee301ea3bc22f75dc9b8740ef17d443ea17e4d02f72fb9240107d4e64"  # of WEIGHTS
 COMMAND = "python -m prunelab.reproductions.testbeds.train_vlm_qwen"
 FAMILY, ARCHITECTURE = "qwen2_5_vl", "Qwen2.5-VL"
 
